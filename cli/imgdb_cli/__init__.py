@@ -1,0 +1,1 @@
+"""The ``imgdb`` command line: a thin typer shell over the :mod:`imgdb` library."""

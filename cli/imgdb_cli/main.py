@@ -1,0 +1,296 @@
+"""``imgdb`` commands. Each one parses its arguments, calls the library, and prints the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from imgdb_cli.output import emit_json, guarded, progress_bar, stderr, stdout
+
+app = typer.Typer(help="Content-based image retrieval inside PostgreSQL + pgvector.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+index_app = typer.Typer(help="Create and list indexes.", no_args_is_help=True)
+db_app = typer.Typer(help="The database imgdb uses (embedded or IMGDB_DATABASE_URL).", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+app.add_typer(db_app, name="db")
+
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on failure.")]
+IndexName = Annotated[str, typer.Option("--index", "-i", help="Index to use.")]
+
+
+def _client():  # noqa: ANN202 - imported lazily: `imgdb --help` should not pay for torch
+    import imgdb
+
+    return imgdb.connect()
+
+
+def _parse_meta(pairs: list[str]) -> dict[str, Any]:
+    from imgdb.errors import ImgdbError
+
+    meta: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise ImgdbError(f"--meta {pair!r}: expected KEY=VALUE")
+        meta[key.strip()] = value
+    return meta
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (walked recursively) or http(s) URLs.")],
+    index: IndexName = "default",
+    meta: Annotated[Optional[list[str]], typer.Option("--meta", help="KEY=VALUE metadata for every image.")] = None,
+    metadata: Annotated[Optional[Path], typer.Option("--metadata", help="JSON file: image path -> metadata object.")] = None,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Add images to an index (duplicates by content are skipped)."""
+
+    def run() -> None:
+        meta_values = _parse_meta(meta or [])
+        with progress_bar("ingesting") as on_progress:
+            report = _client().ingest(paths, index=index, meta=meta_values, metadata_file=metadata,
+                                      on_progress=on_progress)
+        if as_json:
+            emit_json(report.to_json())
+            return
+        for failure in report.failed:
+            stderr.print(f"failed: {failure.path}: {failure.error}", markup=False, highlight=False)
+        stdout.print(f"added {report.added}, duplicates {report.duplicates}, failed {len(report.failed)} "
+                     f"in {report.seconds:.1f} s")
+
+    guarded(debug, run)
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="Image path, http(s) URL, or id:N.")],
+    index: IndexName = "default",
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results.")] = 10,
+    filters: Annotated[Optional[list[str]], typer.Option("--filter", "-f", help="FIELD OP VALUE, e.g. meta.author=Joan Miró, width>=800.")] = None,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Find the images most similar to QUERY."""
+
+    def run() -> None:
+        hits = _client().search(query, k=k, filters=filters or [], index=index)
+        if as_json:
+            emit_json([hit.to_json() for hit in hits])
+            return
+        table = Table("id", "distance", "uri", "metadata")
+        for hit in hits:
+            table.add_row(str(hit.id), f"{hit.distance:.4f}", hit.uri, json.dumps(hit.metadata, ensure_ascii=False))
+        stdout.print(table)
+
+    guarded(debug, run)
+
+
+@app.command()
+def embed(
+    query: Annotated[str, typer.Argument(help="Image path, http(s) URL, or id:N.")],
+    index: IndexName = "default", as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Print QUERY's descriptor (a pgvector literal, for SQL)."""
+
+    def run() -> None:
+        client = _client()
+        vector = client.embed(query, index=index)
+        if as_json:
+            emit_json({"index": index, "dim": int(vector.shape[0]), "vector": [float(x) for x in vector]})
+        else:
+            print("[" + ",".join(f"{x:.7g}" for x in vector) + "]")
+
+    guarded(debug, run)
+
+
+@app.command()
+def delete(
+    ids: Annotated[list[int], typer.Argument(help="Image ids.")], as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Remove images and their vectors from every index."""
+
+    def run() -> None:
+        deleted = _client().delete(ids)
+        emit_json({"deleted": deleted}) if as_json else stdout.print(f"deleted {deleted}")
+
+    guarded(debug, run)
+
+
+@app.command("eval")
+def evaluate(
+    dataset: Annotated[Path, typer.Argument(help="Data set folder: images/, queries.json, optional metadata.json.")],
+    index: IndexName = "default",
+    per_query: Annotated[bool, typer.Option("--per-query", help="Include every query's result.")] = False,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Measure retrieval quality (mAP, recall@1, recall@10) on a data set."""
+
+    def run() -> None:
+        from imgdb.eval import evaluate as run_eval
+
+        with progress_bar("ingesting gallery") as on_progress:
+            report = run_eval(_client(), dataset, index=index, on_progress=on_progress)
+        if as_json:
+            emit_json(report.to_json(per_query))
+            return
+        if per_query:
+            for row in report.per_query:
+                stdout.print(f"{row['query']}: AP {row['ap']:.3f}, first relevant at {row['first_relevant_rank']}")
+        stdout.print(f"{report.index} ({report.extractor}) on {report.queries} queries: mAP {report.mAP:.3f}, "
+                     f"recall@1 {report.recall_at_1:.3f}, recall@10 {report.recall_at_10:.3f}")
+
+    guarded(debug, run)
+
+
+@app.command()
+def extractors(as_json: Json = False, debug: Debug = False) -> None:
+    """List extractor families with their default specs."""
+
+    def run() -> None:
+        from imgdb.features.registry import list_extractors
+
+        rows = list_extractors()
+        if as_json:
+            emit_json([{"family": f, "spec": s, "description": d} for f, s, d in rows])
+            return
+        table = Table("family", "spec", "description")
+        for row in rows:
+            table.add_row(*row)
+        stdout.print(table)
+
+    guarded(debug, run)
+
+
+@index_app.command("create")
+def index_create(
+    name: Annotated[str, typer.Argument(help="Index name: lower-case letters, digits, _.")],
+    extractor: Annotated[Optional[str], typer.Option("--extractor", "-e", help="Extractor spec (see `imgdb extractors`).")] = None,
+    ann: Annotated[str, typer.Option("--ann", help="hnsw, ivfflat or none.")] = "hnsw",
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Create an index with an extractor and an ANN method."""
+
+    def run() -> None:
+        info = _client().create_index(name, extractor, ann)
+        emit_json(info.to_json()) if as_json else stdout.print(f"created {info.name}: {info.extractor} ({info.dim} dims, {info.ann})")
+
+    guarded(debug, run)
+
+
+@index_app.command("list")
+def index_list(as_json: Json = False, debug: Debug = False) -> None:
+    """List indexes with their extractor, dimension, size and ANN method."""
+
+    def run() -> None:
+        infos = _client().indexes()
+        if as_json:
+            emit_json([info.to_json() for info in infos])
+            return
+        table = Table("name", "extractor", "dim", "images", "ann")
+        for info in infos:
+            table.add_row(info.name, info.extractor, str(info.dim), str(info.images), info.ann)
+        stdout.print(table)
+
+    guarded(debug, run)
+
+
+@index_app.command("drop")
+def index_drop(name: str, as_json: Json = False, debug: Debug = False) -> None:
+    """Delete an index and its vectors (the images stay)."""
+
+    def run() -> None:
+        _client().drop_index(name)
+        emit_json({"dropped": name}) if as_json else stdout.print(f"dropped {name}")
+
+    guarded(debug, run)
+
+
+def _server():  # noqa: ANN202
+    from imgdb.config import Settings
+    from imgdb.db.embedded import EmbeddedServer
+
+    settings = Settings.from_env()
+    return settings, EmbeddedServer(settings.home)
+
+
+@db_app.command("url")
+def db_url(as_json: Json = False, debug: Debug = False) -> None:
+    """Print the PostgreSQL URL imgdb uses (starting the embedded server if needed)."""
+
+    def run() -> None:
+        from imgdb.db.engine import Database
+
+        url = Database.from_settings().url
+        emit_json({"url": url}) if as_json else print(url)
+
+    guarded(debug, run)
+
+
+@db_app.command("status")
+def db_status(as_json: Json = False, debug: Debug = False) -> None:
+    """Say which database imgdb uses and whether it is up."""
+
+    def run() -> None:
+        settings, server = _server()
+        if settings.database_url:
+            from imgdb.db.engine import Database
+
+            database = Database(settings.database_url, migrate=False)
+            revision = database.revision()
+            info = {"embedded": False, "running": True, "revision": revision}
+        else:
+            status = server.status()
+            info = {"embedded": True, "running": status.running, "pgdata": str(status.pgdata),
+                    "pid": status.pid, "url": status.url}
+        emit_json(info) if as_json else stdout.print("\n".join(f"{k}: {v}" for k, v in info.items()), markup=False)
+
+    guarded(debug, run)
+
+
+@db_app.command("start")
+def db_start(as_json: Json = False, debug: Debug = False) -> None:
+    """Start the embedded server and migrate its schema."""
+
+    def run() -> None:
+        from imgdb.db.engine import Database
+
+        url = Database.from_settings().url
+        emit_json({"running": True, "url": url}) if as_json else print(url)
+
+    guarded(debug, run)
+
+
+@db_app.command("stop")
+def db_stop(as_json: Json = False, debug: Debug = False) -> None:
+    """Stop the embedded server (cleanly; data is kept)."""
+
+    def run() -> None:
+        _, server = _server()
+        stopped = server.stop()
+        emit_json({"stopped": stopped}) if as_json else stdout.print("stopped" if stopped else "not running")
+
+    guarded(debug, run)
+
+
+@db_app.command("upgrade")
+def db_upgrade(as_json: Json = False, debug: Debug = False) -> None:
+    """Apply pending schema migrations."""
+
+    def run() -> None:
+        from imgdb.db.engine import Database
+
+        database = Database.from_settings(migrate=False)
+        ran = database.upgrade()
+        revision = database.revision()
+        emit_json({"upgraded": ran, "revision": revision}) if as_json else stdout.print(f"schema at revision {revision}")
+
+    guarded(debug, run)
+
+
+def main() -> None:
+    app()

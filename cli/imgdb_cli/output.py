@@ -1,0 +1,58 @@
+"""How commands speak: one JSON document on stdout with ``--json``, tables otherwise; progress and
+errors on stderr; a one-line reason and a non-zero exit on failure (a traceback only with ``--debug``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from imgdb.errors import ImgdbError
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True)
+T = TypeVar("T")
+
+
+def emit_json(document: Any) -> None:
+    """Write exactly one JSON document to stdout."""
+    sys.stdout.write(json.dumps(document, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def guarded(debug: bool, action: Callable[[], T]) -> T:
+    """Run a command body, turning expected failures into one line on stderr and exit status 1."""
+    if debug:
+        return action()
+    try:
+        return action()
+    except ImgdbError as exc:
+        stderr.print(f"error: {exc}", markup=False, highlight=False)
+    except KeyboardInterrupt:
+        stderr.print("interrupted: work committed so far is kept", markup=False)
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - the contract wants one line, not a traceback
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        stderr.print(f"internal error: {type(exc).__name__}: {message} (rerun with --debug for details)",
+                     markup=False, highlight=False)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr (only on a terminal), handed out as a ``(done, total)`` callback."""
+    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=stderr, transient=False, disable=not stderr.is_terminal)
+    task = bar.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    with bar:
+        yield update

@@ -1,0 +1,180 @@
+"""The Python API: ``imgdb.connect()`` and what the CLI and the web app call.
+
+::
+
+    import imgdb
+    db = imgdb.connect()                       # IMGDB_DATABASE_URL, or the embedded server
+    db.ingest(["photos/"], meta={"album": "2024"})
+    for hit in db.search("query.jpg", k=5, filters=["meta.album=2024"]):
+        print(hit.distance, hit.uri)
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image
+
+from imgdb.config import Settings
+from imgdb.db import store
+from imgdb.db.engine import Database
+from imgdb.db.filters import parse_filters
+from imgdb.errors import ImgdbError
+from imgdb.features.base import Extractor
+from imgdb.features.registry import DEFAULT_SPEC, canonical_spec, create_extractor
+from imgdb.ingest import IngestReport, Ingester, ProgressCallback, embed_image, load_metadata_file
+from imgdb.io import sources
+from imgdb.orm import SearchIndex
+
+#: What a query can be: a path, an http(s) URL, ``"id:N"``, image bytes, a Pillow image, or a vector.
+Query = Union[str, Path, bytes, Image.Image, np.ndarray]
+DEFAULT_INDEX = "default"
+_ID_QUERY = re.compile(r"^id:(\d+)$")
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """One row of ``imgdb index list``."""
+
+    name: str
+    extractor: str
+    dim: int
+    images: int
+    ann: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "extractor": self.extractor, "dim": self.dim, "images": self.images, "ann": self.ann}
+
+
+class Imgdb:
+    """A handle on one imgdb database. Cheap to keep around; models load on first use, once."""
+
+    def __init__(self, database: Database, settings: Settings) -> None:
+        self.database = database
+        self.settings = settings
+
+    # ------------------------------------------------------------ indexes
+
+    def create_index(self, name: str, extractor: str | None = None, ann: str = "hnsw",
+                     ann_params: dict[str, Any] | None = None) -> IndexInfo:
+        """Create an index; the spec is validated and stored in canonical form."""
+        store.check_name(name)
+        spec = canonical_spec(extractor or DEFAULT_SPEC)
+        dim = create_extractor(spec).dim
+        with self.database.engine.begin() as conn:
+            index = store.create_index(conn, name, spec, dim, ann, ann_params)
+        return IndexInfo(index.name, index.extractor, index.dim, 0, index.ann)
+
+    def indexes(self) -> list[IndexInfo]:
+        with self.database.connect() as conn:
+            return [IndexInfo(i.name, i.extractor, i.dim, n, i.ann) for i, n in store.list_indexes(conn)]
+
+    def drop_index(self, name: str) -> None:
+        with self.database.engine.begin() as conn:
+            store.drop_index(conn, name)
+
+    def index(self, name: str = DEFAULT_INDEX) -> SearchIndex:
+        """The named index; ``default`` is created with the default extractor on first use."""
+        with self.database.connect() as conn:
+            index = store.get_index(conn, name)
+        if index is None and name == DEFAULT_INDEX:
+            try:
+                self.create_index(name)
+            except ImgdbError:
+                pass  # created meanwhile by another process
+            with self.database.connect() as conn:
+                index = store.get_index(conn, name)
+        if index is None:
+            with self.database.connect() as conn:
+                return store.require_index(conn, name)
+        return index
+
+    def extractor(self, index: SearchIndex) -> Extractor:
+        """The index's extractor, with any state it learned from the collection loaded."""
+        extractor = create_extractor(index.extractor)
+        if extractor.trainable:
+            with self.database.connect() as conn:
+                extractor.load_state(store.load_state(conn, index))
+        return extractor
+
+    # ------------------------------------------------------------ offline stage
+
+    def ingest(self, paths: Iterable[str | Path], *, index: str = DEFAULT_INDEX,
+               meta: dict[str, Any] | None = None, metadata_file: str | Path | None = None,
+               on_progress: ProgressCallback | None = None) -> IngestReport:
+        """Add files, folders (recursively) and URLs to ``index``; see :class:`~imgdb.ingest.Ingester`."""
+        target = self.index(index)
+        metadata = load_metadata_file(Path(metadata_file)) if metadata_file else None
+        ingester = Ingester(self.database, target, self.extractor(target), self.settings)
+        return ingester.run(paths, meta=meta, metadata=metadata, on_progress=on_progress)
+
+    def delete(self, ids: Sequence[int]) -> int:
+        """Remove images and their vectors from every index; returns how many existed."""
+        with self.database.engine.begin() as conn:
+            return store.delete_images(conn, ids)
+
+    # ------------------------------------------------------------ online stage
+
+    def embed(self, query: Query, *, index: str = DEFAULT_INDEX) -> np.ndarray:
+        """The descriptor ``index`` would store for ``query`` (unit length, float32)."""
+        return self._query_vector(self.index(index), query)
+
+    def search(self, query: Query, *, k: int = 10, filters: Sequence[str] = (),
+               index: str = DEFAULT_INDEX) -> list[store.Hit]:
+        """The ``k`` images most similar to ``query`` that pass ``filters`` (CLI ``--filter`` syntax)."""
+        if k < 1:
+            raise ImgdbError(f"k must be at least 1, not {k}")
+        clauses = parse_filters(filters)
+        target = self.index(index)
+        vector = self._query_vector(target, query)
+        with self.database.engine.begin() as conn:
+            store.ensure_ann(conn, target)  # rebuilds it if an interrupted bulk load left it dropped
+            return store.search(conn, target, vector, k, clauses)
+
+    def _query_vector(self, index: SearchIndex, query: Query) -> np.ndarray:
+        if isinstance(query, np.ndarray):
+            if query.shape != (index.dim,):
+                raise ImgdbError(f"query vector has shape {query.shape}, index {index.name!r} needs ({index.dim},)")
+            return query.astype(np.float32)
+        if isinstance(query, str) and (match := _ID_QUERY.match(query.strip())):
+            image_id = int(match.group(1))
+            with self.database.connect() as conn:
+                found = store.stored_vectors(conn, index, [image_id])
+            if image_id not in found:
+                raise ImgdbError(f"image {image_id} is not in index {index.name!r}")
+            return found[image_id]
+        extractor = self.extractor(index)
+        if isinstance(query, Image.Image):
+            buffer = io.BytesIO()
+            query.convert("RGB").save(buffer, format="PNG")
+            query = buffer.getvalue()
+        data = query if isinstance(query, bytes) else sources.load(query, self.settings.fetch)
+        try:
+            return embed_image(extractor, data, self.settings)
+        except ImgdbError as exc:
+            where = "query image" if isinstance(query, bytes) else str(query)
+            raise type(exc)(f"{where}: {exc}") from None
+
+    def close(self) -> None:
+        self.database.dispose()
+
+    def __enter__(self) -> Imgdb:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(url: str | None = None, *, settings: Settings | None = None) -> Imgdb:
+    """Open imgdb's database: ``url``, else ``IMGDB_DATABASE_URL``, else the embedded server under
+    ``IMGDB_HOME``. The schema is migrated on first use."""
+    settings = settings or Settings.from_env()
+    if url:
+        settings = replace(settings, database_url=url)
+    return Imgdb(Database.from_settings(settings), settings)

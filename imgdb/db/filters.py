@@ -1,0 +1,102 @@
+"""``--filter`` expressions on image columns and JSONB metadata, compiled to bound SQL.
+
+Grammar: ``FIELD OP VALUE`` with OP one of ``= != < <= > >=``. FIELD is an ``images`` column
+(``width``, ``camera``, ``taken_at``...) or ``meta.KEY`` for a key of the user metadata. The value is
+everything after the operator, taken literally (quotes and semicolons included): it only ever
+reaches PostgreSQL as a bound parameter, never as SQL text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.sql.elements import ColumnElement
+
+from imgdb.errors import FilterError
+from imgdb.orm import Image
+
+_EXPR = re.compile(r"^\s*(meta\.[^=<>!]+?|[A-Za-z_]+)\s*(<=|>=|!=|=|<|>)\s*(.*?)\s*$", re.DOTALL)
+
+_COLUMNS: dict[str, type] = {
+    "id": int, "uri": str, "sha256": str, "width": int, "height": int, "format": str,
+    "file_size": int, "taken_at": dt.datetime, "camera": str, "added_at": dt.datetime,
+}
+
+
+def _typed(field: str, kind: type, raw: str) -> Any:
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is dt.datetime:
+            value = dt.datetime.fromisoformat(raw)
+            # added_at is timestamptz: a naive bound is read in the session's time zone (UTC here).
+            return value
+        return raw
+    except ValueError:
+        raise FilterError(f"filter on {field}: {raw!r} is not a valid {kind.__name__}") from None
+
+
+def _compare(lhs: ColumnElement[Any], op: str, rhs: Any) -> ColumnElement[bool]:
+    return {
+        "=": lhs == rhs, "!=": lhs != rhs, "<": lhs < rhs, "<=": lhs <= rhs, ">": lhs > rhs, ">=": lhs >= rhs,
+    }[op]
+
+
+def _json_scalar(raw: str) -> Any:
+    """The JSON number/boolean a value spells, if any (``1900``, ``2.5``, ``true``), else None."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, (int, float, bool)) else None
+
+
+def _meta_clause(key: str, op: str, raw: str) -> ColumnElement[bool]:
+    meta = Image.metadata_
+    if op in ("=", "!="):
+        # Containment can use the GIN index; match the value as a string and as the JSON scalar it
+        # spells, since metadata files store years and counts either way.
+        options = [meta.contains({key: raw})]
+        scalar = _json_scalar(raw)
+        if scalar is not None:
+            options.append(meta.contains({key: scalar}))
+        match = sa.or_(*options)
+        return match if op == "=" else sa.not_(match)
+    number = _json_scalar(raw)
+    if isinstance(number, (int, float)) and not isinstance(number, bool):
+        # Compare numerically only where the stored value is a JSON number; the CASE keeps a text
+        # value elsewhere from aborting the whole query with a cast error.
+        as_number = sa.case(
+            (sa.func.jsonb_typeof(meta[key]) == "number", meta[key].astext.cast(sa.Numeric)), else_=None
+        )
+        return _compare(as_number, op, number)
+    return _compare(meta[key].astext, op, raw)
+
+
+def parse_filter(expr: str) -> ColumnElement[bool]:
+    """Compile one filter expression to a SQLAlchemy clause on :class:`~imgdb.orm.Image`."""
+    match = _EXPR.match(expr)
+    if not match:
+        raise FilterError(f"cannot parse filter {expr!r}: expected FIELD OP VALUE with OP one of = != < <= > >=")
+    field, op, raw = match.groups()
+    if field.startswith("meta."):
+        key = field[len("meta."):].strip()
+        if not key:
+            raise FilterError(f"filter {expr!r}: empty metadata key")
+        return _meta_clause(key, op, raw)
+    kind = _COLUMNS.get(field.lower())
+    if kind is None:
+        raise FilterError(
+            f"unknown filter field {field!r}: use meta.KEY or one of {', '.join(_COLUMNS)}"
+        )
+    column = getattr(Image, field.lower())
+    return _compare(column, op, _typed(field, kind, raw))
+
+
+def parse_filters(exprs: Iterable[str]) -> list[ColumnElement[bool]]:
+    return [parse_filter(e) for e in exprs]

@@ -1,0 +1,120 @@
+"""Retrieval quality on a data set in the CONVENTIONS.md layout: mAP, recall@1, recall@10.
+
+The gallery (``images/``) is ingested into the index if needed, with ``metadata.json`` as its user
+metadata. Gallery images are matched to database rows by content hash, so a gallery ingested earlier
+from another path still counts. Every query is ranked against the *whole* gallery exactly (mAP needs
+the full ranking), a query that is itself a gallery image is left out of its own ranking, and
+``junk`` images are removed before scoring (the Oxford/Paris protocol).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from imgdb.db import store
+from imgdb.errors import ImgdbError
+from imgdb.io import sources
+from imgdb.io.reader import read_file, sha256_hex
+
+if TYPE_CHECKING:
+    from imgdb.client import Imgdb
+    from imgdb.ingest import ProgressCallback
+
+
+def average_precision(relevant_mask: np.ndarray) -> float:
+    """Non-interpolated AP of a ranking given as a boolean mask of relevant positions (best first)."""
+    hits = np.flatnonzero(relevant_mask)
+    if hits.size == 0:
+        return 0.0
+    precision_at_hits = np.arange(1, hits.size + 1) / (hits + 1)
+    return float(precision_at_hits.mean())
+
+
+@dataclass
+class EvalReport:
+    index: str
+    extractor: str
+    queries: int
+    mAP: float
+    recall_at_1: float
+    recall_at_10: float
+    per_query: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self, per_query: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mAP": round(self.mAP, 4), "recall@1": round(self.recall_at_1, 4),
+            "recall@10": round(self.recall_at_10, 4), "queries": self.queries,
+            "index": self.index, "extractor": self.extractor,
+        }
+        if per_query:
+            out["per_query"] = self.per_query
+        return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ImgdbError(f"cannot read {path}: {exc}") from None
+
+
+def evaluate(db: Imgdb, dataset: str | Path, *, index: str = "default",
+             on_progress: ProgressCallback | None = None) -> EvalReport:
+    """Ingest ``dataset``'s gallery into ``index`` if needed, run its queries, and score them."""
+    root = Path(dataset).resolve()
+    gallery_dir = root / "images"
+    if not gallery_dir.is_dir() or not (root / "queries.json").is_file():
+        raise ImgdbError(f"{root} is not a data set: it needs an images/ folder and a queries.json")
+    queries = _read_json(root / "queries.json")
+    metadata_file = root / "metadata.json"
+    report = db.ingest([gallery_dir], index=index, metadata_file=metadata_file if metadata_file.exists() else None,
+                       on_progress=on_progress)
+    if report.failed:
+        raise ImgdbError(f"{len(report.failed)} gallery image(s) could not be ingested, e.g. "
+                         f"{report.failed[0].path}: {report.failed[0].error}")
+
+    # Gallery path (relative to the data set) -> image id, through the content hash.
+    paths = [Path(p) for p in sources.expand([gallery_dir])]
+    hashes = {p: sha256_hex(read_file(p)) for p in paths}
+    target = db.index(index)
+    with db.database.connect() as conn:
+        ids_by_hash = store.image_ids_by_hash(conn, list(set(hashes.values())))
+        id_of = {p.relative_to(root).as_posix(): ids_by_hash[h] for p, h in hashes.items()}
+        gallery_ids = sorted(set(id_of.values()))
+        stored = store.stored_vectors(conn, target, gallery_ids)
+    gallery = np.stack([stored[i] for i in gallery_ids])
+    row_of = {image_id: row for row, image_id in enumerate(gallery_ids)}
+    path_of = {image_id: path for path, image_id in id_of.items()}
+
+    aps, first_ranks, per_query = [], [], []
+    for entry in queries:
+        query_path = entry["query"]
+        self_id = id_of.get(query_path)
+        vector = gallery[row_of[self_id]] if self_id is not None else db.embed(root / query_path, index=index)
+        distances = np.linalg.norm(gallery - vector, axis=1)
+        excluded = {id_of[p] for p in entry.get("junk", []) if p in id_of}
+        if self_id is not None:
+            excluded.add(self_id)
+        relevant = {id_of[p] for p in entry["relevant"] if p in id_of}
+        order = [gallery_ids[r] for r in np.argsort(distances, kind="stable") if gallery_ids[r] not in excluded]
+        mask = np.fromiter((image_id in relevant for image_id in order), dtype=bool, count=len(order))
+        ap = average_precision(mask)
+        first = int(np.argmax(mask)) + 1 if mask.any() else None
+        aps.append(ap)
+        first_ranks.append(first)
+        extra = {k: v for k, v in entry.items() if k not in ("query", "relevant", "junk")}
+        per_query.append({"query": query_path, "ap": round(ap, 4), "first_relevant_rank": first,
+                          "top": [path_of[i] for i in order[:5]], **extra})
+
+    def recall(k: int) -> float:
+        return float(np.mean([r is not None and r <= k for r in first_ranks])) if first_ranks else 0.0
+
+    return EvalReport(index=target.name, extractor=target.extractor, queries=len(queries),
+                      mAP=float(np.mean(aps)) if aps else 0.0, recall_at_1=recall(1), recall_at_10=recall(10),
+                      per_query=per_query)
+

@@ -1,0 +1,89 @@
+"""The extractor interface every descriptor implements, and the steps all of them share.
+
+An extractor turns decoded RGB pixels into one global descriptor in two steps, split so that the
+pipeline can overlap them: :meth:`Extractor.prepare` runs per image in decode worker threads (resize,
+colour conversion: cheap, GIL-releasing work), :meth:`Extractor.describe` runs on a batch in the main
+thread (a network forward pass, an aggregation). The pipeline, not the extractor, L2-normalises the
+result, so that ``<->`` on stored vectors ranks like cosine similarity for every extractor alike.
+
+Extractors that learn from the collection (codebooks, PCA) say so with :attr:`Extractor.trainable`
+and exchange their learned arrays through :meth:`Extractor.state` / :meth:`Extractor.load_state`;
+the database layer keeps those arrays next to the index.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from imgdb.features.spec import Spec
+
+
+class Extractor(ABC):
+    """A configured global-descriptor extractor (one canonical spec, one output dimension)."""
+
+    #: Spec family (``color``, ``cnn``...), the part of a spec before ``:``.
+    family: ClassVar[str]
+    #: Images per :meth:`describe` call during ingest.
+    batch_size: ClassVar[int] = 16
+    #: Whether :meth:`fit` must run on a sample of the collection before vectors can be made.
+    trainable: ClassVar[bool] = False
+
+    #: The canonical spec: every option spelled out.
+    spec: str
+    #: Length of the descriptor.
+    dim: int
+
+    @classmethod
+    @abstractmethod
+    def canonical(cls, spec: Spec) -> str:
+        """The spec with every option spelled out; raises ExtractorSpecError on a bad spec."""
+
+    @classmethod
+    @abstractmethod
+    def from_spec(cls, spec: Spec) -> Extractor:
+        """Build the extractor a canonical spec describes (loading models as needed)."""
+
+    @classmethod
+    @abstractmethod
+    def variants(cls) -> list[tuple[str, str, str]]:
+        """``(family, default spec, description)`` rows for ``imgdb extractors``."""
+
+    def scale_hint(self, width: int, height: int) -> float:
+        """The scale :meth:`prepare` will resize an upright ``width``x``height`` image to (≤ 1 lets
+        JPEG decoding skip detail that would be thrown away)."""
+        return 1.0
+
+    @abstractmethod
+    def prepare(self, image: Image.Image) -> Any:
+        """Per-image work that can run in a worker thread; its result goes to :meth:`describe`."""
+
+    @abstractmethod
+    def describe(self, prepared: Sequence[Any]) -> np.ndarray:
+        """Descriptors of a batch of prepared images, shape ``(len(prepared), dim)``."""
+
+    def fit(self, prepared: Sequence[Any]) -> None:
+        """Learn from a sample of the collection (trainable extractors only)."""
+        raise NotImplementedError(f"{self.family} extractors learn nothing")
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Learned arrays to persist with the index."""
+        return {}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state` returned."""
+
+    def embed(self, prepared: Sequence[Any]) -> np.ndarray:
+        """Unit-length float32 descriptors of a batch of prepared images."""
+        return l2_normalize(self.describe(prepared))
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Scale rows to unit length; all-zero rows (nothing detected) stay zero rather than NaN."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)

@@ -1,0 +1,56 @@
+"""Extractors by family name: built-ins plus any a package registers under the entry-point group
+``imgdb.extractors`` (``family = "module:Class"``), so a new descriptor is one new module and no edit
+to ingest, search or the CLI."""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from importlib.metadata import entry_points
+
+from imgdb.errors import ExtractorSpecError
+from imgdb.features.base import Extractor
+from imgdb.features.spec import Spec, parse_spec
+
+#: Built-in families, imported only when used (the CNN module pulls in torch).
+BUILTIN: dict[str, str] = {
+    "color": "imgdb.features.color:ColorHistogram",
+    "cnn": "imgdb.features.cnn:CnnExtractor",
+}
+
+#: What an index gets when created without ``--extractor``.
+DEFAULT_SPEC = "cnn:tf_efficientnet_lite2/gem"
+
+
+def families() -> dict[str, str]:
+    """Every known family mapped to its ``module:Class``."""
+    found = dict(BUILTIN)
+    for ep in entry_points(group="imgdb.extractors"):
+        found.setdefault(ep.name, ep.value)
+    return found
+
+
+def extractor_class(family: str) -> type[Extractor]:
+    target = families().get(family)
+    if target is None:
+        raise ExtractorSpecError(f"unknown extractor family {family!r} (known: {', '.join(sorted(families()))})")
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def canonical_spec(text: str) -> str:
+    """The fully expanded form of a spec (validates it without building a model)."""
+    spec = parse_spec(text)
+    return extractor_class(spec.family).canonical(spec)
+
+
+@lru_cache(maxsize=8)
+def create_extractor(text: str) -> Extractor:
+    """The extractor for a spec, built once per process (models are loaded once, then shared)."""
+    spec: Spec = parse_spec(canonical_spec(text))
+    return extractor_class(spec.family).from_spec(spec)
+
+
+def list_extractors() -> list[tuple[str, str, str]]:
+    """``(family, default spec, description)`` for every variant of every family."""
+    return [row for family in families() for row in extractor_class(family).variants()]

@@ -1,0 +1,167 @@
+"""The offline stage: images in, descriptors and metadata out, written to PostgreSQL.
+
+Per image, in worker threads: read (or fetch) the bytes, hash them, skip content the index already
+holds, decode safely, and let the extractor prepare the pixels. In the main thread, in order: batch
+the prepared images through the extractor and write each batch in its own transaction (images upserted
+by content hash, vectors by binary COPY). A crash or Ctrl-C therefore loses at most the batch in
+flight, and a rerun skips everything committed. When a load at least doubles an index, its ANN index
+is dropped first and built once at the end, instead of growing the graph vector by vector.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgdb.config import Settings
+from imgdb.db import store
+from imgdb.db.engine import Database
+from imgdb.errors import ImgdbError
+from imgdb.features.base import Extractor
+from imgdb.io import sources
+from imgdb.io.reader import ImageFacts, decode, sha256_hex
+from imgdb.orm import SearchIndex
+from imgdb.parallel import ordered_map
+
+#: ``(done, total)``: called as images are processed, for progress bars.
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Failure:
+    path: str
+    error: str
+
+
+@dataclass
+class IngestReport:
+    """The CONVENTIONS.md ingest summary."""
+
+    added: int = 0
+    duplicates: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "added": self.added,
+            "duplicates": self.duplicates,
+            "failed": [{"path": f.path, "error": f.error} for f in self.failed],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    uri: str
+    facts: ImageFacts
+    prepared: Any
+
+
+@dataclass(frozen=True)
+class _Known:
+    uri: str
+
+
+def load_metadata_file(path: Path) -> dict[str, dict[str, Any]]:
+    """Read a ``--metadata`` file: image paths relative to its folder → metadata objects, keyed here
+    by absolute path."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ImgdbError(f"cannot read metadata file {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ImgdbError(f"metadata file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ImgdbError(f"metadata file {path} must be a JSON object mapping image paths to objects")
+    base = path.resolve().parent
+    return {str((base / key).resolve()): value for key, value in data.items()}
+
+
+class Ingester:
+    """Ingest sources into one index with one extractor."""
+
+    def __init__(self, db: Database, index: SearchIndex, extractor: Extractor, settings: Settings) -> None:
+        self.db = db
+        self.index = index
+        self.extractor = extractor
+        self.settings = settings
+
+    def run(self, paths: Iterable[str | Path], *, meta: dict[str, Any] | None = None,
+            metadata: dict[str, dict[str, Any]] | None = None,
+            on_progress: ProgressCallback | None = None) -> IngestReport:
+        """Ingest files, folders and URLs. ``meta`` applies to every image; ``metadata`` maps absolute
+        paths to per-image metadata, which wins over ``meta`` key by key."""
+        started = time.perf_counter()
+        report = IngestReport()
+        todo = list(sources.expand(paths))
+        with self.db.engine.begin() as conn:
+            known = store.hashes_in_index(conn, self.index)
+            if len(todo) > len(known):
+                store.drop_ann(conn, self.index)
+        seen: set[str] = set()
+        batch: list[_Prepared] = []
+        try:
+            results = ordered_map(lambda source: self._load(source, known), todo, ahead=4 * self.extractor.batch_size)
+            for done, item in enumerate(results, start=1):
+                if isinstance(item, Failure):
+                    report.failed.append(item)
+                elif isinstance(item, _Known) or item.facts.sha256 in seen:
+                    report.duplicates += 1
+                else:
+                    seen.add(item.facts.sha256)
+                    batch.append(item)
+                    if len(batch) >= self.extractor.batch_size:
+                        self._write(batch, meta or {}, metadata or {}, report)
+                        batch = []
+                if on_progress:
+                    on_progress(done, len(todo))
+            self._write(batch, meta or {}, metadata or {}, report)
+        finally:
+            with self.db.engine.begin() as conn:
+                store.ensure_ann(conn, self.index)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _load(self, source: str, known: set[str]) -> _Prepared | _Known | Failure:
+        """Worker-thread part: read, hash, skip known content, decode, prepare."""
+        try:
+            data = sources.load(source, self.settings.fetch)
+            sha = sha256_hex(data)
+            if sha in known:
+                return _Known(source)
+            image = decode(data, max_pixels=self.settings.max_pixels,
+                           scale_hint=self.extractor.scale_hint, sha256=sha)
+            return _Prepared(source, image.facts, self.extractor.prepare(image.pixels))
+        except ImgdbError as exc:
+            return Failure(source, str(exc).removeprefix(f"{source}: "))
+        except Exception as exc:  # noqa: BLE001 - one odd file must not abort a long ingest
+            return Failure(source, f"unexpected {type(exc).__name__}: {exc}")
+
+    def _write(self, batch: Sequence[_Prepared], meta: dict[str, Any],
+               metadata: dict[str, dict[str, Any]], report: IngestReport) -> None:
+        """Embed one batch and commit it: images and vectors land together or not at all."""
+        if not batch:
+            return
+        vectors = self.extractor.embed([item.prepared for item in batch])
+        rows = [(item.uri, item.facts, {**meta, **metadata.get(item.uri, {})}) for item in batch]
+        with self.db.engine.begin() as conn:
+            ids = store.upsert_images(conn, rows)
+            # Another process may have indexed the same content meanwhile: count it, don't collide.
+            present = store.stored_vectors(conn, self.index, ids).keys()
+            keep = [i for i, image_id in enumerate(ids) if image_id not in present]
+            store.copy_vectors(conn, self.index, [ids[i] for i in keep], vectors[keep])
+        report.added += len(keep)
+        report.duplicates += len(ids) - len(keep)
+
+
+def embed_image(extractor: Extractor, data: bytes, settings: Settings) -> np.ndarray:
+    """The descriptor of one image's bytes (a query), on the same path as ingest."""
+    image = decode(data, max_pixels=settings.max_pixels, scale_hint=extractor.scale_hint)
+    return extractor.embed([extractor.prepare(image.pixels)])[0]

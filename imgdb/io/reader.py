@@ -1,0 +1,150 @@
+"""Safe decoding of untrusted image bytes into RGB pixels plus the facts worth recording.
+
+Every image imgdb sees, ingested or queried, passes through :func:`decode`: only a fixed set of
+formats is parsed, the pixel count is checked from the header *before* any pixel is decoded
+(decompression bombs), truncated files are refused rather than padded with grey, and the EXIF
+orientation is applied so that a photo taken upright is described upright.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imgdb.errors import ImageReadError
+
+#: Formats imgdb decodes; anything else Pillow could parse is refused (smaller attack surface).
+FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF")
+#: File name suffixes picked up when a folder is walked.
+SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
+#: Files larger than this are not read into memory at all.
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+_EXIF_ORIENTATION = 0x0112
+_EXIF_MAKE = 0x010F
+_EXIF_MODEL = 0x0110
+_EXIF_DATETIME = 0x0132
+_EXIF_IFD = 0x8769
+_EXIF_DATETIME_ORIGINAL = 0x9003
+
+# imgdb checks the pixel count itself, against its own limit, before decoding.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What is recorded about an image besides its descriptor."""
+
+    sha256: str
+    width: int
+    height: int
+    format: str
+    file_size: int
+    taken_at: dt.datetime | None
+    camera: str | None
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Upright RGB pixels and the facts about the file they came from."""
+
+    pixels: Image.Image
+    facts: ImageFacts
+
+
+#: Given the upright (width, height), the scale the consumer will resize to; lets JPEG decode at a
+#: reduced size (libjpeg's DCT scaling), several times faster for large photos.
+ScaleHint = Callable[[int, int], float]
+#: JPEGs are decoded to at least this multiple of the consumer's target size: DCT scaling straight to
+#: the target loses detail that area averaging keeps (museum recall@1 0.900 against 0.917 at 2x).
+DRAFT_MARGIN = 2.0
+
+
+def read_file(path: Path) -> bytes:
+    """Read a file's bytes, refusing what is not a regular, reasonably sized file.
+
+    Messages do not repeat the path: callers report it next to the reason.
+    """
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise ImageReadError("not a regular file")
+        if size == 0:
+            raise ImageReadError("empty file")
+        if size > MAX_FILE_BYTES:
+            raise ImageReadError(f"file of {size} bytes is larger than {MAX_FILE_BYTES}")
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageReadError(exc.strerror or str(exc)) from exc
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode(data: bytes, *, max_pixels: int, scale_hint: ScaleHint | None = None, sha256: str | None = None) -> DecodedImage:
+    """Decode ``data`` into an upright RGB image, or raise :class:`ImageReadError` with the reason."""
+    if not data:
+        raise ImageReadError("empty file")
+    try:
+        image = Image.open(BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise ImageReadError("not an image in a supported format (JPEG, PNG, WebP, TIFF, BMP, GIF)") from None
+    except Exception as exc:  # Pillow raises many types for malformed headers
+        raise ImageReadError(f"unreadable image header: {exc}") from exc
+    with image:
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise ImageReadError(f"invalid image size {width}x{height}")
+        if width * height > max_pixels:
+            raise ImageReadError(
+                f"{width}x{height} image has more than {max_pixels:,} pixels (decompression bomb?)"
+            )
+        exif = image.getexif()
+        orientation = exif.get(_EXIF_ORIENTATION, 1)
+        upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        if scale_hint is not None and image.format in ("JPEG", "MPO"):
+            scale = min(1.0, DRAFT_MARGIN * scale_hint(*upright))
+            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        try:
+            image.seek(0)  # GIF/TIFF/MPO: the first frame
+            image.load()
+            pixels = ImageOps.exif_transpose(image.convert("RGB"))
+        except Exception as exc:  # truncated data, bad Huffman tables, zlib errors...
+            raise ImageReadError(f"corrupt or truncated image data: {exc}") from exc
+        facts = ImageFacts(
+            sha256=sha256 or sha256_hex(data),
+            width=upright[0],
+            height=upright[1],
+            format="JPEG" if image.format == "MPO" else str(image.format),
+            file_size=len(data),
+            taken_at=_taken_at(exif),
+            camera=_camera(exif),
+        )
+    return DecodedImage(pixels=pixels, facts=facts)
+
+
+def _camera(exif: Image.Exif) -> str | None:
+    make = str(exif.get(_EXIF_MAKE, "")).strip("\x00 ")
+    model = str(exif.get(_EXIF_MODEL, "")).strip("\x00 ")
+    if model.lower().startswith(make.lower()):
+        make = ""  # many cameras repeat the make in the model ("Canon" + "Canon EOS 5D")
+    return " ".join(part for part in (make, model) if part) or None
+
+
+def _taken_at(exif: Image.Exif) -> dt.datetime | None:
+    raw = exif.get_ifd(_EXIF_IFD).get(_EXIF_DATETIME_ORIGINAL) or exif.get(_EXIF_DATETIME)
+    if not raw:
+        return None
+    try:
+        return dt.datetime.strptime(str(raw).strip("\x00 "), "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None  # cameras write all sorts of placeholders ("0000:00:00 00:00:00")

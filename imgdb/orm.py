@@ -1,0 +1,121 @@
+"""SQLAlchemy 2.0 models of imgdb's tables, for applications that already speak the ORM.
+
+``images`` holds one row per distinct image (by content hash); ``indexes`` is the registry of named
+indexes, each with its extractor spec and ANN settings; ``index_state`` keeps whatever an extractor
+learned from the collection (codebooks, PCA matrices) as named arrays, so that a query months later is
+encoded exactly as the collection was. Each index's vectors live in a table of their own,
+``imgdb_vectors_<name>``, because pgvector indexes need one fixed dimension per column; map it with
+:func:`vectors_model`::
+
+    from sqlalchemy import select
+    from imgdb.orm import Image, vectors_model
+
+    V = vectors_model(session, "default")
+    hits = session.scalars(
+        select(Image).join(V, V.image_id == Image.id)
+        .where(Image.metadata_["author"].astext == "Joan Miró")
+        .order_by(V.embedding.l2_distance(query_vector)).limit(10)
+    )
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pgvector.sqlalchemy import HALFVEC, Vector
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, LargeBinary, String, Text, func, select
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from imgdb.errors import IndexNotFound
+
+
+class Base(DeclarativeBase):
+    """Declarative base of imgdb's models (its metadata is what the migrations create)."""
+
+
+class Image(Base):
+    """One distinct image: where it came from, what it is, and the user's metadata."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    uri: Mapped[str] = mapped_column(Text, index=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str | None] = mapped_column(Text)
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    taken_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=False))
+    camera: Mapped[str | None] = mapped_column(Text)
+    # ``metadata`` is reserved on declarative classes; the column keeps the plain name for SQL users.
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default="{}")
+    added_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class SearchIndex(Base):
+    """A named index: which extractor fills it, and how its vectors are searched."""
+
+    __tablename__ = "indexes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    extractor: Mapped[str] = mapped_column(Text)
+    dim: Mapped[int] = mapped_column(Integer)
+    metric: Mapped[str] = mapped_column(Text, server_default="l2")
+    storage: Mapped[str] = mapped_column(Text, server_default="vector")
+    ann: Mapped[str] = mapped_column(Text, server_default="hnsw")
+    ann_params: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    @property
+    def vectors_table(self) -> str:
+        """The table holding this index's vectors."""
+        return f"imgdb_vectors_{self.name}"
+
+    @property
+    def relation(self) -> str:
+        """The view that plain SQL queries: every ``images`` column plus ``embedding``."""
+        return f"images_{self.name}"
+
+
+class IndexState(Base):
+    """A named array an extractor learned for one index, stored as ``.npy`` bytes."""
+
+    __tablename__ = "index_state"
+
+    index_id: Mapped[int] = mapped_column(ForeignKey("indexes.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+_vector_models: dict[tuple[str, int, str], type[Base]] = {}
+
+
+def vectors_model(session: Session, name: str) -> type[Base]:
+    """The ORM class mapped onto index ``name``'s vectors table (built once per process).
+
+    Its columns are ``image_id`` (a foreign key to :class:`Image`) and ``embedding``, a pgvector
+    column whose ``l2_distance``/``cosine_distance`` comparators are served by the index's
+    HNSW/IVFFlat index.
+    """
+    index = session.scalar(select(SearchIndex).where(SearchIndex.name == name))
+    if index is None:
+        raise IndexNotFound(f"no index named {name!r}")
+    key = (index.name, index.dim, index.storage)
+    if key not in _vector_models:
+        column_type = HALFVEC(index.dim) if index.storage == "halfvec" else Vector(index.dim)
+        _vector_models[key] = type(
+            f"Vectors_{index.name}_{index.dim}",
+            (Base,),
+            {
+                "__tablename__": index.vectors_table,
+                # Not part of the migrated schema: these tables are created per index at run time.
+                "__table_args__": {"info": {"per_index": True}, "extend_existing": True},
+                "image_id": mapped_column(BigInteger, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+                "embedding": mapped_column(column_type),
+                "__annotations__": {"image_id": Mapped[int], "embedding": Mapped[Any]},
+            },
+        )
+    return _vector_models[key]
