@@ -80,8 +80,8 @@ def load_metadata_file(path: Path) -> dict[str, dict[str, Any]]:
         raise ImgdbError(f"metadata file {path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ImgdbError(f"metadata file {path} must be a JSON object mapping image paths to objects")
-    base = path.resolve().parent
-    return {str((base / key).resolve()): value for key, value in data.items()}
+    base = Path(sources.absolute(path)).parent
+    return {sources.absolute(base / key): value for key, value in data.items()}
 
 
 class Ingester:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from imgdb_cli.output import emit_json, guarded, progress_bar, stderr, stdout
+from imgdb_cli.output import emit_json, guarded, progress_bar, say, stdout
 
 app = typer.Typer(help="Content-based image retrieval inside PostgreSQL + pgvector.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -60,7 +60,7 @@ def ingest(
             emit_json(report.to_json())
             return
         for failure in report.failed:
-            stderr.print(f"failed: {failure.path}: {failure.error}", markup=False, highlight=False)
+            say(f"failed: {failure.path}: {failure.error}")
         stdout.print(f"added {report.added}, duplicates {report.duplicates}, failed {len(report.failed)} "
                      f"in {report.seconds:.1f} s")
 

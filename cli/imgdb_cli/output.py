@@ -26,6 +26,11 @@ def emit_json(document: Any) -> None:
     sys.stdout.flush()
 
 
+def say(line: str) -> None:
+    """One line on stderr, never wrapped (rich would fold long paths and reasons onto two lines)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def guarded(debug: bool, action: Callable[[], T]) -> T:
     """Run a command body, turning expected failures into one line on stderr and exit status 1."""
     if debug:
@@ -33,14 +38,13 @@ def guarded(debug: bool, action: Callable[[], T]) -> T:
     try:
         return action()
     except ImgdbError as exc:
-        stderr.print(f"error: {exc}", markup=False, highlight=False)
+        say(f"error: {exc}")
     except KeyboardInterrupt:
-        stderr.print("interrupted: work committed so far is kept", markup=False)
+        say("interrupted: work committed so far is kept")
         raise typer.Exit(130) from None
     except Exception as exc:  # noqa: BLE001 - the contract wants one line, not a traceback
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        stderr.print(f"internal error: {type(exc).__name__}: {message} (rerun with --debug for details)",
-                     markup=False, highlight=False)
+        say(f"internal error: {type(exc).__name__}: {message} (rerun with --debug for details)")
     raise typer.Exit(1)
 
 

@@ -80,6 +80,8 @@ class Database:
                 if MigrationContext.configure(conn).get_current_revision() == self._head:
                     return False
                 command.upgrade(alembic_config(conn), "head")
+            # Pooled connections predate database-level settings a migration made (ALTER DATABASE).
+            self.engine.dispose()
         except sa.exc.OperationalError as exc:
             raise DatabaseError(f"cannot migrate the database: {exc.orig}") from exc
         except sa.exc.ProgrammingError as exc:

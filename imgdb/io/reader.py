@@ -22,7 +22,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from imgdb.errors import ImageReadError
 
 #: Formats imgdb decodes; anything else Pillow could parse is refused (smaller attack surface).
-FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF")
+#: Multi-picture JPEGs (MPO) come through the JPEG opener.
+FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
 #: File name suffixes picked up when a folder is walked.
 SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
 #: Files larger than this are not read into memory at all.
@@ -37,6 +38,9 @@ _EXIF_DATETIME_ORIGINAL = 0x9003
 
 # imgdb checks the pixel count itself, against its own limit, before decoding.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# Register every plugin now: `Image.open(formats=...)` only knows the few formats Pillow preloads
+# (no WebP, TIFF) until something triggers a full init.
+Image.init()
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ def decode(data: bytes, *, max_pixels: int, scale_hint: ScaleHint | None = None,
         image = Image.open(BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
         raise ImageReadError("not an image in a supported format (JPEG, PNG, WebP, TIFF, BMP, GIF)") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own, larger limit tripped while opening
+        raise ImageReadError(f"refused as a decompression bomb: {exc}") from None
     except Exception as exc:  # Pillow raises many types for malformed headers
         raise ImageReadError(f"unreadable image header: {exc}") from exc
     with image:
@@ -106,7 +112,7 @@ def decode(data: bytes, *, max_pixels: int, scale_hint: ScaleHint | None = None,
             raise ImageReadError(f"invalid image size {width}x{height}")
         if width * height > max_pixels:
             raise ImageReadError(
-                f"{width}x{height} image has more than {max_pixels:,} pixels (decompression bomb?)"
+                f"refused as a decompression bomb: {width}x{height} image has more than {max_pixels:,} pixels"
             )
         exif = image.getexif()
         orientation = exif.get(_EXIF_ORIENTATION, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -26,9 +27,15 @@ def expand(paths: Iterable[str | Path]) -> Iterator[str]:
                 if any(part.startswith(".") for part in relative.parts):
                     continue
                 if child.suffix.lower() in SUFFIXES and child.is_file():
-                    yield str(child.absolute())
+                    yield absolute(child)
         else:
-            yield str(path.absolute())
+            yield absolute(path)
+
+
+def absolute(path: str | Path) -> str:
+    """The absolute, ``..``-free form of a path, symlinks kept: what imgdb stores as an image's uri
+    and matches ``--metadata`` entries against."""
+    return os.path.abspath(path)
 
 
 def load(source: str | Path, limits: FetchLimits) -> bytes:

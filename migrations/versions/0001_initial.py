@@ -17,6 +17,16 @@ depends_on = None
 
 def upgrade() -> None:
     op.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    # Filtered vector queries from plain SQL (`WHERE ... ORDER BY embedding <-> q LIMIT k`) should
+    # return k rows, not whatever survives the filter out of the first ef_search candidates: make
+    # pgvector 0.8's iterative index scan the database's default. Needs ownership of the database;
+    # where the migrating role lacks it, imgdb still sets it per query and the README says how.
+    op.execute("""
+        DO $$ BEGIN
+          EXECUTE format('ALTER DATABASE %I SET hnsw.iterative_scan = strict_order', current_database());
+        EXCEPTION WHEN insufficient_privilege THEN
+          RAISE NOTICE 'imgdb: cannot set hnsw.iterative_scan for the database; set it per session';
+        END $$""")
     op.create_table(
         "images",
         sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),

@@ -1,0 +1,113 @@
+"""The command line as CONVENTIONS.md fixes it: one JSON document on stdout with --json, a one-line
+reason and a non-zero exit on failure. Most commands run in-process (the model loads once); the
+failure path runs as a real subprocess to see exactly what a user's terminal sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from imgdb_cli.main import app
+
+runner = CliRunner()
+
+
+def run_json(*args: str):  # noqa: ANN201
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.stderr or result.output
+    return json.loads(result.stdout)
+
+
+def test_ingest_json_summary(sample_index: str, museum_sample: Path) -> None:
+    summary = run_json("ingest", str(museum_sample / "images"), "--metadata", str(museum_sample / "metadata.json"))
+    assert set(summary) == {"added", "duplicates", "failed", "seconds"}
+    assert summary["added"] == 0 and summary["duplicates"] == 40 and summary["failed"] == []
+
+
+def test_ingest_meta_pairs_and_bad_pairs(sample_index: str, museum: Path) -> None:
+    summary = run_json("ingest", str(museum / "images" / "bbdd_00100.jpg"), "--meta", "room=3", "--meta", "floor=1")
+    assert summary["added"] == 1
+    hits = run_json("search", str(museum / "images" / "bbdd_00100.jpg"), "-k", "1", "--filter", "meta.room=3")
+    assert hits[0]["metadata"] == {"room": "3", "floor": "1"}
+    result = runner.invoke(app, ["ingest", str(museum / "images" / "bbdd_00100.jpg"), "--meta", "novalue"])
+    assert result.exit_code == 1 and "expected KEY=VALUE" in result.stderr
+
+
+def test_search_json_shape_and_filters(sample_index: str) -> None:
+    hits = run_json("search", "id:5", "-k", "3")
+    assert hits[0]["id"] == 5 and hits[0]["distance"] < 1e-4
+    assert all(set(h) == {"id", "uri", "distance", "metadata"} for h in hits)
+    author = hits[0]["metadata"]["author"]
+    filtered = run_json("search", "id:5", "-k", "50", "--filter", f"meta.author={author}")
+    assert filtered and all(h["metadata"]["author"] == author for h in filtered)
+
+
+def test_embed_prints_a_literal_plain_sql_accepts(client, sample_index: str) -> None:  # noqa: ANN001
+    document = run_json("embed", "id:7")
+    assert document["dim"] == len(document["vector"]) == 1280 and document["index"] == "default"
+    literal = runner.invoke(app, ["embed", "id:7"]).stdout.strip()
+    assert literal.startswith("[") and literal.endswith("]")
+    with client.database.connect() as conn:
+        nearest = conn.exec_driver_sql(
+            f"SELECT id FROM images_default ORDER BY embedding <-> '{literal}' LIMIT 1"
+        ).scalar_one()
+    assert nearest == 7
+
+
+def test_index_list_extractors_and_create(sample_index: str) -> None:
+    listing = run_json("index", "list")
+    default = next(i for i in listing if i["name"] == "default")
+    assert set(default) == {"name", "extractor", "dim", "images", "ann"} and default["images"] >= 40
+    families = run_json("extractors")
+    assert all({"family", "spec", "description"} <= set(f) for f in families)
+    created = run_json("index", "create", "cli_made", "--extractor", "color:hsv/bins=6x6x6", "--ann", "ivfflat")
+    assert created == {"name": "cli_made", "extractor": "color:hsv/bins=6x6x6/size=256", "dim": 216, "images": 0, "ann": "ivfflat"}
+    result = runner.invoke(app, ["index", "create", "cli_made", "--extractor", "color"])
+    assert result.exit_code == 1 and "exists already" in result.stderr
+
+
+def test_delete_json(museum: Path, tmp_path: Path) -> None:
+    run_json("index", "create", "cli_delete", "--extractor", "color:hsv")
+    run_json("ingest", str(museum / "images" / "bbdd_00150.jpg"), "--index", "cli_delete")
+    image_id = run_json("search", str(museum / "images" / "bbdd_00150.jpg"), "--index", "cli_delete", "-k", "1")[0]["id"]
+    assert run_json("delete", str(image_id)) == {"deleted": 1}
+
+
+def test_eval_json_with_per_query(museum_sample: Path) -> None:
+    run_json("index", "create", "cli_eval", "--extractor", "color:hsv")
+    report = run_json("eval", str(museum_sample), "--index", "cli_eval", "--per-query")
+    assert {"mAP", "recall@1", "recall@10", "queries", "index", "extractor", "per_query"} <= set(report)
+    assert report["queries"] == len(report["per_query"]) == len(json.loads((museum_sample / "queries.json").read_text()))
+
+
+def test_db_status_json(imgdb_home: Path, sample_index: str) -> None:
+    status = run_json("db", "status")
+    assert status["embedded"] is True and status["running"] is True
+    assert status["pgdata"] == str(imgdb_home / "pgdata")
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["search", "/no/such/photo.jpg"], "No such file or directory"),
+        (["search", "http://127.0.0.1/x.jpg"], "loopback"),
+        (["search", "id:1", "--filter", "nonsense"], "cannot parse filter"),
+        (["index", "create", "Bad-Name"], "bad index name"),
+    ],
+)
+def test_failures_are_one_line_without_traceback(imgdb_home: Path, sample_index: str, args: list[str], reason: str) -> None:
+    imgdb = str(Path(sys.executable).parent / "imgdb")
+    env = {**os.environ, "IMGDB_HOME": str(imgdb_home)}
+    result = subprocess.run([imgdb, *args, "--json"], env=env, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and reason in lines[0], result.stderr
+    debug = subprocess.run([imgdb, *args, "--debug"], env=env, capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

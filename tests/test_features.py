@@ -1,0 +1,104 @@
+"""Extractor specs, pooling maths and the colour histogram, on hand-made inputs and real images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgdb.errors import ExtractorSpecError
+from imgdb.features.base import l2_normalize
+from imgdb.features.pooling import average, gem, mac
+from imgdb.features.registry import DEFAULT_SPEC, canonical_spec, create_extractor, list_extractors
+from imgdb.features.spec import parse_spec
+
+
+def test_spec_grammar_round_trips() -> None:
+    spec = parse_spec("cnn:resnet50/gem/p=3.5/size=300")
+    assert (spec.family, spec.arg, spec.words, spec.options) == ("cnn", "resnet50", ("gem",), {"p": "3.5", "size": "300"})
+    assert str(spec) == "cnn:resnet50/gem/p=3.5/size=300"
+
+
+@pytest.mark.parametrize(
+    ("given", "canonical"),
+    [
+        ("color", "color:hsv/bins=8x12x3/size=256"),
+        ("color:hsv/bins=4x4x4", "color:hsv/bins=4x4x4/size=256"),
+        (DEFAULT_SPEC, "cnn:tf_efficientnet_lite2/gem/p=3/size=260"),
+        ("cnn:tf_efficientnet_lite2/max/size=300", "cnn:tf_efficientnet_lite2/max/size=300"),
+    ],
+)
+def test_specs_are_stored_fully_expanded(given: str, canonical: str) -> None:
+    assert canonical_spec(given) == canonical
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ("", "empty"),
+        ("sift", "unknown extractor family"),
+        ("color:lab", "not supported"),
+        ("color:hsv/bins=8x8", "HxSxV"),
+        ("color:hsv/typo=1", "unknown option"),
+        ("cnn:tf_efficientnet_lite2/gem/max", "more than one pooling"),
+        ("cnn:tf_efficientnet_lite2/gem/p=abc", "not a number"),
+        ("cnn:tf_efficientnet_lite2/size=10", "at least 32"),
+        ("cnn:tf_efficientnet_lite2//gem", "empty option"),
+    ],
+)
+def test_bad_specs_are_refused(bad: str, reason: str) -> None:
+    with pytest.raises(ExtractorSpecError, match=reason):
+        canonical_spec(bad)
+
+
+def test_every_listed_variant_has_a_valid_default_spec() -> None:
+    rows = list_extractors()
+    assert {family for family, _, _ in rows} >= {"color", "cnn-gem", "cnn-max", "cnn-avg"}
+    for _, spec, description in rows:
+        assert canonical_spec(spec) and description
+
+
+def test_pooling_by_hand() -> None:
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # one image, one channel, 2x2
+    assert mac(x).item() == 4.0
+    assert average(x).item() == 2.5
+    assert gem(x, p=1).item() == pytest.approx(2.5)
+    assert gem(x, p=3).item() == pytest.approx(((1 + 8 + 27 + 64) / 4) ** (1 / 3))
+    assert gem(x, p=50).item() == pytest.approx(4.0, rel=0.03)  # p -> inf tends to max
+    assert gem(torch.full((1, 1, 2, 2), -1.0)).item() == pytest.approx(1e-6)  # clamped, no NaN
+
+
+def test_l2_normalize_keeps_zero_rows_zero() -> None:
+    out = l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
+
+
+def test_colour_histogram_on_real_images(museum: Path) -> None:
+    extractor = create_extractor("color:hsv")
+    images = [Image.open(museum / "images" / f"bbdd_{i:05d}.jpg").convert("RGB") for i in (0, 1)]
+    vectors = extractor.embed([extractor.prepare(im) for im in images])
+    assert vectors.shape == (2, 288)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, rtol=1e-5)
+    assert (vectors >= 0).all()
+    # A solid colour lands in exactly one bin.
+    red = extractor.embed([extractor.prepare(Image.new("RGB", (32, 32), (255, 0, 0)))])[0]
+    assert np.count_nonzero(red) == 1
+
+
+def test_cnn_descriptor_keeps_aspect_and_is_unit_length(museum: Path) -> None:
+    extractor = create_extractor(DEFAULT_SPEC)
+    image = Image.open(museum / "images" / "bbdd_00004.jpg").convert("RGB")
+    prepared = extractor.prepare(image)
+    assert min(prepared.shape[1:]) == 260
+    ratio = image.size[0] / image.size[1]
+    assert prepared.shape[2] / prepared.shape[1] == pytest.approx(ratio, rel=0.02)
+    vector = extractor.embed([prepared])[0]
+    assert vector.shape == (extractor.dim,) == (1280,)
+    assert np.linalg.norm(vector) == pytest.approx(1, rel=1e-5)
+    # Same-shaped images batch together and give the same answers as one by one.
+    flipped = extractor.prepare(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    together = extractor.embed([prepared, flipped])
+    np.testing.assert_allclose(together[0], vector, atol=1e-5)

@@ -1,0 +1,137 @@
+"""Ingest on real images: metadata, duplicates, bad files among good ones, URLs, interruption."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgdb.db import store
+from tests.conftest import SAMPLE_SIZE, copy_image
+from tests.images import encoded, png_bomb, write
+
+
+def count(client, index: str) -> int:  # noqa: ANN001
+    with client.database.connect() as conn:
+        return store.count_vectors(conn, store.require_index(conn, index))
+
+
+def test_sample_is_ingested_with_metadata_and_facts(client, sample_index: str, museum_sample: Path) -> None:  # noqa: ANN001
+    metadata = json.loads((museum_sample / "metadata.json").read_text())
+    with client.database.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT uri, width, height, format, file_size, metadata FROM images_default ORDER BY id"
+        ).all()
+    by_name = {Path(uri).name: row for uri, *row in rows}
+    for key, meta in metadata.items():
+        width, height, fmt, size, stored = by_name[Path(key).name]
+        assert stored == meta
+        assert fmt == "JPEG" and width > 0 and height > 0
+        assert size == (museum_sample / key).stat().st_size
+
+
+def test_second_ingest_adds_nothing(client, sample_index: str, museum_sample: Path) -> None:  # noqa: ANN001
+    before = count(client, sample_index)
+    report = client.ingest([museum_sample / "images"])
+    assert (report.added, len(report.failed)) == (0, 0)
+    assert report.duplicates == SAMPLE_SIZE
+    assert count(client, sample_index) == before
+
+
+def test_bad_files_are_reported_and_the_rest_go_in(client, tmp_path: Path, museum: Path) -> None:  # noqa: ANN001
+    """1000 files of which 10 are bad: each bad one gets a reason, the 990 good ones go in."""
+    client.create_index("robust", "color:hsv/bins=4x4x4")
+    rng = np.random.default_rng(3)
+    for i in range(990):
+        pixels = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        write(tmp_path / f"sub{i % 7}" / f"ok_{i:04d}.png", encoded(Image.fromarray(pixels), "PNG"))
+    photo = (museum / "images" / "bbdd_00003.jpg").read_bytes()
+    bad = {
+        "empty.jpg": b"",
+        "text.jpg": b"just some text\n" * 10,
+        "truncated.jpg": photo[: len(photo) // 3],
+        "corrupt.jpg": photo[:2000] + bytes(range(256)) * 50,
+        "bomb.png": png_bomb(),
+        "header.png": b"\x89PNG\r\n\x1a\n",
+        "html.gif": b"<html><body>not a gif</body></html>",
+        "zeros.webp": bytes(1024),
+        "riff.webp": b"RIFF\x10\x00\x00\x00WEBPVP8 " + bytes(8),
+        "half.bmp": b"BM" + bytes(40),
+    }
+    for name, data in bad.items():
+        write(tmp_path / "bad" / name, data)
+    progress: list[tuple[int, int]] = []
+    report = client.ingest([tmp_path], index="robust", on_progress=lambda d, t: progress.append((d, t)))
+    assert report.added == 990
+    assert sorted(Path(f.path).name for f in report.failed) == sorted(bad)
+    assert all(f.error and "\n" not in f.error for f in report.failed)
+    assert progress[-1] == (1000, 1000)
+    assert count(client, "robust") == 990
+
+
+def test_duplicate_content_within_one_run_is_stored_once(client, tmp_path: Path, museum: Path) -> None:  # noqa: ANN001
+    client.create_index("dups", "color:hsv")
+    source = museum / "images" / "bbdd_00010.jpg"
+    copy_image(source, tmp_path / "a.jpg")
+    copy_image(source, tmp_path / "b" / "same.jpg")
+    report = client.ingest([tmp_path], index="dups")
+    assert (report.added, report.duplicates) == (1, 1)
+
+
+def test_missing_path_is_a_failure_not_an_abort(client, tmp_path: Path, museum: Path) -> None:  # noqa: ANN001
+    client.create_index("missing", "color:hsv")
+    report = client.ingest([tmp_path / "nope.jpg", museum / "images" / "bbdd_00011.jpg"], index="missing")
+    assert report.added == 1
+    assert [f.error for f in report.failed] == ["No such file or directory"]
+
+
+def test_interrupted_ingest_keeps_what_was_committed_and_resumes(client, museum: Path) -> None:  # noqa: ANN001
+    client.create_index("resume", "color:hsv")
+    gallery = sorted((museum / "images").glob("*.jpg"))[:200]
+
+    def interrupt(done: int, total: int) -> None:
+        if done == 150:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        client.ingest(gallery, index="resume", on_progress=interrupt)
+    committed = count(client, "resume")
+    assert 0 < committed < 200
+    with client.database.connect() as conn:  # the ANN index is back even after the interruption
+        assert store.has_ann(conn, store.require_index(conn, "resume"))
+    report = client.ingest(gallery, index="resume")
+    assert report.added == 200 - committed and report.duplicates == committed
+    assert count(client, "resume") == 200
+
+
+def test_ingest_from_url_and_meta_for_every_image(client, http_root, museum: Path) -> None:  # noqa: ANN001
+    base, folder = http_root
+    # Re-encoded, so that its content is new to the database whatever other tests ingested.
+    write(folder / "painting.png", encoded(Image.open(museum / "images" / "bbdd_00200.jpg"), "PNG"))
+    client.create_index("web", "color:hsv")
+    url = f"{base}/painting.png"
+    refused = client.ingest([url], index="web")
+    assert refused.added == 0 and "loopback" in refused.failed[0].error
+    saved = client.settings
+    client.settings = replace(saved, fetch=replace(saved.fetch, allow_private=True))
+    try:
+        report = client.ingest([url], index="web", meta={"source": "web"})
+    finally:
+        client.settings = saved
+    assert report.added == 1
+    hit = client.search(folder / "painting.png", index="web", k=1)[0]
+    assert hit.uri == url and hit.metadata == {"source": "web"} and hit.distance < 1e-6
+
+
+def test_delete_removes_images_and_vectors_from_every_index(client, tmp_path: Path, museum: Path) -> None:  # noqa: ANN001
+    client.create_index("deletes", "color:hsv")
+    path = copy_image(museum / "images" / "bbdd_00030.jpg", tmp_path / "x.jpg")
+    client.ingest([path], index="deletes")
+    image_id = client.search(path, index="deletes", k=1)[0].id
+    assert client.delete([image_id, 10**9]) == 1
+    assert count(client, "deletes") == 0
+    assert client.delete([image_id]) == 0
