@@ -102,3 +102,22 @@ def test_cnn_descriptor_keeps_aspect_and_is_unit_length(museum: Path) -> None:
     flipped = extractor.prepare(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     together = extractor.embed([prepared, flipped])
     np.testing.assert_allclose(together[0], vector, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "build", "dim"), [
+    ("resnet18", "timm", 512),          # a timm name
+    ("mobilenet_v2", "torchvision", 1280),  # only in torchvision: its trunk is cut before pooling
+])
+def test_other_backbones_with_a_local_weights_file(tmp_path: Path, name: str, build: str, dim: int) -> None:
+    import timm
+    import torchvision
+
+    model = timm.create_model(name, pretrained=False) if build == "timm" else torchvision.models.get_model(name)
+    weights = tmp_path / f"{name} weights.pth"
+    torch.save(model.state_dict(), weights)
+    spec = f"cnn:{name}/gem/weights={weights}"
+    assert canonical_spec(spec) == f"cnn:{name}/gem/p=3/size=260/weights={weights}"
+    extractor = create_extractor(spec)
+    vector = extractor.embed([extractor.prepare(Image.new("RGB", (300, 200), (10, 200, 30)))])
+    assert vector.shape == (1, dim) == (1, extractor.dim)
+    assert np.isfinite(vector).all()

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -135,3 +140,23 @@ def test_delete_removes_images_and_vectors_from_every_index(client, tmp_path: Pa
     assert client.delete([image_id, 10**9]) == 1
     assert count(client, "deletes") == 0
     assert client.delete([image_id]) == 0
+
+
+def test_killed_ingest_process_loses_nothing_committed(client, imgdb_home: Path, museum: Path) -> None:  # noqa: ANN001
+    """SIGKILL an `imgdb ingest` mid-way: the database stays consistent and a rerun completes it."""
+    client.create_index("killed", "color:hsv")
+    gallery = sorted((museum / "images").glob("*.jpg"))
+    command = [str(Path(sys.executable).parent / "imgdb"), "ingest", *map(str, gallery), "--index", "killed"]
+    process = subprocess.Popen(command, env={**os.environ, "IMGDB_HOME": str(imgdb_home)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while count(client, "killed") == 0 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    committed = count(client, "killed")
+    assert 0 < committed < len(gallery)
+    report = client.ingest(gallery, index="killed")
+    assert report.added + report.duplicates == len(gallery) and not report.failed
+    assert report.duplicates == committed
+    assert count(client, "killed") == len(gallery)

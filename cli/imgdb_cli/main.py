@@ -171,12 +171,18 @@ def index_create(
     name: Annotated[str, typer.Argument(help="Index name: lower-case letters, digits, _.")],
     extractor: Annotated[Optional[str], typer.Option("--extractor", "-e", help="Extractor spec (see `imgdb extractors`).")] = None,
     ann: Annotated[str, typer.Option("--ann", help="hnsw, ivfflat or none.")] = "hnsw",
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="Local state_dict for a CNN backbone.")] = None,
     as_json: Json = False, debug: Debug = False,
 ) -> None:
     """Create an index with an extractor and an ANN method."""
 
     def run() -> None:
-        info = _client().create_index(name, extractor, ann)
+        from imgdb.features.registry import DEFAULT_SPEC
+
+        spec = extractor or DEFAULT_SPEC
+        if weights is not None:
+            spec += f"/weights={weights.expanduser().resolve()}"
+        info = _client().create_index(name, spec, ann)
         emit_json(info.to_json()) if as_json else stdout.print(f"created {info.name}: {info.extractor} ({info.dim} dims, {info.ann})")
 
     guarded(debug, run)

@@ -256,6 +256,31 @@ def _offline_lite_weights(arch: str) -> Path:
     return Path(getattr(module, class_name).get_model_file_path())
 
 
+class TorchvisionTrunk(torch.nn.Module):
+    """A torchvision classifier cut before its global pooling, exposing timm's ``forward_features``
+    so that the CNN extractor treats both libraries alike."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        if hasattr(model, "layer4"):  # ResNet, ResNeXt, Wide ResNet
+            self.trunk: torch.nn.Module = torch.nn.Sequential(
+                model.conv1, model.bn1, model.relu, model.maxpool,
+                model.layer1, model.layer2, model.layer3, model.layer4,
+            )
+        elif isinstance(getattr(model, "features", None), torch.nn.Module):  # VGG, EfficientNet, MobileNet, DenseNet...
+            self.trunk = torch.nn.Sequential(model.features, torch.nn.ReLU())
+        else:
+            raise ExtractorSpecError(
+                f"torchvision backbone {type(model).__name__} has no convolutional trunk imgdb knows; "
+                "use its timm name"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+    forward = forward_features
+
+
 def _torchvision_classifiers() -> set[str]:
     """Names of torchvision's ImageNet classification models (not detection/segmentation/video)."""
     return set(torchvision.models.list_models(module=torchvision.models))
@@ -303,6 +328,7 @@ def _create_backbone_cached(name: str, weights: str | None) -> torch.nn.Module:
                     f"cannot get pretrained weights for torchvision backbone {name!r} "
                     f"(no network? pass weights=<file>): {_one_line(exc)}"
                 ) from exc
+        model = TorchvisionTrunk(model)
     else:
         raise ExtractorSpecError(f"unknown backbone {name!r}: neither a timm nor a torchvision model")
 

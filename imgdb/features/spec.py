@@ -1,6 +1,8 @@
 """The extractor spec grammar: ``FAMILY[:ARG][/OPTION]...`` where an option is ``WORD`` or ``KEY=VALUE``.
 
-Examples: ``color:hsv/bins=8x12x3``, ``cnn:tf_efficientnet_lite2/gem/p=3/size=260``. A spec names
+Examples: ``color:hsv/bins=8x12x3``, ``cnn:tf_efficientnet_lite2/gem/p=3/size=260``. An option
+whose value is a file path (``weights=``) comes last and takes the rest of the spec, slashes and
+all: ``cnn:resnet50/gem/weights=/models/r50.pth``. A spec names
 an extractor *and its exact configuration*; indexes store the canonical (fully expanded) form so that
 changing a default later never changes how an existing index encodes its queries.
 """
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 from imgdb.errors import ExtractorSpecError
 
 _FAMILY = re.compile(r"^[a-z][a-z0-9_-]*$")
+#: Options whose value is a path: they must come last and run to the end of the spec.
+PATH_OPTIONS = ("weights",)
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,14 @@ def parse_spec(text: str) -> Spec:
     text = text.strip()
     if not text:
         raise ExtractorSpecError("empty extractor spec")
+    path_option: tuple[str, str] | None = None
+    for key in PATH_OPTIONS:
+        marker = f"/{key}="
+        if marker in text:
+            text, _, value = text.partition(marker)
+            if not value:
+                raise ExtractorSpecError(f"empty {key}= in spec")
+            path_option = (key, value)
     head, *parts = text.split("/")
     family, _, arg = head.partition(":")
     family = family.lower()
@@ -54,6 +66,8 @@ def parse_spec(text: str) -> Spec:
             raise ExtractorSpecError(f"option {key!r} given twice in spec {text!r}")
         else:
             options[key.lower()] = value
+    if path_option:
+        options[path_option[0]] = path_option[1]
     return Spec(family=family, arg=arg or None, words=tuple(words), options=options)
 
 
