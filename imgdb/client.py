@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-import io
+import contextlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -25,10 +25,10 @@ from imgdb.config import Settings
 from imgdb.db import store
 from imgdb.db.engine import Database
 from imgdb.db.filters import parse_filters
-from imgdb.errors import ImgdbError
+from imgdb.errors import ImgdbError, IndexExists
 from imgdb.features.base import Extractor
 from imgdb.features.registry import DEFAULT_SPEC, canonical_spec, create_extractor
-from imgdb.ingest import IngestReport, Ingester, ProgressCallback, embed_image, load_metadata_file
+from imgdb.ingest import IngestReport, Ingester, ProgressCallback, embed_image, embed_pixels, load_metadata_file
 from imgdb.io import sources
 from imgdb.orm import SearchIndex
 
@@ -82,18 +82,14 @@ class Imgdb:
     def index(self, name: str = DEFAULT_INDEX) -> SearchIndex:
         """The named index; ``default`` is created with the default extractor on first use."""
         with self.database.connect() as conn:
-            index = store.get_index(conn, name)
-        if index is None and name == DEFAULT_INDEX:
-            try:
+            found = store.get_index(conn, name)
+        if found is None and name == DEFAULT_INDEX:
+            with contextlib.suppress(IndexExists):  # another process created it at the same moment
                 self.create_index(name)
-            except ImgdbError:
-                pass  # created meanwhile by another process
+        if found is None:
             with self.database.connect() as conn:
-                index = store.get_index(conn, name)
-        if index is None:
-            with self.database.connect() as conn:
-                return store.require_index(conn, name)
-        return index
+                found = store.require_index(conn, name)
+        return found
 
     def extractor(self, index: SearchIndex) -> Extractor:
         """The index's extractor, with any state it learned from the collection loaded."""
@@ -151,9 +147,7 @@ class Imgdb:
             return found[image_id]
         extractor = self.extractor(index)
         if isinstance(query, Image.Image):
-            buffer = io.BytesIO()
-            query.convert("RGB").save(buffer, format="PNG")
-            query = buffer.getvalue()
+            return embed_pixels(extractor, query.convert("RGB"))
         data = query if isinstance(query, bytes) else sources.load(query, self.settings.fetch)
         try:
             return embed_image(extractor, data, self.settings)

@@ -26,6 +26,10 @@ class IndexNotFound(ImgdbError):
     """A named index does not exist."""
 
 
+class IndexExists(ImgdbError):
+    """An index of that name exists already."""
+
+
 class ExtractorSpecError(ImgdbError):
     """An extractor spec string does not parse or names an unknown extractor or option."""
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from imgdb.config import Settings
 from imgdb.db import store
@@ -67,6 +68,7 @@ class _Prepared:
 @dataclass(frozen=True)
 class _Known:
     uri: str
+    sha256: str
 
 
 def load_metadata_file(path: Path) -> dict[str, dict[str, Any]]:
@@ -100,6 +102,7 @@ class Ingester:
         paths to per-image metadata, which wins over ``meta`` key by key."""
         started = time.perf_counter()
         report = IngestReport()
+        meta, metadata = meta or {}, metadata or {}
         todo = list(sources.expand(paths))
         with self.db.engine.begin() as conn:
             known = store.hashes_in_index(conn, self.index)
@@ -107,6 +110,7 @@ class Ingester:
                 store.drop_ann(conn, self.index)
         seen: set[str] = set()
         batch: list[_Prepared] = []
+        relabel: dict[str, dict[str, Any]] = {}  # known content given metadata now: sha256 -> metadata
         try:
             results = ordered_map(lambda source: self._load(source, known), todo, ahead=4 * self.extractor.batch_size)
             for done, item in enumerate(results, start=1):
@@ -114,15 +118,20 @@ class Ingester:
                     report.failed.append(item)
                 elif isinstance(item, _Known) or item.facts.sha256 in seen:
                     report.duplicates += 1
+                    if isinstance(item, _Known) and (labels := {**meta, **metadata.get(item.uri, {})}):
+                        relabel[item.sha256] = labels
                 else:
                     seen.add(item.facts.sha256)
                     batch.append(item)
                     if len(batch) >= self.extractor.batch_size:
-                        self._write(batch, meta or {}, metadata or {}, report)
+                        self._write(batch, meta, metadata, report)
                         batch = []
                 if on_progress:
                     on_progress(done, len(todo))
-            self._write(batch, meta or {}, metadata or {}, report)
+            self._write(batch, meta, metadata, report)
+            if relabel:
+                with self.db.engine.begin() as conn:
+                    store.merge_metadata(conn, relabel)
         finally:
             with self.db.engine.begin() as conn:
                 store.ensure_ann(conn, self.index)
@@ -135,7 +144,7 @@ class Ingester:
             data = sources.load(source, self.settings.fetch)
             sha = sha256_hex(data)
             if sha in known:
-                return _Known(source)
+                return _Known(source, sha)
             image = decode(data, max_pixels=self.settings.max_pixels,
                            scale_hint=self.extractor.scale_hint, sha256=sha)
             return _Prepared(source, image.facts, self.extractor.prepare(image.pixels))
@@ -154,14 +163,19 @@ class Ingester:
         with self.db.engine.begin() as conn:
             ids = store.upsert_images(conn, rows)
             # Another process may have indexed the same content meanwhile: count it, don't collide.
-            present = store.stored_vectors(conn, self.index, ids).keys()
+            present = store.ids_with_vectors(conn, self.index, ids)
             keep = [i for i, image_id in enumerate(ids) if image_id not in present]
             store.copy_vectors(conn, self.index, [ids[i] for i in keep], vectors[keep])
         report.added += len(keep)
         report.duplicates += len(ids) - len(keep)
 
 
+def embed_pixels(extractor: Extractor, pixels: Image.Image) -> np.ndarray:
+    """The descriptor of one decoded RGB image (a query), on the same path as ingest."""
+    return extractor.embed([extractor.prepare(pixels)])[0]
+
+
 def embed_image(extractor: Extractor, data: bytes, settings: Settings) -> np.ndarray:
-    """The descriptor of one image's bytes (a query), on the same path as ingest."""
+    """The descriptor of one image's bytes, decoded exactly as ingest decodes them."""
     image = decode(data, max_pixels=settings.max_pixels, scale_hint=extractor.scale_hint)
-    return extractor.embed([extractor.prepare(image.pixels)])[0]
+    return embed_pixels(extractor, image.pixels)

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from imgdb.db import store
 from imgdb.db.engine import Database
 from imgdb.db.filters import parse_filters
-from imgdb.io.reader import ImageFacts
+from imgdb.io.reader import ImageFacts, sha256_hex
 from imgdb.orm import Image, vectors_model
 
 ROWS = 3000
@@ -156,3 +156,16 @@ def test_learned_state_round_trips_through_postgres(client, synthetic) -> None: 
     for key, array in arrays.items():
         np.testing.assert_array_equal(loaded[key], array)
         assert loaded[key].dtype == array.dtype
+
+
+def test_ivfflat_index_is_built_after_the_load_and_searched(client, museum: Path) -> None:  # noqa: ANN001
+    client.create_index("ivf", "color:hsv", ann="ivfflat")
+    gallery = sorted((museum / "images").glob("*.jpg"))[:60]
+    assert client.ingest(gallery, index="ivf").added == 60
+    with client.database.connect() as conn:
+        index = store.require_index(conn, "ivf")
+        assert store.has_ann(conn, index)
+        ids = list(store.image_ids_by_hash(conn, [sha256_hex(p.read_bytes()) for p in gallery[:5]]).values())
+    for image_id in ids:
+        hits = client.search(f"id:{image_id}", index="ivf", k=3)
+        assert hits[0].id == image_id and len(hits) == 3

@@ -160,3 +160,12 @@ def test_killed_ingest_process_loses_nothing_committed(client, imgdb_home: Path,
     assert report.added + report.duplicates == len(gallery) and not report.failed
     assert report.duplicates == committed
     assert count(client, "killed") == len(gallery)
+
+
+def test_reingest_with_new_metadata_merges_it(client, tmp_path: Path, museum: Path) -> None:  # noqa: ANN001
+    client.create_index("relabel", "color:hsv")
+    path = write(tmp_path / "p.png", encoded(Image.open(museum / "images" / "bbdd_00212.jpg"), "PNG"))
+    client.ingest([path], index="relabel", meta={"author": "A", "room": "1"})
+    report = client.ingest([path], index="relabel", meta={"room": "7"})
+    assert (report.added, report.duplicates) == (0, 1)
+    assert client.search(path, index="relabel", k=1)[0].metadata == {"author": "A", "room": "7"}

@@ -23,10 +23,11 @@ import sqlalchemy as sa
 from pgvector.psycopg import register_vector
 from pgvector.sqlalchemy import Vector
 from psycopg.types.json import Jsonb
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from imgdb.errors import ImgdbError, IndexNotFound
+from imgdb.errors import ImgdbError, IndexExists, IndexNotFound
 from imgdb.io.reader import ImageFacts
 from imgdb.orm import Image, IndexState, SearchIndex
 
@@ -35,6 +36,8 @@ ANN_METHODS = ("hnsw", "ivfflat", "none")
 #: pgvector indexes ``vector`` columns up to this many dimensions.
 MAX_INDEXED_DIM = 2000
 HNSW_DEFAULTS = {"m": 16, "ef_construction": 64, "ef_search": 40}
+#: IVFFlat lists visited per query (pgvector's own default of 1 misses too much).
+IVFFLAT_PROBES = 10
 
 _images = Image.__table__
 
@@ -62,12 +65,7 @@ def require_index(conn: Connection, name: str) -> SearchIndex:
 def list_indexes(conn: Connection) -> list[tuple[SearchIndex, int]]:
     """Every index with its number of vectors."""
     rows = conn.execute(sa.select(SearchIndex.__table__).order_by(SearchIndex.name)).mappings().all()
-    out = []
-    for row in rows:
-        index = SearchIndex(**row)
-        count = conn.exec_driver_sql(f'SELECT count(*) FROM "{index.vectors_table}"').scalar_one()
-        out.append((index, int(count)))
-    return out
+    return [(index, count_vectors(conn, index)) for index in (SearchIndex(**row) for row in rows)]
 
 
 def create_index(conn: Connection, name: str, extractor: str, dim: int, ann: str = "hnsw",
@@ -78,15 +76,17 @@ def create_index(conn: Connection, name: str, extractor: str, dim: int, ann: str
         raise ImgdbError(f"unknown ANN method {ann!r}: use one of {', '.join(ANN_METHODS)}")
     if ann != "none" and dim > MAX_INDEXED_DIM:
         raise ImgdbError(f"{dim}-dimensional vectors are above pgvector's {MAX_INDEXED_DIM}-dimension index limit; use --ann none")
-    if get_index(conn, name) is not None:
-        raise ImgdbError(f"index {name!r} exists already")
     params = dict(HNSW_DEFAULTS) if ann == "hnsw" else {}
     params.update(ann_params or {})
+    # ON CONFLICT rather than a look-up first: two processes may create the same index at once.
     row = conn.execute(
-        sa.insert(SearchIndex.__table__)
+        pg_insert(SearchIndex.__table__)
         .values(name=name, extractor=extractor, dim=dim, ann=ann, ann_params=params)
+        .on_conflict_do_nothing(index_elements=["name"])
         .returning(*SearchIndex.__table__.c)
-    ).mappings().one()
+    ).mappings().first()
+    if row is None:
+        raise IndexExists(f"index {name!r} exists already")
     index = SearchIndex(**row)
     conn.exec_driver_sql(
         f'CREATE TABLE "{index.vectors_table}" ('
@@ -205,6 +205,15 @@ def upsert_images(conn: Connection, rows: Sequence[tuple[str, ImageFacts, dict[s
     return [by_hash[f.sha256] for _, f, _ in rows]
 
 
+def merge_metadata(conn: Connection, labels: dict[str, dict[str, Any]]) -> None:
+    """Merge user metadata into images already stored, by content hash."""
+    raw = conn.connection.driver_connection
+    raw.cursor().executemany(
+        "UPDATE images SET metadata = metadata || %s WHERE sha256 = %s",
+        [(Jsonb(meta), sha) for sha, meta in labels.items()],
+    )
+
+
 def copy_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int], vectors: np.ndarray) -> None:
     """Write vectors with binary COPY (the bulk of the bytes an ingest writes)."""
     raw = conn.connection.driver_connection
@@ -243,6 +252,11 @@ def image_ids_by_hash(conn: Connection, hashes: Sequence[str]) -> dict[str, int]
     return {sha: image_id for sha, image_id in rows}
 
 
+def ids_with_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int]) -> set[int]:
+    table = vectors_table(index)
+    return set(conn.execute(sa.select(table.c.image_id).where(table.c.image_id.in_(list(ids)))).scalars())
+
+
 def stored_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int]) -> dict[int, np.ndarray]:
     table = vectors_table(index)
     rows = conn.execute(sa.select(table.c.image_id, table.c.embedding).where(table.c.image_id.in_(list(ids))))
@@ -272,8 +286,9 @@ def search(conn: Connection, index: SearchIndex, vector: np.ndarray, k: int,
     """
     table = vectors_table(index)
     distance = table.c.embedding.l2_distance(vector)
-    ef_search = max(int(index.ann_params.get("ef_search", 40)), k)
+    ef_search = max(int(index.ann_params.get("ef_search", HNSW_DEFAULTS["ef_search"])), k)
     conn.exec_driver_sql(f"SET LOCAL hnsw.ef_search = {min(ef_search, 1000)}")
+    conn.exec_driver_sql(f"SET LOCAL ivfflat.probes = {int(index.ann_params.get('probes', IVFFLAT_PROBES))}")
     if filters:
         conn.exec_driver_sql("SET LOCAL hnsw.iterative_scan = strict_order")
         conn.exec_driver_sql("SET LOCAL ivfflat.iterative_scan = relaxed_order")
