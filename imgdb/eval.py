@@ -66,7 +66,7 @@ def _read_json(path: Path) -> Any:
 def evaluate(db: Imgdb, dataset: str | Path, *, index: str = "default",
              on_progress: ProgressCallback | None = None) -> EvalReport:
     """Ingest ``dataset``'s gallery into ``index`` if needed, run its queries, and score them."""
-    root = Path(dataset).resolve()
+    root = Path(sources.absolute(dataset))  # symlinks kept, as the gallery walk keeps them
     gallery_dir = root / "images"
     if not gallery_dir.is_dir() or not (root / "queries.json").is_file():
         raise ImgdbError(f"{root} is not a data set: it needs an images/ folder and a queries.json")

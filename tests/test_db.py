@@ -51,7 +51,7 @@ def literal(vector: np.ndarray) -> str:
 
 def test_schema_is_at_head_and_upgrade_is_idempotent(client) -> None:  # noqa: ANN001
     database = client.database
-    assert database.revision() == database._head
+    assert database.revision() == database.head
     assert database.upgrade() is False
 
 
@@ -60,7 +60,7 @@ def test_alembic_command_line_upgrade_works(client, imgdb_home: Path) -> None:  
     result = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=root,
                             env={**os.environ, "IMGDB_HOME": str(imgdb_home)}, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert client.database.revision() == client.database._head
+    assert client.database.revision() == client.database.head
 
 
 def test_embedded_server_is_reused_across_processes(client, imgdb_home: Path) -> None:  # noqa: ANN001

@@ -59,7 +59,8 @@ class Database:
         return cls(url, migrate=migrate)
 
     @cached_property
-    def _head(self) -> str | None:
+    def head(self) -> str | None:
+        """The newest migration shipped with this imgdb."""
         return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
     def revision(self) -> str | None:
@@ -72,12 +73,12 @@ class Database:
 
         Run automatically on first use, so checking must be cheap: one query when the schema is current.
         """
-        if only_if_needed and self.revision() == self._head:
+        if only_if_needed and self.revision() == self.head:
             return False
         try:
             with self.engine.begin() as conn:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
-                if MigrationContext.configure(conn).get_current_revision() == self._head:
+                if MigrationContext.configure(conn).get_current_revision() == self.head:
                     return False
                 command.upgrade(alembic_config(conn), "head")
             # Pooled connections predate database-level settings a migration made (ALTER DATABASE).

@@ -33,9 +33,7 @@ def _typed(field: str, kind: type, raw: str) -> Any:
         if kind is int:
             return int(raw)
         if kind is dt.datetime:
-            value = dt.datetime.fromisoformat(raw)
-            # added_at is timestamptz: a naive bound is read in the session's time zone (UTC here).
-            return value
+            return dt.datetime.fromisoformat(raw)
         return raw
     except ValueError:
         raise FilterError(f"filter on {field}: {raw!r} is not a valid {kind.__name__}") from None
