@@ -27,8 +27,17 @@ from imgdb.db.engine import Database
 from imgdb.db.filters import parse_filters
 from imgdb.errors import ImgdbError, IndexExists
 from imgdb.features.base import Extractor
-from imgdb.features.registry import DEFAULT_SPEC, canonical_spec, create_extractor
-from imgdb.ingest import IngestReport, Ingester, ProgressCallback, embed_image, embed_pixels, load_metadata_file
+from imgdb.features.registry import DEFAULT_SPEC, canonical_spec, create_extractor, extractor_class
+from imgdb.features.spec import parse_spec
+from imgdb.ingest import (
+    IngestReport,
+    Ingester,
+    ProgressCallback,
+    StatusCallback,
+    embed_image,
+    embed_pixels,
+    load_metadata_file,
+)
 from imgdb.io import sources
 from imgdb.orm import SearchIndex
 
@@ -58,6 +67,8 @@ class Imgdb:
     def __init__(self, database: Database, settings: Settings) -> None:
         self.database = database
         self.settings = settings
+        #: Trainable extractors, one instance per index (their learned state differs per index).
+        self._trained: dict[int, Extractor] = {}
 
     # ------------------------------------------------------------ indexes
 
@@ -92,23 +103,61 @@ class Imgdb:
         return found
 
     def extractor(self, index: SearchIndex) -> Extractor:
-        """The index's extractor, with any state it learned from the collection loaded."""
+        """The index's extractor, with any state it learned from the collection loaded.
+
+        Extractors that learn nothing are shared by every index with the same spec (one model load
+        per process); trainable ones get an instance per index.
+        """
         extractor = create_extractor(index.extractor)
-        if extractor.trainable:
+        if not extractor.trainable:
+            return extractor
+        if index.id not in self._trained:
+            spec = parse_spec(index.extractor)
+            self._trained[index.id] = extractor_class(spec.family).from_spec(spec)
+        trainable = self._trained[index.id]
+        if not trainable.trained:
             with self.database.connect() as conn:
-                extractor.load_state(store.load_state(conn, index))
-        return extractor
+                trainable.load_state(store.load_state(conn, index))
+        return trainable
 
     # ------------------------------------------------------------ offline stage
 
     def ingest(self, paths: Iterable[str | Path], *, index: str = DEFAULT_INDEX,
                meta: dict[str, Any] | None = None, metadata_file: str | Path | None = None,
-               on_progress: ProgressCallback | None = None) -> IngestReport:
+               on_progress: ProgressCallback | None = None,
+               on_status: StatusCallback | None = None) -> IngestReport:
         """Add files, folders (recursively) and URLs to ``index``; see :class:`~imgdb.ingest.Ingester`."""
         target = self.index(index)
         metadata = load_metadata_file(Path(metadata_file)) if metadata_file else None
         ingester = Ingester(self.database, target, self.extractor(target), self.settings)
-        return ingester.run(paths, meta=meta, metadata=metadata, on_progress=on_progress)
+        return ingester.run(paths, meta=meta, metadata=metadata, on_progress=on_progress, on_status=on_status)
+
+    def train(self, index: str, paths: Iterable[str | Path] = (), *,
+              on_progress: ProgressCallback | None = None,
+              on_status: StatusCallback | None = None) -> IngestReport | None:
+        """(Re)learn a trainable index's codebook from ``paths``, or from the images it holds.
+
+        Vectors already in the index were encoded with the old codebook: they are re-encoded from
+        their files or URLs, and the report of that re-encoding is returned (None if it was empty).
+        """
+        target = self.index(index)
+        extractor = self.extractor(target)
+        if not extractor.trainable:
+            raise ImgdbError(f"index {target.name!r} ({target.extractor}) has nothing to train")
+        with self.database.connect() as conn:
+            stored = store.index_uris(conn, target)
+        todo = list(sources.expand(paths)) or stored
+        if not todo:
+            raise ImgdbError(f"nothing to train {target.name!r} on: give images, or ingest some first")
+        ingester = Ingester(self.database, target, extractor, self.settings)
+        ingester.train(todo, on_status)
+        if not stored:
+            return None
+        with self.database.engine.begin() as conn:
+            store.clear_vectors(conn, target)
+        if on_status:
+            on_status(f"re-encoding the {len(stored)} images of {target.name!r}")
+        return ingester.run(stored, on_progress=on_progress)
 
     def delete(self, ids: Sequence[int]) -> int:
         """Remove images and their vectors from every index; returns how many existed."""

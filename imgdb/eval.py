@@ -23,7 +23,7 @@ from imgdb.io.reader import read_file, sha256_hex
 
 if TYPE_CHECKING:
     from imgdb.client import Imgdb
-    from imgdb.ingest import ProgressCallback
+    from imgdb.ingest import ProgressCallback, StatusCallback
 
 
 def average_precision(relevant_mask: np.ndarray) -> float:
@@ -64,7 +64,7 @@ def _read_json(path: Path) -> Any:
 
 
 def evaluate(db: Imgdb, dataset: str | Path, *, index: str = "default",
-             on_progress: ProgressCallback | None = None) -> EvalReport:
+             on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None) -> EvalReport:
     """Ingest ``dataset``'s gallery into ``index`` if needed, run its queries, and score them."""
     root = Path(sources.absolute(dataset))  # symlinks kept, as the gallery walk keeps them
     gallery_dir = root / "images"
@@ -73,7 +73,7 @@ def evaluate(db: Imgdb, dataset: str | Path, *, index: str = "default",
     queries = _read_json(root / "queries.json")
     metadata_file = root / "metadata.json"
     report = db.ingest([gallery_dir], index=index, metadata_file=metadata_file if metadata_file.exists() else None,
-                       on_progress=on_progress)
+                       on_progress=on_progress, on_status=on_status)
     if report.failed:
         raise ImgdbError(f"{len(report.failed)} gallery image(s) could not be ingested, e.g. "
                          f"{report.failed[0].path}: {report.failed[0].error}")

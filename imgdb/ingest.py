@@ -11,6 +11,7 @@ is dropped first and built once at the end, instead of growing the graph vector 
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from imgdb.parallel import ordered_map
 
 #: ``(done, total)``: called as images are processed, for progress bars.
 ProgressCallback = Callable[[int, int], None]
+#: One line on what a long step is doing (training a codebook...), for the user.
+StatusCallback = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -95,15 +98,28 @@ class Ingester:
         self.extractor = extractor
         self.settings = settings
 
+    def train(self, todo: Sequence[str], on_status: StatusCallback | None = None) -> None:
+        """Fit a trainable extractor on a random sample of ``todo`` and store what it learned."""
+        sample = random.Random(0).sample(list(todo), min(len(todo), self.extractor.training_images))
+        if on_status:
+            on_status(f"training {self.extractor.spec} on {len(sample)} images")
+        items = ordered_map(lambda source: self._load(source, set()), sample)
+        self.extractor.fit([item.prepared for item in items if isinstance(item, _Prepared)])
+        with self.db.engine.begin() as conn:
+            store.save_state(conn, self.index, self.extractor.state())
+
     def run(self, paths: Iterable[str | Path], *, meta: dict[str, Any] | None = None,
             metadata: dict[str, dict[str, Any]] | None = None,
-            on_progress: ProgressCallback | None = None) -> IngestReport:
+            on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None) -> IngestReport:
         """Ingest files, folders and URLs. ``meta`` applies to every image; ``metadata`` maps absolute
-        paths to per-image metadata, which wins over ``meta`` key by key."""
+        paths to per-image metadata, which wins over ``meta`` key by key. An extractor that has not
+        learned its codebook yet learns it first, from a sample of these images."""
         started = time.perf_counter()
         report = IngestReport()
         meta, metadata = meta or {}, metadata or {}
         todo = list(sources.expand(paths))
+        if not self.extractor.trained:
+            self.train(todo, on_status)
         with self.db.engine.begin() as conn:
             known = store.hashes_in_index(conn, self.index)
             if len(todo) > len(known):

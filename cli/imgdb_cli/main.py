@@ -55,7 +55,7 @@ def ingest(
         meta_values = _parse_meta(meta or [])
         with progress_bar("ingesting") as on_progress:
             report = _client().ingest(paths, index=index, meta=meta_values, metadata_file=metadata,
-                                      on_progress=on_progress)
+                                      on_progress=on_progress, on_status=say)
         if as_json:
             emit_json(report.to_json())
             return
@@ -134,7 +134,7 @@ def evaluate(
         from imgdb.eval import evaluate as run_eval
 
         with progress_bar("ingesting gallery") as on_progress:
-            report = run_eval(_client(), dataset, index=index, on_progress=on_progress)
+            report = run_eval(_client(), dataset, index=index, on_progress=on_progress, on_status=say)
         if as_json:
             emit_json(report.to_json(per_query))
             return
@@ -184,6 +184,24 @@ def index_create(
             spec += f"/weights={weights.expanduser().resolve()}"
         info = _client().create_index(name, spec, ann)
         emit_json(info.to_json()) if as_json else stdout.print(f"created {info.name}: {info.extractor} ({info.dim} dims, {info.ann})")
+
+    guarded(debug, run)
+
+
+@index_app.command("train")
+def index_train(
+    name: Annotated[str, typer.Argument(help="A trainable index (bow, vlad, fisher...).")],
+    paths: Annotated[Optional[list[str]], typer.Argument(help="Images to learn from; default: the index's own images.")] = None,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Learn (again) what an index's extractor learns from the collection; re-encode its images."""
+
+    def run() -> None:
+        with progress_bar("re-encoding") as on_progress:
+            report = _client().train(name, paths or [], on_progress=on_progress, on_status=say)
+        document = {"index": name, "reencoded": report.to_json() if report else None}
+        emit_json(document) if as_json else stdout.print(
+            f"trained {name}" + (f"; re-encoded {report.added} images" if report else ""))
 
     guarded(debug, run)
 

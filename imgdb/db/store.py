@@ -226,6 +226,18 @@ def copy_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int], vecto
             copy.write_row((image_id, vector))
 
 
+def index_uris(conn: Connection, index: SearchIndex) -> list[str]:
+    """Where the images of an index came from, in id order (to re-encode them)."""
+    return list(conn.exec_driver_sql(
+        f'SELECT i.uri FROM images i JOIN "{index.vectors_table}" v ON v.image_id = i.id ORDER BY i.id'
+    ).scalars())
+
+
+def clear_vectors(conn: Connection, index: SearchIndex) -> None:
+    """Remove every vector of an index (the images stay), before re-encoding them."""
+    conn.exec_driver_sql(f'TRUNCATE "{index.vectors_table}"')
+
+
 def count_vectors(conn: Connection, index: SearchIndex) -> int:
     return int(conn.exec_driver_sql(f'SELECT count(*) FROM "{index.vectors_table}"').scalar_one())
 

@@ -66,6 +66,14 @@ class Extractor(ABC):
     def describe(self, prepared: Sequence[Any]) -> np.ndarray:
         """Descriptors of a batch of prepared images, shape ``(len(prepared), dim)``."""
 
+    #: Images a trainable extractor samples from the collection to learn from.
+    training_images: ClassVar[int] = 1000
+
+    @property
+    def trained(self) -> bool:
+        """Whether :meth:`describe` can run (always, for extractors that learn nothing)."""
+        return not self.trainable
+
     def fit(self, prepared: Sequence[Any]) -> None:
         """Learn from a sample of the collection (trainable extractors only)."""
         raise NotImplementedError(f"{self.family} extractors learn nothing")

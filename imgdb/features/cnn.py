@@ -1,9 +1,11 @@
 """Deep global descriptors: a pretrained CNN's last feature map, pooled into one vector.
 
-Spec: ``cnn:BACKBONE/POOLING[/p=P][/size=S][/weights=PATH]`` — a timm (or torchvision) backbone name,
-a pooling from :mod:`imgdb.features.pooling`, GeM's exponent, and the length the *shorter* image side
-is resized to. The aspect ratio is kept (no centre crop), so nothing near the borders of a painting or
-a photo is lost; images in a batch that share a size go through the network together.
+Spec: ``cnn:BACKBONE/POOLING[/OPTION=V]...[/size=S][/weights=PATH]`` — a timm (or torchvision) backbone
+name, a pooling from :mod:`imgdb.features.pooling` with its own options (GeM's ``p``, R-MAC's ``levels``,
+CroW's ``a`` and ``b``: see ``POOLINGS``), and the length the *shorter* image side is resized to. The
+aspect ratio is kept (no centre crop), so nothing near the borders of a painting or a photo is lost;
+images in a batch that share a size go through the network together. A pooling option the chosen
+pooling does not take (``max/p=3``) is refused like any unknown option.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ class CnnExtractor(Extractor):
     family = "cnn"
     batch_size = 16
 
-    def __init__(self, backbone: str, pooling: str, p: float, size: int, weights: str | None) -> None:
+    def __init__(self, backbone: str, pooling: str, params: dict[str, int | float], size: int,
+                 weights: str | None) -> None:
         self.backbone = backbone
         self.pooling = pooling
-        self.p = p
+        self.params = params
         self.size = size
         self.weights = weights
-        self.spec = self._format(backbone, pooling, p, size, weights)
+        self.spec = self._format(backbone, pooling, params, size, weights)
         self.model = create_backbone(backbone, Path(weights) if weights else None)
         mean, std = backbone_normalization(backbone, self.model)
         self._mean = np.asarray(mean, dtype=np.float32) * 255.0
@@ -46,17 +49,17 @@ class CnnExtractor(Extractor):
         self.dim = int(self._pooled(torch.zeros(1, 3, 64, 64)).shape[1])
 
     @staticmethod
-    def _format(backbone: str, pooling: str, p: float, size: int, weights: str | None) -> str:
+    def _format(backbone: str, pooling: str, params: dict[str, int | float], size: int,
+                weights: str | None) -> str:
         parts = [f"cnn:{backbone}", pooling]
-        if POOLINGS[pooling][1]:
-            parts.append(f"p={p:g}")
+        parts.extend(f"{name}={params[name]:g}" for name in POOLINGS[pooling].params)
         parts.append(f"size={size}")
         if weights:
             parts.append(f"weights={weights}")
         return "/".join(parts)
 
     @classmethod
-    def _parse(cls, spec: Spec) -> tuple[str, str, float, int, str | None]:
+    def _parse(cls, spec: Spec) -> tuple[str, str, dict[str, int | float], int, str | None]:
         backbone = spec.arg or DEFAULT_BACKBONE
         if "@" in backbone:
             raise ExtractorSpecError("intermediate layers (@layer) are not supported yet; use the last stage")
@@ -68,13 +71,14 @@ class CnnExtractor(Extractor):
         if poolings:
             words.remove(pooling)
         options = dict(spec.options)
-        p = take_float(options, "p", 3.0)
+        params = {name: (take_int if isinstance(default, int) else take_float)(options, name, default)
+                  for name, default in POOLINGS[pooling].params.items()}
         size = take_int(options, "size", DEFAULT_SIZE, minimum=32)
         weights = options.pop("weights", None)
         if weights is not None:
             weights = str(Path(weights).expanduser().resolve())
         reject_leftovers(spec, options, words)
-        return backbone, pooling, p, size, weights
+        return backbone, pooling, params, size, weights
 
     @classmethod
     def canonical(cls, spec: Spec) -> str:
@@ -86,11 +90,10 @@ class CnnExtractor(Extractor):
 
     @classmethod
     def variants(cls) -> list[tuple[str, str, str]]:
-        names = {"gem": "GeM (generalised mean, p=3)", "max": "MAC (max)", "avg": "average"}
         return [
-            (f"cnn-{pooling}", f"cnn:{DEFAULT_BACKBONE}/{pooling}",
-             f"EfficientNet-Lite2 (ImageNet) last feature map, {names[pooling]} pooling")
-            for pooling in POOLINGS
+            (f"cnn-{name}", f"cnn:{DEFAULT_BACKBONE}/{name}",
+             f"EfficientNet-Lite2 (ImageNet) last feature map, {pooling.label} pooling")
+            for name, pooling in POOLINGS.items()
         ]
 
     def _target_size(self, width: int, height: int) -> tuple[int, int]:
@@ -114,10 +117,10 @@ class CnnExtractor(Extractor):
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
     def _pooled(self, batch: torch.Tensor) -> torch.Tensor:
-        pool, takes_p = POOLINGS[self.pooling]
+        pool = POOLINGS[self.pooling].fn
         with torch.inference_mode():
             fmap = self.model.forward_features(batch)
-            return pool(fmap, self.p) if takes_p else pool(fmap)
+            return pool(fmap, **self.params)
 
     def describe(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
         out = np.empty((len(prepared), self.dim), dtype=np.float32)

@@ -16,6 +16,9 @@ from imgdb.features.spec import Spec, parse_spec
 BUILTIN: dict[str, str] = {
     "color": "imgdb.features.color:ColorHistogram",
     "cnn": "imgdb.features.cnn:CnnExtractor",
+    "bow": "imgdb.features.codebook:CodebookExtractor",
+    "vlad": "imgdb.features.codebook:CodebookExtractor",
+    "fisher": "imgdb.features.codebook:CodebookExtractor",
 }
 
 #: What an index gets when created without ``--extractor``.
@@ -53,4 +56,5 @@ def create_extractor(text: str) -> Extractor:
 
 def list_extractors() -> list[tuple[str, str, str]]:
     """``(family, default spec, description)`` for every variant of every family."""
-    return [row for family in families() for row in extractor_class(family).variants()]
+    classes = dict.fromkeys(extractor_class(family) for family in families())  # one class may serve several
+    return [row for cls in classes for row in cls.variants()]

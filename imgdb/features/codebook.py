@@ -1,0 +1,192 @@
+"""Global descriptors from local features encoded over a codebook learned from the collection:
+bag of visual words (``bow``), VLAD (``vlad``) and Fisher vectors (``fisher``).
+
+Spec: ``FAMILY:LOCAL[/k=K][/side=S][/max=M][/ldim=L][/dim=D][/whiten]`` — the local feature
+(``sift``, ``rootsift``, ``surf``, ``orb``, ``kaze``, ``akaze``), codebook size, the longer image side
+for detection, the keypoint cap, an optional PCA of the local descriptors (Fisher vectors assume
+decorrelated dimensions, so it is on by default for them), and the stored dimension: encodings longer
+than pgvector's 2000 indexable dimensions are reduced by a PCA learned on the sample (``whiten`` to
+whiten it too).
+
+Training (:meth:`CodebookExtractor.fit`) runs on a sample of the collection's images; everything it
+learns comes back from :meth:`~CodebookExtractor.state` as arrays that the index keeps in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+from sklearn.decomposition import PCA
+
+from imgdb.errors import ExtractorSpecError
+from imgdb.features import aggregate
+from imgdb.features.base import Extractor
+from imgdb.features.local import DESCRIPTOR_DIMS, describe_local
+from imgdb.features.spec import Spec, reject_leftovers, take_int
+
+#: pgvector indexes ``vector`` columns of up to this many dimensions.
+MAX_INDEXED_DIM = 2000
+#: Dimension encodings above MAX_INDEXED_DIM are reduced to when the spec does not say.
+DEFAULT_REDUCED_DIM = 512
+DEFAULT_K = {"bow": 1000, "vlad": 64, "fisher": 64}
+DEFAULT_LDIM = {"fisher": 64}
+DESCRIPTIONS = {
+    "bow": "bag of visual words, tf-idf weighted",
+    "vlad": "VLAD, intra + signed-sqrt normalised",
+    "fisher": "Fisher vector over a diagonal GMM, power + L2 normalised",
+}
+
+
+class CodebookExtractor(Extractor):
+    family = "vlad"
+    trainable = True
+    batch_size = 16
+
+    def __init__(self, family: str, local: str, k: int, side: int, max_keypoints: int,
+                 ldim: int | None, dim: int | None, whiten: bool) -> None:
+        self.family = family
+        self.local = local
+        self.k = k
+        self.side = side
+        self.max_keypoints = max_keypoints
+        self.ldim = ldim
+        self.whiten = whiten
+        d = ldim or DESCRIPTOR_DIMS[local]
+        self.raw_dim = {"bow": k, "vlad": k * d, "fisher": 2 * k * d}[family]
+        if dim is None and self.raw_dim > MAX_INDEXED_DIM:
+            dim = DEFAULT_REDUCED_DIM
+        if dim is not None and dim > self.raw_dim:
+            raise ExtractorSpecError(f"dim={dim} is more than the {self.raw_dim} dimensions of the encoding")
+        self.reduced = dim
+        self.dim = dim or self.raw_dim
+        parts = [f"{family}:{local}", f"k={k}", f"side={side}", f"max={max_keypoints}"]
+        parts += [f"ldim={ldim}"] if ldim else []
+        parts += [f"dim={dim}"] if dim else []
+        parts += ["whiten"] if whiten else []
+        self.spec = "/".join(parts)
+        self._state: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def _parse(cls, spec: Spec) -> CodebookExtractor:
+        family = spec.family
+        local = spec.arg or "rootsift"
+        if local not in DESCRIPTOR_DIMS:
+            raise ExtractorSpecError(f"unknown local feature {local!r}: use one of {', '.join(DESCRIPTOR_DIMS)}")
+        options = dict(spec.options)
+        words = list(spec.words)
+        k = take_int(options, "k", DEFAULT_K[family], minimum=2)
+        side = take_int(options, "side", 640, minimum=64)
+        max_keypoints = take_int(options, "max", 2000)
+        ldim = take_int(options, "ldim", DEFAULT_LDIM.get(family, 0), minimum=0) or None
+        if ldim is not None and ldim > DESCRIPTOR_DIMS[local]:
+            raise ExtractorSpecError(f"ldim={ldim} is more than {local}'s {DESCRIPTOR_DIMS[local]} dimensions")
+        dim = take_int(options, "dim", 0, minimum=0) or None
+        whiten = "whiten" in words
+        if whiten:
+            words.remove("whiten")
+        reject_leftovers(spec, options, words)
+        return cls(family, local, k, side, max_keypoints, ldim, dim, whiten)
+
+    @classmethod
+    def canonical(cls, spec: Spec) -> str:
+        return cls._parse(spec).spec
+
+    @classmethod
+    def from_spec(cls, spec: Spec) -> CodebookExtractor:
+        return cls._parse(spec)
+
+    @classmethod
+    def variants(cls) -> list[tuple[str, str, str]]:
+        rows = [(f, f"{f}:rootsift", f"{DESCRIPTIONS[f]} RootSIFT") for f in DEFAULT_K]
+        rows += [(local, f"vlad:{local}", f"{local.upper()} local features, VLAD-encoded") for local in DESCRIPTOR_DIMS]
+        return rows
+
+    # ------------------------------------------------------------ pipeline
+
+    def scale_hint(self, width: int, height: int) -> float:
+        return self.side / max(width, height)
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        return describe_local(image, self.local, side=self.side, max_keypoints=self.max_keypoints)
+
+    def describe(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
+        if not self.trained:
+            raise RuntimeError(f"{self.spec}: codebook not trained yet")
+        return np.stack([self._encode(descriptors) for descriptors in prepared])
+
+    def _local_pca(self, descriptors: np.ndarray) -> np.ndarray:
+        if not self.ldim:
+            return descriptors
+        return (descriptors - self._state["local_mean"]) @ self._state["local_components"].T
+
+    def _raw(self, descriptors: np.ndarray) -> np.ndarray:
+        """The encoding before reduction (zeros when the image has no keypoints)."""
+        x = self._local_pca(descriptors)
+        s = self._state
+        if self.family == "bow":
+            return aggregate.bow(x, s["centres"], s["idf"])
+        if self.family == "vlad":
+            return aggregate.vlad(x, s["centres"])
+        return aggregate.fisher(x, s["weights"], s["means"], s["variances"])
+
+    def _reduce(self, vectors: np.ndarray) -> np.ndarray:
+        if not self.reduced:
+            return vectors
+        s = self._state
+        out = (vectors - s["pca_mean"]) @ s["pca_components"].T
+        if self.whiten:
+            out /= np.sqrt(s["pca_variance"] + 1e-9)
+        # A sample smaller than ``dim`` learns fewer components: the rest stay zero.
+        return np.pad(out, ((0, 0), (0, self.dim - out.shape[1])))
+
+    def _encode(self, descriptors: np.ndarray) -> np.ndarray:
+        if len(descriptors) == 0:
+            # No keypoints (a flat image). Zeros would sit at distance 1 from every unit vector, nearer
+            # than most true matches; the stored direction opposite the collection's mean is as far
+            # from typical images as a unit vector can be.
+            return self._state["null"]
+        return self._reduce(self._raw(descriptors)[None])[0]
+
+    # ------------------------------------------------------------ training
+
+    @property
+    def trained(self) -> bool:
+        return "null" in self._state
+
+    def fit(self, prepared: Sequence[np.ndarray]) -> None:
+        """Learn the local PCA, codebook (and idf) and the reduction from a sample's descriptors."""
+        sets = [d for d in prepared if len(d)]
+        if len(sets) < 2:
+            raise ExtractorSpecError(f"{self.spec}: the training sample has fewer than 2 images with keypoints")
+        sample = aggregate.training_sample(sets)
+        state: dict[str, np.ndarray] = {}
+        self._state = state
+        if self.ldim:
+            local_pca = PCA(n_components=self.ldim, random_state=0).fit(sample)
+            state["local_mean"] = local_pca.mean_.astype(np.float32)
+            state["local_components"] = local_pca.components_.astype(np.float32)
+            sample = self._local_pca(sample)
+        if self.family == "fisher":
+            state["weights"], state["means"], state["variances"] = aggregate.learn_gmm(sample, self.k)
+        else:
+            state["centres"] = aggregate.learn_kmeans(sample, self.k)
+            if self.family == "bow":
+                state["idf"] = aggregate.learn_idf([self._local_pca(d) for d in sets], state["centres"])
+        raw = np.stack([self._raw(d) for d in sets])
+        if self.reduced:
+            pca = PCA(n_components=min(self.dim, len(raw) - 1, raw.shape[1]), random_state=0).fit(raw)
+            state["pca_mean"] = pca.mean_.astype(np.float32)
+            state["pca_components"] = pca.components_.astype(np.float32)
+            state["pca_variance"] = pca.explained_variance_.astype(np.float32)
+        encoded = self._reduce(raw)
+        encoded /= np.maximum(np.linalg.norm(encoded, axis=1, keepdims=True), 1e-12)
+        mean = encoded.mean(axis=0)
+        state["null"] = (-mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return dict(self._state)
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self._state = dict(state)
