@@ -71,9 +71,13 @@ def test_pooling_by_hand() -> None:
     assert gem(torch.full((1, 1, 2, 2), -1.0)).item() == pytest.approx(1e-6)  # clamped, no NaN
 
 
-def test_l2_normalize_keeps_zero_rows_zero() -> None:
-    out = l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]]))
-    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
+def test_l2_normalize_sends_empty_rows_beyond_every_unit_vector() -> None:
+    out = l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0], [0.0, 0.0]]))
+    np.testing.assert_allclose(out[0], [0.6, 0.8])
+    np.testing.assert_allclose(out[1], out[2])  # images with nothing to describe find each other
+    rng = np.random.default_rng(0)
+    units = l2_normalize(rng.normal(size=(1000, 2)))
+    assert np.linalg.norm(units - out[1], axis=1).min() >= 3 - 1e-6
 
 
 def test_colour_histogram_on_real_images(museum: Path) -> None:
@@ -121,3 +125,16 @@ def test_other_backbones_with_a_local_weights_file(tmp_path: Path, name: str, bu
     vector = extractor.embed([extractor.prepare(Image.new("RGB", (300, 200), (10, 200, 30)))])
     assert vector.shape == (1, dim) == (1, extractor.dim)
     assert np.isfinite(vector).all()
+
+
+def test_hog_bins_gradients_by_orientation_and_normalises_blocks() -> None:
+    extractor = create_extractor("hog")
+    assert extractor.spec == "hog:gray/size=128/cell=32/bins=9" and extractor.dim == 3 * 3 * 4 * 9
+    stripes = np.zeros((128, 128, 3), dtype=np.uint8)
+    stripes[:, ::16] = 255  # vertical lines: horizontal gradients (0°)
+    vertical = extractor.prepare(Image.fromarray(stripes)).reshape(-1, 4, 9)
+    horizontal = extractor.prepare(Image.fromarray(stripes.transpose(1, 0, 2).copy())).reshape(-1, 4, 9)
+    assert vertical[..., [0, 8]].sum() > 0.9 * vertical.sum()
+    assert horizontal[..., 4].sum() > 0.9 * horizontal.sum()
+    # L2-Hys: every block renormalised to unit length after clipping at 0.2.
+    np.testing.assert_allclose(np.linalg.norm(vertical.reshape(-1, 36), axis=1), 1, rtol=0.01)

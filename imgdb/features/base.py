@@ -90,8 +90,22 @@ class Extractor(ABC):
         return l2_normalize(self.describe(prepared))
 
 
+#: Norm of the vector stored for an image with nothing to describe (see :func:`l2_normalize`).
+NO_CONTENT_NORM = 4.0
+
+
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
-    """Scale rows to unit length; all-zero rows (nothing detected) stay zero rather than NaN."""
+    """Scale rows to unit length.
+
+    An all-zero row means the extractor found nothing to describe (a flat painting has no
+    keypoints). Zero itself would sit at distance 1 from every unit vector, nearer than most true
+    matches, so it would top the results of many queries. It becomes a constant vector of norm
+    NO_CONTENT_NORM instead, at distance at least 3 from any unit vector while two unit vectors are
+    never more than 2 apart: such images rank after every real match, and find each other.
+    """
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    out = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    empty = norms[:, 0] == 0
+    out[empty] = NO_CONTENT_NORM / np.sqrt(vectors.shape[1])
+    return out

@@ -143,17 +143,14 @@ class CodebookExtractor(Extractor):
 
     def _encode(self, descriptors: np.ndarray) -> np.ndarray:
         if len(descriptors) == 0:
-            # No keypoints (a flat image). Zeros would sit at distance 1 from every unit vector, nearer
-            # than most true matches; the stored direction opposite the collection's mean is as far
-            # from typical images as a unit vector can be.
-            return self._state["null"]
+            return np.zeros(self.dim, dtype=np.float32)  # no keypoints: see base.l2_normalize
         return self._reduce(self._raw(descriptors)[None])[0]
 
     # ------------------------------------------------------------ training
 
     @property
     def trained(self) -> bool:
-        return "null" in self._state
+        return bool(self._state)
 
     def fit(self, prepared: Sequence[np.ndarray]) -> None:
         """Learn the local PCA, codebook (and idf) and the reduction from a sample's descriptors."""
@@ -162,7 +159,7 @@ class CodebookExtractor(Extractor):
             raise ExtractorSpecError(f"{self.spec}: the training sample has fewer than 2 images with keypoints")
         sample = aggregate.training_sample(sets)
         state: dict[str, np.ndarray] = {}
-        self._state = state
+        self._state = state  # filled step by step: each step encodes with what the previous ones learned
         if self.ldim:
             local_pca = PCA(n_components=self.ldim, random_state=0).fit(sample)
             state["local_mean"] = local_pca.mean_.astype(np.float32)
@@ -180,10 +177,6 @@ class CodebookExtractor(Extractor):
             state["pca_mean"] = pca.mean_.astype(np.float32)
             state["pca_components"] = pca.components_.astype(np.float32)
             state["pca_variance"] = pca.explained_variance_.astype(np.float32)
-        encoded = self._reduce(raw)
-        encoded /= np.maximum(np.linalg.norm(encoded, axis=1, keepdims=True), 1e-12)
-        mean = encoded.mean(axis=0)
-        state["null"] = (-mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
 
     def state(self) -> dict[str, np.ndarray]:
         return dict(self._state)

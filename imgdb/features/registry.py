@@ -15,6 +15,7 @@ from imgdb.features.spec import Spec, parse_spec
 #: Built-in families, imported only when used (the CNN module pulls in torch).
 BUILTIN: dict[str, str] = {
     "color": "imgdb.features.color:ColorHistogram",
+    "hog": "imgdb.features.hog:HogExtractor",
     "cnn": "imgdb.features.cnn:CnnExtractor",
     "bow": "imgdb.features.codebook:CodebookExtractor",
     "vlad": "imgdb.features.codebook:CodebookExtractor",
