@@ -100,8 +100,8 @@ class Ingester:
 
     def train(self, todo: Sequence[str], on_status: StatusCallback | None = None) -> None:
         """Fit a trainable extractor on a random sample of ``todo`` and store what it learned."""
-        sample = random.Random(0).sample(list(todo), min(len(todo), self.extractor.training_images))
-        if on_status:
+        sample = random.Random(0).sample(list(todo), self.extractor.sample_size(len(todo)))
+        if on_status and sample:
             on_status(f"training {self.extractor.spec} on {len(sample)} images")
         items = ordered_map(lambda source: self._load(source, set()), sample)
         self.extractor.fit([item.prepared for item in items if isinstance(item, _Prepared)])

@@ -27,8 +27,8 @@ def test_spec_grammar_round_trips() -> None:
     [
         ("color", "color:hsv/bins=8x12x3/size=256"),
         ("color:hsv/bins=4x4x4", "color:hsv/bins=4x4x4/size=256"),
-        (DEFAULT_SPEC, "cnn:tf_efficientnet_lite2/gem/p=3/size=260"),
-        ("cnn:tf_efficientnet_lite2/max/size=300", "cnn:tf_efficientnet_lite2/max/size=300"),
+        (DEFAULT_SPEC, "cnn:tf_efficientnet_lite2/gem/p=3/size=260/whiten=auto"),
+        ("cnn:tf_efficientnet_lite2/max/size=300", "cnn:tf_efficientnet_lite2/max/size=300/whiten=auto"),
     ],
 )
 def test_specs_are_stored_fully_expanded(given: str, canonical: str) -> None:
@@ -96,9 +96,10 @@ def test_cnn_descriptor_keeps_aspect_and_is_unit_length(museum: Path) -> None:
     extractor = create_extractor(DEFAULT_SPEC)
     image = Image.open(museum / "images" / "bbdd_00004.jpg").convert("RGB")
     prepared = extractor.prepare(image)
-    assert min(prepared.shape[1:]) == 260
+    assert len(prepared) == 1  # one scale
+    assert min(prepared[0].shape[1:]) == 260
     ratio = image.size[0] / image.size[1]
-    assert prepared.shape[2] / prepared.shape[1] == pytest.approx(ratio, rel=0.02)
+    assert prepared[0].shape[2] / prepared[0].shape[1] == pytest.approx(ratio, rel=0.02)
     vector = extractor.embed([prepared])[0]
     assert vector.shape == (extractor.dim,) == (1280,)
     assert np.linalg.norm(vector) == pytest.approx(1, rel=1e-5)
@@ -120,7 +121,7 @@ def test_other_backbones_with_a_local_weights_file(tmp_path: Path, name: str, bu
     weights = tmp_path / f"{name} weights.pth"
     torch.save(model.state_dict(), weights)
     spec = f"cnn:{name}/gem/weights={weights}"
-    assert canonical_spec(spec) == f"cnn:{name}/gem/p=3/size=260/weights={weights}"
+    assert canonical_spec(spec) == f"cnn:{name}/gem/p=3/size=260/whiten=auto/weights={weights}"
     extractor = create_extractor(spec)
     vector = extractor.embed([extractor.prepare(Image.new("RGB", (300, 200), (10, 200, 30)))])
     assert vector.shape == (1, dim) == (1, extractor.dim)

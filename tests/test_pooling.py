@@ -248,14 +248,14 @@ def test_every_pooling_maps_a_batch_to_one_vector_per_image() -> None:
 @pytest.mark.parametrize(
     ("given", "canonical"),
     [
-        ("cnn:tf_efficientnet_lite2/gem", "cnn:tf_efficientnet_lite2/gem/p=3/size=260"),
-        ("cnn:tf_efficientnet_lite2/max", "cnn:tf_efficientnet_lite2/max/size=260"),
-        ("cnn:tf_efficientnet_lite2/avg", "cnn:tf_efficientnet_lite2/avg/size=260"),
-        ("cnn:tf_efficientnet_lite2/spoc", "cnn:tf_efficientnet_lite2/spoc/size=260"),
-        ("cnn:tf_efficientnet_lite2/rmac", "cnn:tf_efficientnet_lite2/rmac/levels=3/size=260"),
-        ("cnn:tf_efficientnet_lite2/rmac/size=300/levels=2", "cnn:tf_efficientnet_lite2/rmac/levels=2/size=300"),
-        ("cnn:tf_efficientnet_lite2/crow", "cnn:tf_efficientnet_lite2/crow/a=2/b=2/size=260"),
-        ("cnn:tf_efficientnet_lite2/crow/b=0.5", "cnn:tf_efficientnet_lite2/crow/a=2/b=0.5/size=260"),
+        ("cnn:tf_efficientnet_lite2/gem", "cnn:tf_efficientnet_lite2/gem/p=3/size=260/whiten=auto"),
+        ("cnn:tf_efficientnet_lite2/max", "cnn:tf_efficientnet_lite2/max/size=260/whiten=auto"),
+        ("cnn:tf_efficientnet_lite2/avg", "cnn:tf_efficientnet_lite2/avg/size=260/whiten=auto"),
+        ("cnn:tf_efficientnet_lite2/spoc", "cnn:tf_efficientnet_lite2/spoc/size=260/whiten=auto"),
+        ("cnn:tf_efficientnet_lite2/rmac", "cnn:tf_efficientnet_lite2/rmac/levels=3/size=260/whiten=auto"),
+        ("cnn:tf_efficientnet_lite2/rmac/size=300/levels=2", "cnn:tf_efficientnet_lite2/rmac/levels=2/size=300/whiten=auto"),
+        ("cnn:tf_efficientnet_lite2/crow", "cnn:tf_efficientnet_lite2/crow/a=2/b=2/size=260/whiten=auto"),
+        ("cnn:tf_efficientnet_lite2/crow/b=0.5", "cnn:tf_efficientnet_lite2/crow/a=2/b=0.5/size=260/whiten=auto"),
     ],
 )
 def test_pooling_options_pass_through_the_spec(given: str, canonical: str) -> None:

@@ -66,8 +66,12 @@ class Extractor(ABC):
     def describe(self, prepared: Sequence[Any]) -> np.ndarray:
         """Descriptors of a batch of prepared images, shape ``(len(prepared), dim)``."""
 
-    #: Images a trainable extractor samples from the collection to learn from.
+    #: Images a trainable extractor samples from the collection to learn from, at most.
     training_images: ClassVar[int] = 1000
+
+    def sample_size(self, available: int) -> int:
+        """How many of ``available`` images :meth:`fit` wants (0: it can decide without looking)."""
+        return min(available, self.training_images)
 
     @property
     def trained(self) -> bool:

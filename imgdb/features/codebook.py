@@ -18,13 +18,13 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
-from sklearn.decomposition import PCA
 
 from imgdb.errors import ExtractorSpecError
 from imgdb.features import aggregate
 from imgdb.features.base import Extractor
 from imgdb.features.local import DESCRIPTOR_DIMS, describe_local
 from imgdb.features.spec import Spec, reject_leftovers, take_int
+from imgdb.features.whitening import learn_projection, project
 
 #: pgvector indexes ``vector`` columns of up to this many dimensions.
 MAX_INDEXED_DIM = 2000
@@ -119,7 +119,8 @@ class CodebookExtractor(Extractor):
     def _local_pca(self, descriptors: np.ndarray) -> np.ndarray:
         if not self.ldim:
             return descriptors
-        return (descriptors - self._state["local_mean"]) @ self._state["local_components"].T
+        local = {key.removeprefix("local_"): value for key, value in self._state.items() if key.startswith("local_")}
+        return project(descriptors, local, self.ldim)
 
     def _raw(self, descriptors: np.ndarray) -> np.ndarray:
         """The encoding before reduction (zeros when the image has no keypoints)."""
@@ -132,14 +133,7 @@ class CodebookExtractor(Extractor):
         return aggregate.fisher(x, s["weights"], s["means"], s["variances"])
 
     def _reduce(self, vectors: np.ndarray) -> np.ndarray:
-        if not self.reduced:
-            return vectors
-        s = self._state
-        out = (vectors - s["pca_mean"]) @ s["pca_components"].T
-        if self.whiten:
-            out /= np.sqrt(s["pca_variance"] + 1e-9)
-        # A sample smaller than ``dim`` learns fewer components: the rest stay zero.
-        return np.pad(out, ((0, 0), (0, self.dim - out.shape[1])))
+        return project(vectors, self._state, self.dim) if self.reduced else vectors
 
     def _encode(self, descriptors: np.ndarray) -> np.ndarray:
         if len(descriptors) == 0:
@@ -161,9 +155,8 @@ class CodebookExtractor(Extractor):
         state: dict[str, np.ndarray] = {}
         self._state = state  # filled step by step: each step encodes with what the previous ones learned
         if self.ldim:
-            local_pca = PCA(n_components=self.ldim, random_state=0).fit(sample)
-            state["local_mean"] = local_pca.mean_.astype(np.float32)
-            state["local_components"] = local_pca.components_.astype(np.float32)
+            local = learn_projection(sample, self.ldim, whiten=False)
+            state.update({f"local_{key}": value for key, value in local.items()})
             sample = self._local_pca(sample)
         if self.family == "fisher":
             state["weights"], state["means"], state["variances"] = aggregate.learn_gmm(sample, self.k)
@@ -173,10 +166,7 @@ class CodebookExtractor(Extractor):
                 state["idf"] = aggregate.learn_idf([self._local_pca(d) for d in sets], state["centres"])
         raw = np.stack([self._raw(d) for d in sets])
         if self.reduced:
-            pca = PCA(n_components=min(self.dim, len(raw) - 1, raw.shape[1]), random_state=0).fit(raw)
-            state["pca_mean"] = pca.mean_.astype(np.float32)
-            state["pca_components"] = pca.components_.astype(np.float32)
-            state["pca_variance"] = pca.explained_variance_.astype(np.float32)
+            state.update(learn_projection(raw, self.dim, whiten=self.whiten))
 
     def state(self) -> dict[str, np.ndarray]:
         return dict(self._state)

@@ -1,0 +1,39 @@
+"""Learned linear projections of global descriptors: PCA, optionally whitened.
+
+Two plain functions, shared by every extractor that learns one: :func:`learn_projection` fits it on
+a sample of the collection's descriptors, :func:`project` applies it. Whitening (Jégou & Chum,
+ECCV 2012) divides each principal component by its standard deviation, so that directions shared by
+the whole collection (bursty, co-occurring features) stop dominating distances. A sample smaller
+than the wanted dimension learns fewer components; the rest of the output stays zero, so stored
+vectors keep the index's fixed dimension.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Added to variances before whitening, so that near-empty directions are not blown up.
+EPSILON = 1e-6
+
+
+def learn_projection(x: np.ndarray, dim: int, *, whiten: bool) -> dict[str, np.ndarray]:
+    """PCA of the rows of ``x`` keeping at most ``dim`` components: ``{"pca_mean", "pca_components",
+    "pca_scale"}`` as arrays, ready to be stored with an index."""
+    x = np.asarray(x, dtype=np.float64)
+    mean = x.mean(axis=0)
+    # SVD of the centred sample: components are the right singular vectors, variances s²/(n-1).
+    _, singular, vt = np.linalg.svd(x - mean, full_matrices=False)
+    keep = min(dim, len(x) - 1, x.shape[1])
+    variance = singular[:keep] ** 2 / max(len(x) - 1, 1)
+    scale = 1 / np.sqrt(variance + EPSILON) if whiten else np.ones(keep)
+    return {
+        "pca_mean": mean.astype(np.float32),
+        "pca_components": vt[:keep].astype(np.float32),
+        "pca_scale": scale.astype(np.float32),
+    }
+
+
+def project(x: np.ndarray, state: dict[str, np.ndarray], dim: int) -> np.ndarray:
+    """Apply a learned projection to rows of ``x``; the output has ``dim`` columns."""
+    out = ((x - state["pca_mean"]) @ state["pca_components"].T) * state["pca_scale"]
+    return np.pad(out, ((0, 0), (0, dim - out.shape[1]))).astype(np.float32)
