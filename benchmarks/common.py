@@ -1,0 +1,49 @@
+"""Helpers shared by the benchmark scripts: a private imgdb, the museum data set, model-only rates."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MUSEUM = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "museum"
+
+
+def museum_or_exit() -> Path:
+    if not (MUSEUM / "images").is_dir():
+        sys.exit(f"no data set at {MUSEUM}: the museum set lives in ../shared/datasets/museum")
+    return MUSEUM
+
+
+@contextmanager
+def private_imgdb() -> Iterator[object]:
+    """An imgdb client on a fresh embedded PostgreSQL in a temporary IMGDB_HOME, stopped afterwards."""
+    home = tempfile.mkdtemp(prefix="imgdb-bench-")
+    os.environ["IMGDB_HOME"] = home
+    os.environ.pop("IMGDB_DATABASE_URL", None)
+    import imgdb
+    from imgdb.db.embedded import EmbeddedServer
+
+    try:
+        with imgdb.connect() as db:
+            yield db
+    finally:
+        EmbeddedServer(Path(home)).stop()
+
+
+def model_only_rate(extractor, paths: list[Path]) -> float:  # noqa: ANN001
+    """Images/second of ``describe`` alone, on images decoded and prepared beforehand (untimed):
+    the ceiling an ingest of the same images can reach."""
+    from imgdb.io.reader import decode
+
+    prepared = [extractor.prepare(decode(p.read_bytes(), max_pixels=10**9, scale_hint=extractor.scale_hint).pixels)
+                for p in paths]
+    extractor.describe(prepared[: extractor.batch_size])  # warm-up
+    started = time.perf_counter()
+    for i in range(0, len(prepared), extractor.batch_size):
+        extractor.describe(prepared[i : i + extractor.batch_size])
+    return len(prepared) / (time.perf_counter() - started)

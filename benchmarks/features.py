@@ -1,0 +1,69 @@
+"""Retrieval quality and cost of every extractor on the museum set: the README's feature table.
+
+Usage: python benchmarks/features.py [SPEC ...]   (default: every family's default spec, plus the
+multi-scale deep settings)
+
+For each spec, in one private embedded PostgreSQL: create an index (exact search above pgvector's
+2000 indexable dimensions), learn its codebook/whitening if it has one (timed apart), ingest the
+gallery (timed), then run the 60 query photos through ``imgdb.eval`` (mAP over full rankings,
+recall@1, recall@10). Bytes per image is what PostgreSQL stores for the vector
+(``pg_column_size``). For CNN specs, the model-only forward rate on the same images is printed next
+to the ingest rate.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import model_only_rate, museum_or_exit, private_imgdb  # noqa: E402
+
+EXTRA = [
+    "cnn:tf_efficientnet_lite2/gem/scales=1,0.707,0.5",
+    "cnn:tf_efficientnet_lite2/rmac/scales=1,0.707,0.5",
+]
+
+
+def main() -> None:
+    from imgdb.db import store
+    from imgdb.eval import evaluate
+    from imgdb.features.registry import canonical_spec, list_extractors
+
+    museum = museum_or_exit()
+    specs = sys.argv[1:] or list(dict.fromkeys([spec for _, spec, _ in list_extractors()] + EXTRA))
+    gallery = sorted((museum / "images").glob("*.jpg"))
+    rows = []
+    with private_imgdb() as db:
+        for n, spec in enumerate(specs):
+            name = f"f{n}"
+            canonical = canonical_spec(spec)
+            info = db.create_index(name, canonical, ann="none")
+            index = db.index(name)
+            extractor = db.extractor(index)
+            started = time.perf_counter()
+            if extractor.trainable:
+                db.train(name, gallery)
+            trained = time.perf_counter() - started
+            report = db.ingest(gallery, index=name, metadata_file=museum / "metadata.json")
+            rate = report.added / report.seconds
+            result = evaluate(db, museum, index=name)
+            with db.database.connect() as conn:
+                size = conn.exec_driver_sql(
+                    f'SELECT avg(pg_column_size(embedding))::int FROM "{index.vectors_table}"').scalar_one()
+                assert store.count_vectors(conn, index) == len(gallery)
+            model = f"{model_only_rate(extractor, gallery):.1f}" if canonical.startswith("cnn:") else ""
+            rows.append((canonical, result.mAP, result.recall_at_1, result.recall_at_10, rate, model,
+                         trained, info.dim, size))
+            print(f"{canonical}: mAP {result.mAP:.3f} r@1 {result.recall_at_1:.3f} "
+                  f"{rate:.1f} img/s (model {model or '-'}) train {trained:.1f}s", file=sys.stderr, flush=True)
+    print("| extractor | mAP | recall@1 | recall@10 | ingest img/s | model-only img/s | training s | dim | bytes/image |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for spec, m, r1, r10, rate, model, trained, dim, size in rows:
+        print(f"| `{spec}` | {m:.3f} | {r1:.3f} | {r10:.3f} | {rate:.1f} | {model or '-'} | "
+              f"{trained:.1f} | {dim} | {size} |")
+
+
+if __name__ == "__main__":
+    main()
