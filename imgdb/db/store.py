@@ -28,13 +28,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from imgdb.errors import ImgdbError, IndexExists, IndexNotFound
+from imgdb.features.whitening import MAX_INDEXED_DIM
 from imgdb.io.reader import ImageFacts
 from imgdb.orm import Image, IndexState, SearchIndex
 
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 ANN_METHODS = ("hnsw", "ivfflat", "none")
-#: pgvector indexes ``vector`` columns up to this many dimensions.
-MAX_INDEXED_DIM = 2000
 HNSW_DEFAULTS = {"m": 16, "ef_construction": 64, "ef_search": 40}
 #: IVFFlat lists visited per query (pgvector's own default of 1 misses too much).
 IVFFLAT_PROBES = 10

@@ -24,12 +24,8 @@ from imgdb.features import aggregate
 from imgdb.features.base import Extractor
 from imgdb.features.local import DESCRIPTOR_DIMS, describe_local
 from imgdb.features.spec import Spec, reject_leftovers, take_int
-from imgdb.features.whitening import learn_projection, project
+from imgdb.features.whitening import learn_projection, project, reduced_dim
 
-#: pgvector indexes ``vector`` columns of up to this many dimensions.
-MAX_INDEXED_DIM = 2000
-#: Dimension encodings above MAX_INDEXED_DIM are reduced to when the spec does not say.
-DEFAULT_REDUCED_DIM = 512
 DEFAULT_K = {"bow": 1000, "vlad": 64, "fisher": 64}
 DEFAULT_LDIM = {"fisher": 64}
 DESCRIPTIONS = {
@@ -55,11 +51,7 @@ class CodebookExtractor(Extractor):
         self.whiten = whiten
         d = ldim or DESCRIPTOR_DIMS[local]
         self.raw_dim = {"bow": k, "vlad": k * d, "fisher": 2 * k * d}[family]
-        if dim is None and self.raw_dim > MAX_INDEXED_DIM:
-            dim = DEFAULT_REDUCED_DIM
-        if dim is not None and dim > self.raw_dim:
-            raise ExtractorSpecError(f"dim={dim} is more than the {self.raw_dim} dimensions of the encoding")
-        self.reduced = dim
+        self.reduced = dim = reduced_dim(self.raw_dim, dim)
         self.dim = dim or self.raw_dim
         parts = [f"{family}:{local}", f"k={k}", f"side={side}", f"max={max_keypoints}"]
         parts += [f"ldim={ldim}"] if ldim else []

@@ -20,6 +20,7 @@ BUILTIN: dict[str, str] = {
     "bow": "imgdb.features.codebook:CodebookExtractor",
     "vlad": "imgdb.features.codebook:CodebookExtractor",
     "fisher": "imgdb.features.codebook:CodebookExtractor",
+    "mop": "imgdb.features.mop:MopExtractor",
 }
 
 #: What an index gets when created without ``--extractor``.

@@ -12,8 +12,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from imgdb.errors import ExtractorSpecError
+
 #: Added to variances before whitening, so that near-empty directions are not blown up.
 EPSILON = 1e-6
+#: pgvector indexes ``vector`` columns of up to this many dimensions.
+MAX_INDEXED_DIM = 2000
+#: What encodings longer than MAX_INDEXED_DIM are reduced to when their spec does not say.
+DEFAULT_REDUCED_DIM = 512
+
+
+def reduced_dim(raw: int, requested: int | None) -> int | None:
+    """The dimension an encoding of ``raw`` dimensions is reduced to (None: stored as it is)."""
+    if requested is None and raw > MAX_INDEXED_DIM:
+        return DEFAULT_REDUCED_DIM
+    if requested is not None and requested > raw:
+        raise ExtractorSpecError(f"dim={requested} is more than the {raw} dimensions of the encoding")
+    return requested
 
 
 def learn_projection(x: np.ndarray, dim: int, *, whiten: bool) -> dict[str, np.ndarray]:

@@ -1,0 +1,148 @@
+"""MOP: multi-scale orderless pooling of CNN activations (Gong, Wang, Guo & Lazebnik, ECCV 2014).
+
+Three levels, each one vector, concatenated:
+
+1. the whole image through the network (GeM-pooled last feature map);
+2. 128×128 patches at a stride of 32 pixels, each through the network, their descriptors PCA-reduced
+   (``ldim``) and VLAD-pooled over ``k`` words learned from the collection's patches;
+3. the same with 64×64 patches at a stride of 16.
+
+As in the paper the image is first resized (shorter side ``size`` = 256, aspect ratio kept here, so
+that wide images get more patches instead of being squashed), each level is L2-normalised before
+concatenation, and the result is reduced by a PCA learned on the sample when it is longer than
+pgvector's 2000 indexable dimensions.
+
+Spec: ``mop:BACKBONE[/k=16][/ldim=64][/size=256][/dim=D][/whiten]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import numpy as np
+from PIL import Image
+
+from imgdb.errors import ExtractorSpecError
+from imgdb.features import aggregate
+from imgdb.features.base import Extractor, l2_normalize
+from imgdb.features.cnn import DEFAULT_BACKBONE, CnnConfig, CnnExtractor
+from imgdb.features.spec import Spec, reject_leftovers, take_int
+from imgdb.features.whitening import learn_projection, project, reduced_dim
+
+#: (patch side, stride) of the patch levels, in pixels of the resized image (the paper's values).
+LEVELS = ((128, 32), (64, 16))
+
+
+class MopExtractor(Extractor):
+    family = "mop"
+    trainable = True
+    batch_size = 8
+
+    def __init__(self, backbone: str, k: int, ldim: int, size: int, dim: int | None, whiten: bool) -> None:
+        self.cnn = CnnExtractor(CnnConfig(backbone=backbone, size=size, whiten="off"))
+        if ldim > self.cnn.dim:
+            raise ExtractorSpecError(f"ldim={ldim} is more than the backbone's {self.cnn.dim} channels")
+        self.k, self.ldim, self.size, self.whiten = k, ldim, size, whiten
+        self.raw_dim = self.cnn.dim + len(LEVELS) * k * ldim
+        self.reduced = dim = reduced_dim(self.raw_dim, dim)
+        self.dim = dim or self.raw_dim
+        parts = [f"mop:{backbone}", f"k={k}", f"ldim={ldim}", f"size={size}"]
+        parts += [f"dim={dim}"] if dim else []
+        parts += ["whiten"] if whiten else []
+        self.spec = "/".join(parts)
+        self._state: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def _parse(cls, spec: Spec) -> MopExtractor:
+        options = dict(spec.options)
+        words = list(spec.words)
+        k = take_int(options, "k", 16, minimum=2)
+        ldim = take_int(options, "ldim", 64, minimum=2)
+        size = take_int(options, "size", 256, minimum=max(side for side, _ in LEVELS))
+        dim = take_int(options, "dim", 0, minimum=0) or None
+        whiten = "whiten" in words
+        if whiten:
+            words.remove("whiten")
+        reject_leftovers(spec, options, words)
+        return cls(spec.arg or DEFAULT_BACKBONE, k, ldim, size, dim, whiten)
+
+    @classmethod
+    def canonical(cls, spec: Spec) -> str:
+        return cls._parse(spec).spec
+
+    @classmethod
+    def from_spec(cls, spec: Spec) -> MopExtractor:
+        return cls._parse(spec)
+
+    @classmethod
+    def variants(cls) -> list[tuple[str, str, str]]:
+        return [("cnn-mop", f"mop:{DEFAULT_BACKBONE}",
+                 "multi-scale orderless pooling: whole image + VLAD of 128 and 64 px patch activations")]
+
+    # ------------------------------------------------------------ pipeline
+
+    def scale_hint(self, width: int, height: int) -> float:
+        return self.cnn.scale_hint(width, height)
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """The resized, normalised image; patches are cut from it only when described, since all
+        of an image's patches together take ~20 times its memory."""
+        return self.cnn.prepare(image)[0]
+
+    def _patch_descriptors(self, whole: np.ndarray, level: int) -> np.ndarray:
+        """GeM descriptors of every patch of one level of one image, ``(patches, channels)``."""
+        side, stride = LEVELS[level]
+        _, height, width = whole.shape
+        patches = [whole[:, y:y + side, x:x + side]
+                   for y in range(0, height - side + 1, stride) for x in range(0, width - side + 1, stride)]
+        return self.cnn._single_scale(patches)
+
+    def _levels(self, prepared: Sequence[np.ndarray]) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+        """Whole-image vectors and, per level, each image's patch descriptors."""
+        whole = l2_normalize(self.cnn._single_scale(list(prepared)))
+        return whole, [[self._patch_descriptors(p, level) for p in prepared] for level in range(len(LEVELS))]
+
+    def _raw(self, whole: np.ndarray, levels: list[list[np.ndarray]]) -> np.ndarray:
+        parts = [whole]
+        for level, descriptors in enumerate(levels):
+            local = self._level_state(level)
+            # VLAD comes out L2-normalised: every level has unit weight in the concatenation.
+            parts.append(np.stack([aggregate.vlad(project(d, local, self.ldim), local["centres"]) for d in descriptors]))
+        return np.concatenate(parts, axis=1)
+
+    def _level_state(self, level: int) -> dict[str, np.ndarray]:
+        prefix = f"level{level}_"
+        return {key.removeprefix(prefix): value for key, value in self._state.items() if key.startswith(prefix)}
+
+    def describe(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
+        if not self.trained:
+            raise RuntimeError(f"{self.spec}: codebooks not trained yet")
+        raw = self._raw(*self._levels(prepared))
+        return project(raw, self._state, self.dim) if self.reduced else raw
+
+    # ------------------------------------------------------------ training
+
+    @property
+    def trained(self) -> bool:
+        return bool(self._state)
+
+    def fit(self, prepared: Sequence[np.ndarray]) -> None:
+        """Learn, per patch level, the PCA of patch descriptors and the VLAD words; then the reduction.
+        The network runs once over the sample; every step reuses its outputs."""
+        if len(prepared) < 2:
+            raise ExtractorSpecError(f"{self.spec}: training needs at least 2 images")
+        whole, levels = self._levels(prepared)
+        state: dict[str, np.ndarray] = {}
+        for level, descriptors in enumerate(levels):
+            sample = aggregate.training_sample(descriptors)
+            local = learn_projection(sample, self.ldim, whiten=False)
+            local["centres"] = aggregate.learn_kmeans(project(sample, local, self.ldim), self.k)
+            state.update({f"level{level}_{key}": value for key, value in local.items()})
+        self._state = state
+        if self.reduced:
+            self._state.update(learn_projection(self._raw(whole, levels), self.dim, whiten=self.whiten))
+
+    def state(self) -> dict[str, np.ndarray]:
+        return dict(self._state)
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self._state = dict(state)
