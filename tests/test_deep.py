@@ -84,3 +84,15 @@ def test_mop_levels(photos: list[Image.Image]) -> None:
     for block in blocks:  # each level L2-normalised before concatenation
         np.testing.assert_allclose(np.linalg.norm(block, axis=1), 1, rtol=1e-5)
     assert extractor.embed(prepared).shape == (4, extractor.dim)
+
+
+@pytest.mark.parametrize("spec", ["cnn:tf_efficientnet_lite2/" + p for p in ("gem", "max", "avg", "spoc", "rmac", "crow")]
+                         + ["hog", "color:hsv"])
+def test_each_global_descriptor_recognises_a_rescaled_photo(photos: list[Image.Image], spec: str) -> None:
+    """On real paintings: the same painting at 80% size is nearer than the other paintings."""
+    extractor = create_extractor(spec)
+    smaller = photos[0].resize((photos[0].width * 4 // 5, photos[0].height * 4 // 5))
+    vectors = extractor.embed([extractor.prepare(p) for p in [smaller, *photos]])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, rtol=1e-5)
+    distances = np.linalg.norm(vectors[1:] - vectors[0], axis=1)
+    assert distances.argmin() == 0, distances

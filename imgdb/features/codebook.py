@@ -109,10 +109,7 @@ class CodebookExtractor(Extractor):
         return np.stack([self._encode(descriptors) for descriptors in prepared])
 
     def _local_pca(self, descriptors: np.ndarray) -> np.ndarray:
-        if not self.ldim:
-            return descriptors
-        local = {key.removeprefix("local_"): value for key, value in self._state.items() if key.startswith("local_")}
-        return project(descriptors, local, self.ldim)
+        return project(descriptors, self._state, self.ldim, prefix="local_") if self.ldim else descriptors
 
     def _raw(self, descriptors: np.ndarray) -> np.ndarray:
         """The encoding before reduction (zeros when the image has no keypoints)."""
@@ -147,8 +144,7 @@ class CodebookExtractor(Extractor):
         state: dict[str, np.ndarray] = {}
         self._state = state  # filled step by step: each step encodes with what the previous ones learned
         if self.ldim:
-            local = learn_projection(sample, self.ldim, whiten=False)
-            state.update({f"local_{key}": value for key, value in local.items()})
+            state.update(learn_projection(sample, self.ldim, whiten=False, prefix="local_"))
             sample = self._local_pca(sample)
         if self.family == "fisher":
             state["weights"], state["means"], state["variances"] = aggregate.learn_gmm(sample, self.k)
@@ -156,9 +152,8 @@ class CodebookExtractor(Extractor):
             state["centres"] = aggregate.learn_kmeans(sample, self.k)
             if self.family == "bow":
                 state["idf"] = aggregate.learn_idf([self._local_pca(d) for d in sets], state["centres"])
-        raw = np.stack([self._raw(d) for d in sets])
         if self.reduced:
-            state.update(learn_projection(raw, self.dim, whiten=self.whiten))
+            state.update(learn_projection(np.stack([self._raw(d) for d in sets]), self.dim, whiten=self.whiten))
 
     def state(self) -> dict[str, np.ndarray]:
         return dict(self._state)

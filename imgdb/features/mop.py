@@ -104,14 +104,14 @@ class MopExtractor(Extractor):
     def _raw(self, whole: np.ndarray, levels: list[list[np.ndarray]]) -> np.ndarray:
         parts = [whole]
         for level, descriptors in enumerate(levels):
-            local = self._level_state(level)
+            centres = self._state[f"level{level}_centres"]
             # VLAD comes out L2-normalised: every level has unit weight in the concatenation.
-            parts.append(np.stack([aggregate.vlad(project(d, local, self.ldim), local["centres"]) for d in descriptors]))
+            parts.append(np.stack([aggregate.vlad(self._local(d, level), centres) for d in descriptors]))
         return np.concatenate(parts, axis=1)
 
-    def _level_state(self, level: int) -> dict[str, np.ndarray]:
-        prefix = f"level{level}_"
-        return {key.removeprefix(prefix): value for key, value in self._state.items() if key.startswith(prefix)}
+    def _local(self, descriptors: np.ndarray, level: int) -> np.ndarray:
+        """Patch descriptors of one level reduced by that level's learned PCA."""
+        return project(descriptors, self._state, self.ldim, prefix=f"level{level}_")
 
     def describe(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
         if not self.trained:
@@ -131,13 +131,11 @@ class MopExtractor(Extractor):
         if len(prepared) < 2:
             raise ExtractorSpecError(f"{self.spec}: training needs at least 2 images")
         whole, levels = self._levels(prepared)
-        state: dict[str, np.ndarray] = {}
+        self._state = {}
         for level, descriptors in enumerate(levels):
             sample = aggregate.training_sample(descriptors)
-            local = learn_projection(sample, self.ldim, whiten=False)
-            local["centres"] = aggregate.learn_kmeans(project(sample, local, self.ldim), self.k)
-            state.update({f"level{level}_{key}": value for key, value in local.items()})
-        self._state = state
+            self._state.update(learn_projection(sample, self.ldim, whiten=False, prefix=f"level{level}_"))
+            self._state[f"level{level}_centres"] = aggregate.learn_kmeans(self._local(sample, level), self.k)
         if self.reduced:
             self._state.update(learn_projection(self._raw(whole, levels), self.dim, whiten=self.whiten))
 

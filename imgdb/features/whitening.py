@@ -31,9 +31,10 @@ def reduced_dim(raw: int, requested: int | None) -> int | None:
     return requested
 
 
-def learn_projection(x: np.ndarray, dim: int, *, whiten: bool) -> dict[str, np.ndarray]:
-    """PCA of the rows of ``x`` keeping at most ``dim`` components: ``{"pca_mean", "pca_components",
-    "pca_scale"}`` as arrays, ready to be stored with an index."""
+def learn_projection(x: np.ndarray, dim: int, *, whiten: bool, prefix: str = "pca_") -> dict[str, np.ndarray]:
+    """PCA of the rows of ``x`` keeping at most ``dim`` components: ``{prefix}mean``,
+    ``{prefix}components`` and ``{prefix}scale`` as arrays, ready to be stored with an index (the
+    prefix tells several projections of one extractor apart)."""
     x = np.asarray(x, dtype=np.float64)
     mean = x.mean(axis=0)
     # SVD of the centred sample: components are the right singular vectors, variances s²/(n-1).
@@ -42,13 +43,13 @@ def learn_projection(x: np.ndarray, dim: int, *, whiten: bool) -> dict[str, np.n
     variance = singular[:keep] ** 2 / max(len(x) - 1, 1)
     scale = 1 / np.sqrt(variance + EPSILON) if whiten else np.ones(keep)
     return {
-        "pca_mean": mean.astype(np.float32),
-        "pca_components": vt[:keep].astype(np.float32),
-        "pca_scale": scale.astype(np.float32),
+        f"{prefix}mean": mean.astype(np.float32),
+        f"{prefix}components": vt[:keep].astype(np.float32),
+        f"{prefix}scale": scale.astype(np.float32),
     }
 
 
-def project(x: np.ndarray, state: dict[str, np.ndarray], dim: int) -> np.ndarray:
+def project(x: np.ndarray, state: dict[str, np.ndarray], dim: int, prefix: str = "pca_") -> np.ndarray:
     """Apply a learned projection to rows of ``x``; the output has ``dim`` columns."""
-    out = ((x - state["pca_mean"]) @ state["pca_components"].T) * state["pca_scale"]
+    out = ((x - state[f"{prefix}mean"]) @ state[f"{prefix}components"].T) * state[f"{prefix}scale"]
     return np.pad(out, ((0, 0), (0, dim - out.shape[1]))).astype(np.float32)
