@@ -87,7 +87,7 @@ def test_mop_levels(photos: list[Image.Image]) -> None:
 
 
 @pytest.mark.parametrize("spec", ["cnn:tf_efficientnet_lite2/" + p for p in ("gem", "max", "avg", "spoc", "rmac", "crow")]
-                         + ["hog", "color:hsv"])
+                         + ["hog", "color:hsv", "phash"])
 def test_each_global_descriptor_recognises_a_rescaled_photo(photos: list[Image.Image], spec: str) -> None:
     """On real paintings: the same painting at 80% size is nearer than the other paintings."""
     extractor = create_extractor(spec)

@@ -139,3 +139,17 @@ def test_hog_bins_gradients_by_orientation_and_normalises_blocks() -> None:
     assert horizontal[..., 4].sum() > 0.9 * horizontal.sum()
     # L2-Hys: every block renormalised to unit length after clipping at 0.2.
     np.testing.assert_allclose(np.linalg.norm(vertical.reshape(-1, 36), axis=1), 1, rtol=0.01)
+
+
+def test_phash_distance_is_hamming_distance(museum: Path) -> None:
+    extractor = create_extractor("phash")
+    assert extractor.spec == "phash:dct/bits=8" and extractor.dim == 64
+    photo = Image.open(museum / "images" / "bbdd_00009.jpg").convert("RGB")
+    hashes = extractor.embed([extractor.prepare(im) for im in (photo, photo.resize((200, 150)), photo.rotate(90, expand=True))])
+    np.testing.assert_allclose(np.linalg.norm(hashes, axis=1), 1, rtol=1e-6)
+    bits = hashes > 0
+    for i, j in ((0, 1), (0, 2)):
+        hamming = np.count_nonzero(bits[i] != bits[j])
+        assert np.linalg.norm(hashes[i] - hashes[j]) == pytest.approx(2 * np.sqrt(hamming / 64), rel=1e-5)
+    # Robust to rescaling, not to rotation.
+    assert np.count_nonzero(bits[0] != bits[1]) <= 6 < np.count_nonzero(bits[0] != bits[2])

@@ -16,6 +16,7 @@ from imgdb.features.spec import Spec, parse_spec
 BUILTIN: dict[str, str] = {
     "color": "imgdb.features.color:ColorHistogram",
     "hog": "imgdb.features.hog:HogExtractor",
+    "phash": "imgdb.features.phash:PerceptualHash",
     "cnn": "imgdb.features.cnn:CnnExtractor",
     "bow": "imgdb.features.codebook:CodebookExtractor",
     "vlad": "imgdb.features.codebook:CodebookExtractor",
