@@ -39,9 +39,12 @@ class Extractor(ABC):
     dim: int
 
     @classmethod
-    @abstractmethod
     def canonical(cls, spec: Spec) -> str:
-        """The spec with every option spelled out; raises ExtractorSpecError on a bad spec."""
+        """The spec with every option spelled out; raises ExtractorSpecError on a bad spec.
+
+        Builds the extractor to ask it; extractors that are costly to build override this.
+        """
+        return cls.from_spec(spec).spec
 
     @classmethod
     @abstractmethod
@@ -92,6 +95,14 @@ class Extractor(ABC):
     def embed(self, prepared: Sequence[Any]) -> np.ndarray:
         """Unit-length float32 descriptors of a batch of prepared images."""
         return l2_normalize(self.describe(prepared))
+
+
+class PerImageExtractor(Extractor):
+    """An extractor whose :meth:`prepare` computes the whole descriptor (cheap per-image maths, best
+    done in the worker threads); :meth:`describe` only gathers the batch."""
+
+    def describe(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
+        return np.stack(prepared)
 
 
 #: Norm of the vector stored for an image with nothing to describe (see :func:`l2_normalize`).

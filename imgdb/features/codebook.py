@@ -61,7 +61,7 @@ class CodebookExtractor(Extractor):
         self._state: dict[str, np.ndarray] = {}
 
     @classmethod
-    def _parse(cls, spec: Spec) -> CodebookExtractor:
+    def from_spec(cls, spec: Spec) -> CodebookExtractor:
         family = spec.family
         local = spec.arg or "rootsift"
         if local not in DESCRIPTOR_DIMS:
@@ -80,14 +80,6 @@ class CodebookExtractor(Extractor):
             words.remove("whiten")
         reject_leftovers(spec, options, words)
         return cls(family, local, k, side, max_keypoints, ldim, dim, whiten)
-
-    @classmethod
-    def canonical(cls, spec: Spec) -> str:
-        return cls._parse(spec).spec
-
-    @classmethod
-    def from_spec(cls, spec: Spec) -> CodebookExtractor:
-        return cls._parse(spec)
 
     @classmethod
     def variants(cls) -> list[tuple[str, str, str]]:

@@ -7,21 +7,19 @@ Hellinger/Bhattacharyya distance between histograms instead of over-weighting th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import cv2
 import numpy as np
 from PIL import Image
 
 from imgdb.errors import ExtractorSpecError
-from imgdb.features.base import Extractor
+from imgdb.features.base import PerImageExtractor
 from imgdb.features.spec import Spec, reject_leftovers, take_int
 
 DEFAULT_BINS = (8, 12, 3)
 _RANGES = [0, 180, 0, 256, 0, 256]  # OpenCV's 8-bit HSV: hue is halved to fit 0..179
 
 
-class ColorHistogram(Extractor):
+class ColorHistogram(PerImageExtractor):
     family = "color"
     batch_size = 64
 
@@ -32,7 +30,7 @@ class ColorHistogram(Extractor):
         self.spec = f"color:hsv/bins={'x'.join(map(str, bins))}/size={size}"
 
     @classmethod
-    def _parse(cls, spec: Spec) -> tuple[tuple[int, int, int], int]:
+    def from_spec(cls, spec: Spec) -> ColorHistogram:
         if spec.arg not in (None, "hsv"):
             raise ExtractorSpecError(f"colour space {spec.arg!r} is not supported (use color:hsv)")
         options = dict(spec.options)
@@ -48,15 +46,7 @@ class ColorHistogram(Extractor):
             bins = parsed  # type: ignore[assignment]
         size = take_int(options, "size", 256, minimum=16)
         reject_leftovers(spec, options, list(spec.words))
-        return bins, size
-
-    @classmethod
-    def canonical(cls, spec: Spec) -> str:
-        return cls(*cls._parse(spec)).spec
-
-    @classmethod
-    def from_spec(cls, spec: Spec) -> ColorHistogram:
-        return cls(*cls._parse(spec))
+        return cls(bins, size)
 
     @classmethod
     def variants(cls) -> list[tuple[str, str, str]]:
@@ -72,6 +62,3 @@ class ColorHistogram(Extractor):
         hsv = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2HSV)
         hist = cv2.calcHist([hsv], [0, 1, 2], None, list(self.bins), _RANGES).ravel()
         return np.sqrt(hist / max(hist.sum(), 1.0)).astype(np.float32)
-
-    def describe(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
-        return np.stack(prepared)

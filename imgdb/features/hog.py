@@ -8,18 +8,16 @@ the arithmetic.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import cv2
 import numpy as np
 from PIL import Image
 
 from imgdb.errors import ExtractorSpecError
-from imgdb.features.base import Extractor
+from imgdb.features.base import PerImageExtractor
 from imgdb.features.spec import Spec, reject_leftovers, take_int
 
 
-class HogExtractor(Extractor):
+class HogExtractor(PerImageExtractor):
     family = "hog"
     batch_size = 64
 
@@ -32,7 +30,7 @@ class HogExtractor(Extractor):
         self.spec = f"hog:gray/size={size}/cell={cell}/bins={bins}"
 
     @classmethod
-    def _parse(cls, spec: Spec) -> HogExtractor:
+    def from_spec(cls, spec: Spec) -> HogExtractor:
         if spec.arg not in (None, "gray"):
             raise ExtractorSpecError(f"hog works on grey levels, not {spec.arg!r}")
         options = dict(spec.options)
@@ -42,14 +40,6 @@ class HogExtractor(Extractor):
         bins = take_int(options, "bins", 9, minimum=2)
         reject_leftovers(spec, options, list(spec.words))
         return cls(size, cell, bins)
-
-    @classmethod
-    def canonical(cls, spec: Spec) -> str:
-        return cls._parse(spec).spec
-
-    @classmethod
-    def from_spec(cls, spec: Spec) -> HogExtractor:
-        return cls._parse(spec)
 
     @classmethod
     def variants(cls) -> list[tuple[str, str, str]]:
@@ -65,6 +55,3 @@ class HogExtractor(Extractor):
         hog = cv2.HOGDescriptor((self.size, self.size), (2 * self.cell, 2 * self.cell),
                                 (self.cell, self.cell), (self.cell, self.cell), self.bins)
         return hog.compute(grey).ravel().astype(np.float32)
-
-    def describe(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
-        return np.stack(prepared)

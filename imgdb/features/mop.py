@@ -52,7 +52,7 @@ class MopExtractor(Extractor):
         self._state: dict[str, np.ndarray] = {}
 
     @classmethod
-    def _parse(cls, spec: Spec) -> MopExtractor:
+    def from_spec(cls, spec: Spec) -> MopExtractor:
         options = dict(spec.options)
         words = list(spec.words)
         k = take_int(options, "k", 16, minimum=2)
@@ -64,14 +64,6 @@ class MopExtractor(Extractor):
             words.remove("whiten")
         reject_leftovers(spec, options, words)
         return cls(spec.arg or DEFAULT_BACKBONE, k, ldim, size, dim, whiten)
-
-    @classmethod
-    def canonical(cls, spec: Spec) -> str:
-        return cls._parse(spec).spec
-
-    @classmethod
-    def from_spec(cls, spec: Spec) -> MopExtractor:
-        return cls._parse(spec)
 
     @classmethod
     def variants(cls) -> list[tuple[str, str, str]]:

@@ -8,18 +8,16 @@ distance to another hash is 2·√(Hamming/64): ranking by ``<->`` is ranking by
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import cv2
 import numpy as np
 from PIL import Image
 
 from imgdb.errors import ExtractorSpecError
-from imgdb.features.base import Extractor
+from imgdb.features.base import PerImageExtractor
 from imgdb.features.spec import Spec, reject_leftovers, take_int
 
 
-class PerceptualHash(Extractor):
+class PerceptualHash(PerImageExtractor):
     family = "phash"
     batch_size = 64
 
@@ -29,7 +27,7 @@ class PerceptualHash(Extractor):
         self.spec = f"phash:dct/bits={bits}"
 
     @classmethod
-    def _parse(cls, spec: Spec) -> PerceptualHash:
+    def from_spec(cls, spec: Spec) -> PerceptualHash:
         if spec.arg not in (None, "dct"):
             raise ExtractorSpecError(f"phash: unknown variant {spec.arg!r} (use phash:dct)")
         options = dict(spec.options)
@@ -38,14 +36,6 @@ class PerceptualHash(Extractor):
             raise ExtractorSpecError("phash: bits is the side of the low-frequency block, at most 16")
         reject_leftovers(spec, options, list(spec.words))
         return cls(bits)
-
-    @classmethod
-    def canonical(cls, spec: Spec) -> str:
-        return cls._parse(spec).spec
-
-    @classmethod
-    def from_spec(cls, spec: Spec) -> PerceptualHash:
-        return cls._parse(spec)
 
     @classmethod
     def variants(cls) -> list[tuple[str, str, str]]:
@@ -62,6 +52,3 @@ class PerceptualHash(Extractor):
         low = cv2.dct(small)[: self.bits, : self.bits].ravel()
         median = np.median(low[1:])  # the DC term is the mean brightness, not structure
         return np.where(low > median, 1.0, -1.0).astype(np.float32) / self.bits
-
-    def describe(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
-        return np.stack(prepared)
