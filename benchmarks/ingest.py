@@ -17,13 +17,13 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-MUSEUM = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "museum"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MUSEUM, model_only_rate, private_imgdb  # noqa: E402
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -40,57 +40,38 @@ def main() -> None:
     if not args.images.is_dir():
         sys.exit(f"no images at {args.images}: the museum data set lives in ../shared/datasets/museum")
 
-    home = tempfile.mkdtemp(prefix="imgdb-bench-")
-    os.environ["IMGDB_HOME"] = home
-    os.environ.pop("IMGDB_DATABASE_URL", None)
     import torch
 
-    import imgdb
-    from imgdb.db.embedded import EmbeddedServer
     from imgdb.features.registry import create_extractor
-    from imgdb.io.reader import decode
     from imgdb.io.sources import expand
 
-    paths = list(expand([args.images]))
+    paths = [Path(p) for p in expand([args.images])]
     extractor = create_extractor(args.spec)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads")
     print(f"extractor: {extractor.spec} ({extractor.dim} dims); images: {len(paths)} from {args.images}")
+    model_rate = model_only_rate(extractor, paths)
 
-    # 1. Model only, on exactly what ingest would feed it.
-    prepared = [extractor.prepare(decode(Path(p).read_bytes(), max_pixels=10**9,
-                                         scale_hint=extractor.scale_hint).pixels) for p in paths]
-    extractor.describe(prepared[: extractor.batch_size])  # warm-up
-    started = time.perf_counter()
-    for i in range(0, len(prepared), extractor.batch_size):
-        extractor.describe(prepared[i : i + extractor.batch_size])
-    model_rate = len(prepared) / (time.perf_counter() - started)
+    with private_imgdb() as db:
+        db.create_index("bench", args.spec)
+        report = db.ingest(paths, index="bench")
+        assert report.added == len(paths), report.to_json()
+        ingest_rate = report.added / report.seconds
 
-    # 2. Ingest end to end into a fresh index.
-    try:
-        with imgdb.connect() as db:
-            db.create_index("bench", args.spec)
-            report = db.ingest(paths, index="bench")
-            assert report.added == len(paths), report.to_json()
-            ingest_rate = report.added / report.seconds
-
-            # 3. Search latency.
-            with db.database.connect() as conn:
-                ids = [row[0] for row in conn.exec_driver_sql("SELECT image_id FROM imgdb_vectors_bench")]
-            rng = random.Random(0)
-            db.search(f"id:{ids[0]}", index="bench")  # warm-up
-            by_id = []
-            for _ in range(args.id_queries):
-                started = time.perf_counter()
-                db.search(f"id:{rng.choice(ids)}", k=10, index="bench")
-                by_id.append((time.perf_counter() - started) * 1000)
-            photos = sorted(p for p in args.queries.glob("*") if p.is_file())
-            by_photo = []
-            for photo in photos:
-                started = time.perf_counter()
-                db.search(photo, k=10, index="bench")
-                by_photo.append((time.perf_counter() - started) * 1000)
-    finally:
-        EmbeddedServer(Path(home)).stop()
+        with db.database.connect() as conn:
+            ids = [row[0] for row in conn.exec_driver_sql("SELECT image_id FROM imgdb_vectors_bench")]
+        rng = random.Random(0)
+        db.search(f"id:{ids[0]}", index="bench")  # warm-up
+        by_id = []
+        for _ in range(args.id_queries):
+            started = time.perf_counter()
+            db.search(f"id:{rng.choice(ids)}", k=10, index="bench")
+            by_id.append((time.perf_counter() - started) * 1000)
+        photos = sorted(p for p in args.queries.glob("*") if p.is_file())
+        by_photo = []
+        for photo in photos:
+            started = time.perf_counter()
+            db.search(photo, k=10, index="bench")
+            by_photo.append((time.perf_counter() - started) * 1000)
 
     print()
     print("| measure | value |")
