@@ -23,8 +23,8 @@ from imgdb.errors import ExtractorSpecError
 from imgdb.features import aggregate
 from imgdb.features.base import Extractor
 from imgdb.features.local import DESCRIPTOR_DIMS, describe_local
-from imgdb.features.spec import Spec, reject_leftovers, take_int
-from imgdb.features.whitening import learn_projection, project, reduced_dim
+from imgdb.features.spec import Spec, reject_leftovers, take_int, take_word
+from imgdb.features.whitening import learn_projection, project, reduced_dim, reduction_options
 
 DEFAULT_K = {"bow": 1000, "vlad": 64, "fisher": 64}
 DEFAULT_LDIM = {"fisher": 64}
@@ -55,9 +55,7 @@ class CodebookExtractor(Extractor):
         self.dim = dim or self.raw_dim
         parts = [f"{family}:{local}", f"k={k}", f"side={side}", f"max={max_keypoints}"]
         parts += [f"ldim={ldim}"] if ldim else []
-        parts += [f"dim={dim}"] if dim else []
-        parts += ["whiten"] if whiten else []
-        self.spec = "/".join(parts)
+        self.spec = "/".join(parts + reduction_options(dim, whiten))
         self._state: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -75,9 +73,7 @@ class CodebookExtractor(Extractor):
         if ldim is not None and ldim > DESCRIPTOR_DIMS[local]:
             raise ExtractorSpecError(f"ldim={ldim} is more than {local}'s {DESCRIPTOR_DIMS[local]} dimensions")
         dim = take_int(options, "dim", 0, minimum=0) or None
-        whiten = "whiten" in words
-        if whiten:
-            words.remove("whiten")
+        whiten = take_word(words, "whiten")
         reject_leftovers(spec, options, words)
         return cls(family, local, k, side, max_keypoints, ldim, dim, whiten)
 

@@ -25,8 +25,8 @@ from imgdb.errors import ExtractorSpecError
 from imgdb.features import aggregate
 from imgdb.features.base import Extractor, l2_normalize
 from imgdb.features.cnn import DEFAULT_BACKBONE, CnnConfig, CnnExtractor
-from imgdb.features.spec import Spec, reject_leftovers, take_int
-from imgdb.features.whitening import learn_projection, project, reduced_dim
+from imgdb.features.spec import Spec, reject_leftovers, take_int, take_word
+from imgdb.features.whitening import learn_projection, project, reduced_dim, reduction_options
 
 #: (patch side, stride) of the patch levels, in pixels of the resized image (the paper's values).
 LEVELS = ((128, 32), (64, 16))
@@ -46,9 +46,7 @@ class MopExtractor(Extractor):
         self.reduced = dim = reduced_dim(self.raw_dim, dim)
         self.dim = dim or self.raw_dim
         parts = [f"mop:{backbone}", f"k={k}", f"ldim={ldim}", f"size={size}"]
-        parts += [f"dim={dim}"] if dim else []
-        parts += ["whiten"] if whiten else []
-        self.spec = "/".join(parts)
+        self.spec = "/".join(parts + reduction_options(dim, whiten))
         self._state: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -59,9 +57,7 @@ class MopExtractor(Extractor):
         ldim = take_int(options, "ldim", 64, minimum=2)
         size = take_int(options, "size", 256, minimum=max(side for side, _ in LEVELS))
         dim = take_int(options, "dim", 0, minimum=0) or None
-        whiten = "whiten" in words
-        if whiten:
-            words.remove("whiten")
+        whiten = take_word(words, "whiten")
         reject_leftovers(spec, options, words)
         return cls(spec.arg or DEFAULT_BACKBONE, k, ldim, size, dim, whiten)
 

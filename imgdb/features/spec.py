@@ -99,6 +99,14 @@ def take_float(options: dict[str, str], key: str, default: float) -> float:
     return value
 
 
+def take_word(words: list[str], word: str) -> bool:
+    """Pop a bare flag option (e.g. ``whiten``); whether it was given."""
+    if word in words:
+        words.remove(word)
+        return True
+    return False
+
+
 def reject_leftovers(spec: Spec, options: dict[str, str], words: list[str]) -> None:
     """Refuse options an extractor did not consume, so that typos never pass silently."""
     extra = [*words, *options]

@@ -31,6 +31,11 @@ def reduced_dim(raw: int, requested: int | None) -> int | None:
     return requested
 
 
+def reduction_options(dim: int | None, whiten: bool) -> list[str]:
+    """How a reduction is spelled in a canonical spec (``dim=D``, ``whiten``)."""
+    return ([f"dim={dim}"] if dim else []) + (["whiten"] if whiten else [])
+
+
 def learn_projection(x: np.ndarray, dim: int, *, whiten: bool, prefix: str = "pca_") -> dict[str, np.ndarray]:
     """PCA of the rows of ``x`` keeping at most ``dim`` components: ``{prefix}mean``,
     ``{prefix}components`` and ``{prefix}scale`` as arrays, ready to be stored with an index (the
