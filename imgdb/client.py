@@ -21,7 +21,10 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
+from imgdb.ann.layer import AnnLayer
+from imgdb.ann.spec import AnnSpec, parse_ann
 from imgdb.config import Settings
+from imgdb.db import search as sql
 from imgdb.db import store
 from imgdb.db.engine import Database
 from imgdb.db.filters import parse_filters
@@ -55,10 +58,16 @@ class IndexInfo:
     extractor: str
     dim: int
     images: int
-    ann: str
+    ann: AnnSpec
+    storage: str
+
+    @classmethod
+    def of(cls, index: SearchIndex, images: int) -> IndexInfo:
+        return cls(index.name, index.extractor, index.dim, images, parse_ann(index.ann, index.ann_params), index.storage)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "extractor": self.extractor, "dim": self.dim, "images": self.images, "ann": self.ann}
+        return {"name": self.name, "extractor": self.extractor, "dim": self.dim, "images": self.images,
+                "ann": self.ann.method, "ann_params": self.ann.params, "storage": self.storage}
 
 
 class Imgdb:
@@ -69,26 +78,52 @@ class Imgdb:
         self.settings = settings
         #: Trainable extractors, one instance per index (their learned state differs per index).
         self._trained: dict[int, Extractor] = {}
+        #: First stages and re-ranking (pgvector, and the Python-side codes of this process).
+        self.layer = AnnLayer(database)
 
     # ------------------------------------------------------------ indexes
 
     def create_index(self, name: str, extractor: str | None = None, ann: str = "hnsw",
-                     ann_params: dict[str, Any] | None = None) -> IndexInfo:
-        """Create an index; the spec is validated and stored in canonical form."""
+                     storage: str = "vector") -> IndexInfo:
+        """Create an index. ``extractor`` is a spec (stored in canonical form), ``ann`` an ANN spec
+        such as ``hnsw/m=32`` or ``ivfpq/lists=1024`` (see :mod:`imgdb.ann.spec`), ``storage``
+        ``vector`` or ``halfvec`` (half the bytes, indexable up to 4000 dimensions)."""
         store.check_name(name)
         spec = canonical_spec(extractor or DEFAULT_SPEC)
         dim = create_extractor(spec).dim
         with self.database.engine.begin() as conn:
-            index = store.create_index(conn, name, spec, dim, ann, ann_params)
-        return IndexInfo(index.name, index.extractor, index.dim, 0, index.ann)
+            index = store.create_index(conn, name, spec, dim, parse_ann(ann), storage)
+        return IndexInfo.of(index, 0)
 
     def indexes(self) -> list[IndexInfo]:
         with self.database.connect() as conn:
-            return [IndexInfo(i.name, i.extractor, i.dim, n, i.ann) for i, n in store.list_indexes(conn)]
+            return [IndexInfo.of(i, n) for i, n in store.list_indexes(conn)]
 
     def drop_index(self, name: str) -> None:
         with self.database.engine.begin() as conn:
+            index = store.require_index(conn, name)
             store.drop_index(conn, name)
+        self.layer.forget(index.id)
+
+    def rebuild_index(self, name: str, ann: str | None = None,
+                      on_status: StatusCallback | None = None) -> IndexInfo:
+        """Rebuild an index's first stage from its stored vectors, optionally switching to another
+        ANN spec (parameters not given keep their current values when the method stays)."""
+        target = self.index(name)
+        current = parse_ann(target.ann, target.ann_params)
+        wanted = current if ann is None else parse_ann(
+            ann, target.ann_params if ann.split("/")[0].strip().lower() == current.method else None)
+        if on_status:
+            on_status(f"rebuilding {name!r} as {wanted}")
+        with self.database.engine.begin() as conn:
+            store.drop_ann(conn, target)
+            target = store.set_ann(conn, target, wanted)
+            if not wanted.python_side:
+                store.clear_codes(conn, target)
+        self.layer.forget(target.id)
+        self.layer.sync(target, retrain=True)
+        with self.database.connect() as conn:
+            return IndexInfo.of(target, store.count_vectors(conn, target))
 
     def index(self, name: str = DEFAULT_INDEX) -> SearchIndex:
         """The named index; ``default`` is created with the default extractor on first use."""
@@ -129,7 +164,7 @@ class Imgdb:
         """Add files, folders (recursively) and URLs to ``index``; see :class:`~imgdb.ingest.Ingester`."""
         target = self.index(index)
         metadata = load_metadata_file(Path(metadata_file)) if metadata_file else None
-        ingester = Ingester(self.database, target, self.extractor(target), self.settings)
+        ingester = Ingester(self.database, target, self.extractor(target), self.settings, self.layer)
         return ingester.run(paths, meta=meta, metadata=metadata, on_progress=on_progress, on_status=on_status)
 
     def train(self, index: str, paths: Iterable[str | Path] = (), *,
@@ -149,7 +184,7 @@ class Imgdb:
         todo = list(sources.expand(paths)) or stored
         if not todo:
             raise ImgdbError(f"nothing to train {target.name!r} on: give images, or ingest some first")
-        ingester = Ingester(self.database, target, extractor, self.settings)
+        ingester = Ingester(self.database, target, extractor, self.settings, self.layer)
         ingester.train(todo, on_status)
         if not stored:
             return None
@@ -158,6 +193,33 @@ class Imgdb:
         if on_status:
             on_status(f"re-encoding the {len(stored)} images of {target.name!r}")
         return ingester.run(stored, on_progress=on_progress)
+
+    def add_vectors(self, ids: Sequence[int], vectors: np.ndarray, *, index: str) -> int:
+        """Store vectors computed elsewhere for images already in the database (an ``external``
+        index, or precomputed descriptors); returns how many were added (ids already in the index
+        are left as they are). A load that at least doubles the index builds its ANN index once at
+        the end; a Python-side first stage that is not trained yet learns from these vectors first."""
+        target = self.index(index)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != target.dim or len(vectors) != len(ids):
+            raise ImgdbError(f"index {target.name!r} needs {len(ids)} vectors of {target.dim} dimensions, "
+                             f"got an array of shape {vectors.shape}")
+        codes_index = self.layer.train_from(target, vectors)
+        ids_array = np.asarray(ids, dtype=np.int64)
+        with self.database.engine.begin() as conn:
+            present = store.ids_with_vectors(conn, target, ids_array.tolist())
+            if len(ids_array) - len(present) >= store.count_vectors(conn, target):
+                store.drop_ann(conn, target)
+        keep = np.flatnonzero(~np.isin(ids_array, list(present)))
+        try:
+            for start in range(0, len(keep), 100_000):
+                rows = keep[start:start + 100_000]
+                codes = codes_index.codes_for(vectors[rows]) if codes_index is not None else None
+                with self.database.engine.begin() as conn:
+                    store.copy_vectors(conn, target, ids_array[rows].tolist(), vectors[rows], codes)
+        finally:
+            self.layer.sync(target)
+        return len(keep)
 
     def delete(self, ids: Sequence[int]) -> int:
         """Remove images and their vectors from every index; returns how many existed."""
@@ -170,17 +232,25 @@ class Imgdb:
         """The descriptor ``index`` would store for ``query`` (unit length, float32)."""
         return self._query_vector(self.index(index), query)
 
-    def search(self, query: Query, *, k: int = 10, filters: Sequence[str] = (),
-               index: str = DEFAULT_INDEX) -> list[store.Hit]:
-        """The ``k`` images most similar to ``query`` that pass ``filters`` (CLI ``--filter`` syntax)."""
+    def search(self, query: Query, *, k: int = 10, filters: Sequence[str] = (), index: str = DEFAULT_INDEX,
+               rerank: str = "exact", candidates: int | None = None) -> list[sql.Hit]:
+        """The ``k`` images most similar to ``query`` that pass ``filters`` (CLI ``--filter`` syntax).
+
+        ``rerank``: ``exact`` re-ranks the first stage's ``candidates`` by their exact distance to
+        the stored vectors, ``pq`` keeps them in product-quantization order, ``none`` in the first
+        stage's own order (see :class:`~imgdb.ann.layer.AnnLayer`).
+        """
         if k < 1:
             raise ImgdbError(f"k must be at least 1, not {k}")
+        if candidates is not None and candidates < 1:
+            raise ImgdbError(f"candidates must be at least 1, not {candidates}")
         clauses = parse_filters(filters)
-        target = self.index(index)
-        vector = self._query_vector(target, query)
-        with self.database.engine.begin() as conn:
-            store.ensure_ann(conn, target)  # rebuilds it if an interrupted bulk load left it dropped
-            return store.search(conn, target, vector, k, clauses)
+        with self.database.search_connection() as conn:
+            target = sql.lookup(conn, index)
+        if target is None:
+            target = sql.Target(self.index(index), has_ann=False)  # creates `default`, or says what is missing
+        vector = self._query_vector(target.index, query)
+        return self.layer.search(target, vector, k, clauses, rerank=rerank, candidates=candidates)
 
     def _query_vector(self, index: SearchIndex, query: Query) -> np.ndarray:
         if isinstance(query, np.ndarray):

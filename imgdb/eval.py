@@ -2,9 +2,11 @@
 
 The gallery (``images/``) is ingested into the index if needed, with ``metadata.json`` as its user
 metadata. Gallery images are matched to database rows by content hash, so a gallery ingested earlier
-from another path still counts. Every query is ranked against the *whole* gallery exactly (mAP needs
-the full ranking), a query that is itself a gallery image is left out of its own ranking, and
-``junk`` images are removed before scoring (the Oxford/Paris protocol).
+from another path still counts. Every query runs through the search path users get (first stage and
+re-rank, with the ``rerank``/``candidates`` options of a search) for the top of its ranking; mAP
+needs the full ranking, so the rest of the gallery follows in exact distance order. A query that is
+itself a gallery image is left out of its own ranking, and ``junk`` images are removed before
+scoring (the Oxford/Paris protocol).
 """
 
 from __future__ import annotations
@@ -63,8 +65,13 @@ def _read_json(path: Path) -> Any:
         raise ImgdbError(f"cannot read {path}: {exc}") from None
 
 
-def evaluate(db: Imgdb, dataset: str | Path, *, index: str = "default",
-             on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None) -> EvalReport:
+#: Results taken from the search path per query; the rest of the ranking is exact.
+SEARCH_DEPTH = 100
+
+
+def evaluate(db: Imgdb, dataset: str | Path, *, index: str = "default", rerank: str = "exact",
+             candidates: int | None = None, on_progress: ProgressCallback | None = None,
+             on_status: StatusCallback | None = None) -> EvalReport:
     """Ingest ``dataset``'s gallery into ``index`` if needed, run its queries, and score them."""
     root = Path(sources.absolute(dataset))  # symlinks kept, as the gallery walk keeps them
     gallery_dir = root / "images"
@@ -96,12 +103,14 @@ def evaluate(db: Imgdb, dataset: str | Path, *, index: str = "default",
         query_path = entry["query"]
         self_id = id_of.get(query_path)
         vector = gallery[row_of[self_id]] if self_id is not None else db.embed(root / query_path, index=index)
-        distances = np.linalg.norm(gallery - vector, axis=1)
+        head = [hit.id for hit in db.search(vector, k=min(SEARCH_DEPTH, len(gallery_ids)), index=index,
+                                            rerank=rerank, candidates=candidates) if hit.id in row_of]
+        tail = [gallery_ids[r] for r in np.argsort(np.linalg.norm(gallery - vector, axis=1), kind="stable")]
         excluded = {id_of[p] for p in entry.get("junk", []) if p in id_of}
         if self_id is not None:
             excluded.add(self_id)
         relevant = {id_of[p] for p in entry["relevant"] if p in id_of}
-        order = [gallery_ids[r] for r in np.argsort(distances, kind="stable") if gallery_ids[r] not in excluded]
+        order = [i for i in dict.fromkeys(head + tail) if i not in excluded]
         mask = np.fromiter((image_id in relevant for image_id in order), dtype=bool, count=len(order))
         ap = average_precision(mask)
         first = int(np.argmax(mask)) + 1 if mask.any() else None

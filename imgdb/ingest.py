@@ -3,9 +3,10 @@
 Per image, in worker threads: read (or fetch) the bytes, hash them, skip content the index already
 holds, decode safely, and let the extractor prepare the pixels. In the main thread, in order: batch
 the prepared images through the extractor and write each batch in its own transaction (images upserted
-by content hash, vectors by binary COPY). A crash or Ctrl-C therefore loses at most the batch in
-flight, and a rerun skips everything committed. When a load at least doubles an index, its ANN index
-is dropped first and built once at the end, instead of growing the graph vector by vector.
+by content hash, vectors and their first-stage codes by binary COPY). A crash or Ctrl-C therefore
+loses at most the batch in flight, and a rerun skips everything committed. When a load at least
+doubles an index, its ANN index is dropped first and built once at the end, instead of growing the
+graph vector by vector; a Python-side first stage is trained at the end of the first load.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imgdb.ann.layer import AnnLayer
 from imgdb.config import Settings
 from imgdb.db import store
 from imgdb.db.engine import Database
@@ -92,11 +94,15 @@ def load_metadata_file(path: Path) -> dict[str, dict[str, Any]]:
 class Ingester:
     """Ingest sources into one index with one extractor."""
 
-    def __init__(self, db: Database, index: SearchIndex, extractor: Extractor, settings: Settings) -> None:
+    def __init__(self, db: Database, index: SearchIndex, extractor: Extractor, settings: Settings,
+                 layer: AnnLayer) -> None:
         self.db = db
         self.index = index
         self.extractor = extractor
         self.settings = settings
+        self.layer = layer
+        #: The index's Python-side first stage, if it has one: new vectors are written with their codes.
+        self.codes = layer.code_index(index)
 
     def train(self, todo: Sequence[str], on_status: StatusCallback | None = None) -> None:
         """Fit a trainable extractor on a random sample of ``todo`` and store what it learned."""
@@ -149,8 +155,7 @@ class Ingester:
                 with self.db.engine.begin() as conn:
                     store.merge_metadata(conn, relabel)
         finally:
-            with self.db.engine.begin() as conn:
-                store.ensure_ann(conn, self.index)
+            self.layer.sync(self.index)
         report.seconds = time.perf_counter() - started
         return report
 
@@ -175,13 +180,15 @@ class Ingester:
         if not batch:
             return
         vectors = self.extractor.embed([item.prepared for item in batch])
+        codes = self.codes.codes_for(vectors) if self.codes is not None else None
         rows = [(item.uri, item.facts, {**meta, **metadata.get(item.uri, {})}) for item in batch]
         with self.db.engine.begin() as conn:
             ids = store.upsert_images(conn, rows)
             # Another process may have indexed the same content meanwhile: count it, don't collide.
             present = store.ids_with_vectors(conn, self.index, ids)
             keep = [i for i, image_id in enumerate(ids) if image_id not in present]
-            store.copy_vectors(conn, self.index, [ids[i] for i in keep], vectors[keep])
+            store.copy_vectors(conn, self.index, [ids[i] for i in keep], vectors[keep],
+                               None if codes is None else codes[keep])
         report.added += len(keep)
         report.duplicates += len(ids) - len(keep)
 

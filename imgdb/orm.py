@@ -4,7 +4,8 @@
 indexes, each with its extractor spec and ANN settings; ``index_state`` keeps whatever an extractor
 learned from the collection (codebooks, PCA matrices) as named arrays, so that a query months later is
 encoded exactly as the collection was. Each index's vectors live in a table of their own,
-``imgdb_vectors_<name>``, because pgvector indexes need one fixed dimension per column; map it with
+``imgdb_vectors_<name>``, because pgvector indexes need one fixed dimension per column (``vector``, or
+``halfvec`` at half the bytes); map it with
 :func:`vectors_model`::
 
     from sqlalchemy import select
@@ -67,6 +68,8 @@ class SearchIndex(Base):
     storage: Mapped[str] = mapped_column(Text, server_default="vector")
     ann: Mapped[str] = mapped_column(Text, server_default="hnsw")
     ann_params: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    #: Goes up with every statement that writes this index's vectors (a trigger on its table).
+    version: Mapped[int] = mapped_column(BigInteger, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     @property
@@ -78,6 +81,11 @@ class SearchIndex(Base):
     def relation(self) -> str:
         """The view that plain SQL queries: every ``images`` column plus ``embedding``."""
         return f"images_{self.name}"
+
+    @property
+    def ann_index(self) -> str:
+        """The pgvector HNSW/IVFFlat index on :attr:`vectors_table`, when the method has one."""
+        return f"{self.vectors_table}_ann"
 
 
 class IndexState(Base):
@@ -115,7 +123,9 @@ def vectors_model(session: Session, name: str) -> type[Base]:
                 "__table_args__": {"info": {"per_index": True}, "extend_existing": True},
                 "image_id": mapped_column(BigInteger, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
                 "embedding": mapped_column(column_type),
-                "__annotations__": {"image_id": Mapped[int], "embedding": Mapped[Any]},
+                # The vector's PQ/LSH code, for indexes whose first stage runs in Python.
+                "ann_code": mapped_column(LargeBinary, nullable=True),
+                "__annotations__": {"image_id": Mapped[int], "embedding": Mapped[Any], "ann_code": Mapped[Any]},
             },
         )
     return _vector_models[key]

@@ -21,6 +21,12 @@ app.add_typer(db_app, name="db")
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on failure.")]
 IndexName = Annotated[str, typer.Option("--index", "-i", help="Index to use.")]
+AnnHelp = ("First stage: hnsw, ivfflat, bq (pgvector), pq, ivfpq, lsh, kdtree (Python-side codes) or none, "
+           "with options, e.g. hnsw/m=32/ef_search=80, ivfpq/lists=4096/probes=32.")
+Rerank = Annotated[str, typer.Option("--rerank", help="exact: re-rank the candidates by their stored vectors; "
+                                     "pq: by product-quantization distance; none: first-stage order.")]
+Candidates = Annotated[Optional[int], typer.Option("--candidates", min=1, help="First-stage candidates to re-rank "
+                                                   "(default: 10 per result for approximate first stages).")]
 
 
 def _client():  # noqa: ANN202 - imported lazily: `imgdb --help` should not pay for torch
@@ -73,12 +79,13 @@ def search(
     index: IndexName = "default",
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results.")] = 10,
     filters: Annotated[Optional[list[str]], typer.Option("--filter", "-f", help="FIELD OP VALUE, e.g. meta.author=Joan Miró, width>=800.")] = None,
+    rerank: Rerank = "exact", candidates: Candidates = None,
     as_json: Json = False, debug: Debug = False,
 ) -> None:
     """Find the images most similar to QUERY."""
 
     def run() -> None:
-        hits = _client().search(query, k=k, filters=filters or [], index=index)
+        hits = _client().search(query, k=k, filters=filters or [], index=index, rerank=rerank, candidates=candidates)
         if as_json:
             emit_json([hit.to_json() for hit in hits])
             return
@@ -126,6 +133,7 @@ def evaluate(
     dataset: Annotated[Path, typer.Argument(help="Data set folder: images/, queries.json, optional metadata.json.")],
     index: IndexName = "default",
     per_query: Annotated[bool, typer.Option("--per-query", help="Include every query's result.")] = False,
+    rerank: Rerank = "exact", candidates: Candidates = None,
     as_json: Json = False, debug: Debug = False,
 ) -> None:
     """Measure retrieval quality (mAP, recall@1, recall@10) on a data set."""
@@ -134,7 +142,8 @@ def evaluate(
         from imgdb.eval import evaluate as run_eval
 
         with progress_bar("ingesting gallery") as on_progress:
-            report = run_eval(_client(), dataset, index=index, on_progress=on_progress, on_status=say)
+            report = run_eval(_client(), dataset, index=index, rerank=rerank, candidates=candidates,
+                              on_progress=on_progress, on_status=say)
         if as_json:
             emit_json(report.to_json(per_query))
             return
@@ -170,7 +179,8 @@ def extractors(as_json: Json = False, debug: Debug = False) -> None:
 def index_create(
     name: Annotated[str, typer.Argument(help="Index name: lower-case letters, digits, _.")],
     extractor: Annotated[Optional[str], typer.Option("--extractor", "-e", help="Extractor spec (see `imgdb extractors`).")] = None,
-    ann: Annotated[str, typer.Option("--ann", help="hnsw, ivfflat or none.")] = "hnsw",
+    ann: Annotated[str, typer.Option("--ann", help=AnnHelp)] = "hnsw",
+    storage: Annotated[str, typer.Option("--storage", help="vector (float32) or halfvec (float16: half the bytes, indexable to 4000 dims).")] = "vector",
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Local state_dict for a CNN backbone.")] = None,
     as_json: Json = False, debug: Debug = False,
 ) -> None:
@@ -182,8 +192,25 @@ def index_create(
         spec = extractor or DEFAULT_SPEC
         if weights is not None:
             spec += f"/weights={weights.expanduser().resolve()}"
-        info = _client().create_index(name, spec, ann)
-        emit_json(info.to_json()) if as_json else stdout.print(f"created {info.name}: {info.extractor} ({info.dim} dims, {info.ann})")
+        info = _client().create_index(name, spec, ann, storage)
+        emit_json(info.to_json()) if as_json else stdout.print(
+            f"created {info.name}: {info.extractor} ({info.dim} dims, {info.storage}, {info.ann})", markup=False)
+
+    guarded(debug, run)
+
+
+@index_app.command("rebuild")
+def index_rebuild(
+    name: Annotated[str, typer.Argument(help="Index to rebuild.")],
+    ann: Annotated[Optional[str], typer.Option("--ann", help="Switch to this ANN spec (default: keep the current one). " + AnnHelp)] = None,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Rebuild an index's first stage from its stored vectors (retrains PQ/LSH codes)."""
+
+    def run() -> None:
+        info = _client().rebuild_index(name, ann, on_status=say)
+        emit_json(info.to_json()) if as_json else stdout.print(f"rebuilt {info.name}: {info.ann} over {info.images} vectors",
+                                                               markup=False)
 
     guarded(debug, run)
 
@@ -215,9 +242,9 @@ def index_list(as_json: Json = False, debug: Debug = False) -> None:
         if as_json:
             emit_json([info.to_json() for info in infos])
             return
-        table = Table("name", "extractor", "dim", "images", "ann")
+        table = Table("name", "extractor", "dim", "storage", "images", "ann")
         for info in infos:
-            table.add_row(info.name, info.extractor, str(info.dim), str(info.images), info.ann)
+            table.add_row(info.name, info.extractor, str(info.dim), info.storage, str(info.images), str(info.ann))
         stdout.print(table)
 
     guarded(debug, run)

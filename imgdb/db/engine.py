@@ -8,8 +8,11 @@ from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
+import psycopg
 import sqlalchemy as sa
 from alembic import command
+from pgvector.psycopg import register_vector
+from psycopg_pool import ConnectionPool, PoolTimeout
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -101,6 +104,22 @@ class Database:
         with conn:
             yield conn
 
+    @cached_property
+    def pool(self) -> ConnectionPool:
+        """Autocommit psycopg connections with pgvector's types, for the search path
+        (:mod:`imgdb.db.search`); the engine serves everything else."""
+        return ConnectionPool(self.url, min_size=1, max_size=16, kwargs={"autocommit": True},
+                              configure=register_vector, open=True, name="imgdb-search")
+
+    @contextmanager
+    def search_connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled search connection, with an unreachable server turned into a one-line error."""
+        try:
+            with self.pool.connection(timeout=10) as conn:
+                yield conn
+        except PoolTimeout as exc:
+            raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """An ORM session that commits on success and rolls back on error."""
@@ -108,4 +127,6 @@ class Database:
             yield session
 
     def dispose(self) -> None:
+        if "pool" in self.__dict__:
+            self.__dict__.pop("pool").close()
         self.engine.dispose()

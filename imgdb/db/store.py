@@ -3,40 +3,44 @@
 Everything else in imgdb talks to PostgreSQL through these functions. Per index ``NAME`` there are
 three objects besides its ``indexes`` row:
 
-* ``imgdb_vectors_NAME (image_id, embedding)``: the vectors, one fixed dimension per table, since a
-  pgvector index needs one;
-* ``imgdb_vectors_NAME_ann``: its HNSW or IVFFlat index (``vector_l2_ops``; vectors are unit length,
-  so L2 ranks like cosine);
+* ``imgdb_vectors_NAME (image_id, embedding, ann_code)``: the vectors (``vector`` or ``halfvec``, one
+  fixed dimension per table, since a pgvector index needs one) and, for the Python-side first
+  stages, each vector's PQ/LSH code; a statement trigger bumps ``indexes.version`` on every write;
+* ``imgdb_vectors_NAME_ann``: its HNSW or IVFFlat index (L2 ops; extractors' vectors are unit length,
+  so L2 ranks like cosine), or for binary quantization an HNSW index on the vectors' sign bits;
 * ``images_NAME``: a view joining ``images`` to the vectors, the relation plain SQL queries.
+
+The search statements live in :mod:`imgdb.db.search`.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
+from pgvector import HalfVector
 from pgvector.psycopg import register_vector
-from pgvector.sqlalchemy import Vector
+from pgvector.sqlalchemy import HALFVEC, Vector
 from psycopg.types.json import Jsonb
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.elements import ColumnElement
 
+from imgdb.ann.spec import AnnSpec, parse_ann
 from imgdb.errors import ImgdbError, IndexExists, IndexNotFound
-from imgdb.features.whitening import MAX_INDEXED_DIM
 from imgdb.io.reader import ImageFacts
 from imgdb.orm import Image, IndexState, SearchIndex
 
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-ANN_METHODS = ("hnsw", "ivfflat", "none")
-HNSW_DEFAULTS = {"m": 16, "ef_construction": 64, "ef_search": 40}
-#: IVFFlat lists visited per query (pgvector's own default of 1 misses too much).
-IVFFLAT_PROBES = 10
+STORAGES = ("vector", "halfvec")
+#: pgvector's limits on indexed dimensions, per column type (binary quantization indexes bits).
+INDEXED_DIM_LIMIT = {"vector": 2000, "halfvec": 4000, "bit": 64000}
+#: Rows per page when reading a whole index's vectors or codes back.
+READ_PAGE = 65_536
 
 _images = Image.__table__
 
@@ -67,20 +71,15 @@ def list_indexes(conn: Connection) -> list[tuple[SearchIndex, int]]:
     return [(index, count_vectors(conn, index)) for index in (SearchIndex(**row) for row in rows)]
 
 
-def create_index(conn: Connection, name: str, extractor: str, dim: int, ann: str = "hnsw",
-                 ann_params: dict[str, Any] | None = None) -> SearchIndex:
+def create_index(conn: Connection, name: str, extractor: str, dim: int, ann: AnnSpec,
+                 storage: str = "vector") -> SearchIndex:
     """Register an index and create its vector table, view and (empty) ANN index."""
     check_name(name)
-    if ann not in ANN_METHODS:
-        raise ImgdbError(f"unknown ANN method {ann!r}: use one of {', '.join(ANN_METHODS)}")
-    if ann != "none" and dim > MAX_INDEXED_DIM:
-        raise ImgdbError(f"{dim}-dimensional vectors are above pgvector's {MAX_INDEXED_DIM}-dimension index limit; use --ann none")
-    params = dict(HNSW_DEFAULTS) if ann == "hnsw" else {}
-    params.update(ann_params or {})
+    check_ann(ann, dim, storage)
     # ON CONFLICT rather than a look-up first: two processes may create the same index at once.
     row = conn.execute(
         pg_insert(SearchIndex.__table__)
-        .values(name=name, extractor=extractor, dim=dim, ann=ann, ann_params=params)
+        .values(name=name, extractor=extractor, dim=dim, ann=ann.method, ann_params=ann.params, storage=storage)
         .on_conflict_do_nothing(index_elements=["name"])
         .returning(*SearchIndex.__table__.c)
     ).mappings().first()
@@ -90,11 +89,35 @@ def create_index(conn: Connection, name: str, extractor: str, dim: int, ann: str
     conn.exec_driver_sql(
         f'CREATE TABLE "{index.vectors_table}" ('
         f" image_id bigint PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,"
-        f" embedding vector({dim}) NOT NULL)"
+        f" embedding {storage}({dim}) NOT NULL, ann_code bytea)"
+    )
+    conn.exec_driver_sql(
+        f'CREATE TRIGGER imgdb_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON "{index.vectors_table}"'
+        f" FOR EACH STATEMENT EXECUTE FUNCTION imgdb_index_changed('{index.id}')"
     )
     create_view(conn, index)
     ensure_ann(conn, index)
     return index
+
+
+def check_ann(ann: AnnSpec, dim: int, storage: str) -> None:
+    """Refuse an ANN method the vectors' type and dimension cannot have."""
+    if storage not in STORAGES:
+        raise ImgdbError(f"unknown storage {storage!r}: use vector or halfvec")
+    if ann.method in ("hnsw", "ivfflat") and dim > INDEXED_DIM_LIMIT[storage]:
+        hint = "--storage halfvec, " if storage == "vector" and dim <= INDEXED_DIM_LIMIT["halfvec"] else ""
+        raise ImgdbError(f"pgvector indexes {storage} columns of at most {INDEXED_DIM_LIMIT[storage]} dimensions, "
+                         f"these vectors have {dim}: use {hint}--ann bq, pq, ivfpq, lsh or none")
+    if ann.method == "bq" and dim > INDEXED_DIM_LIMIT["bit"]:
+        raise ImgdbError(f"binary quantization indexes at most {INDEXED_DIM_LIMIT['bit']} dimensions, not {dim}")
+
+
+def set_ann(conn: Connection, index: SearchIndex, ann: AnnSpec) -> SearchIndex:
+    """Switch an index to another ANN method or parameters (the caller rebuilds what it needs)."""
+    check_ann(ann, index.dim, index.storage)
+    table = SearchIndex.__table__
+    conn.execute(sa.update(table).where(table.c.id == index.id).values(ann=ann.method, ann_params=ann.params))
+    return require_index(conn, index.name)
 
 
 def create_view(conn: Connection, index: SearchIndex) -> None:
@@ -113,54 +136,68 @@ def drop_index(conn: Connection, name: str) -> None:
     conn.execute(sa.delete(SearchIndex.__table__).where(SearchIndex.id == index.id))
 
 
-def save_state(conn: Connection, index: SearchIndex, arrays: dict[str, np.ndarray]) -> None:
-    """Store an extractor's learned arrays (as ``.npy`` bytes) with the index."""
+def save_state(conn: Connection, index: SearchIndex, arrays: dict[str, np.ndarray], owner: str = "") -> None:
+    """Store learned arrays (as ``.npy`` bytes) with the index, replacing what ``owner`` stored before.
+
+    ``owner`` namespaces the keys: ``""`` for the extractor, ``"ann."`` for the index layer, so that
+    retraining one never erases the other.
+    """
     table = IndexState.__table__
-    conn.execute(sa.delete(table).where(table.c.index_id == index.id))
+    mine = table.c.key.startswith(owner) if owner else ~table.c.key.contains(".")
+    conn.execute(sa.delete(table).where(table.c.index_id == index.id, mine))
     for key, array in arrays.items():
         buffer = io.BytesIO()
         np.save(buffer, np.asarray(array), allow_pickle=False)
-        conn.execute(sa.insert(table).values(index_id=index.id, key=key, value=buffer.getvalue()))
+        conn.execute(sa.insert(table).values(index_id=index.id, key=owner + key, value=buffer.getvalue()))
 
 
-def load_state(conn: Connection, index: SearchIndex) -> dict[str, np.ndarray]:
+def load_state(conn: Connection, index: SearchIndex, owner: str = "") -> dict[str, np.ndarray]:
     table = IndexState.__table__
-    rows = conn.execute(sa.select(table.c.key, table.c.value).where(table.c.index_id == index.id))
-    return {key: np.load(io.BytesIO(value), allow_pickle=False) for key, value in rows}
+    mine = table.c.key.startswith(owner) if owner else ~table.c.key.contains(".")
+    rows = conn.execute(sa.select(table.c.key, table.c.value).where(table.c.index_id == index.id, mine))
+    return {key[len(owner):]: np.load(io.BytesIO(value), allow_pickle=False) for key, value in rows}
 
 
 # ---------------------------------------------------------------- ANN index
 
-def ann_name(index: SearchIndex) -> str:
-    return f"{index.vectors_table}_ann"
-
-
 def has_ann(conn: Connection, index: SearchIndex) -> bool:
-    return conn.execute(sa.select(sa.func.to_regclass(ann_name(index)))).scalar() is not None
+    return conn.execute(sa.select(sa.func.to_regclass(index.ann_index))).scalar() is not None
 
 
 def drop_ann(conn: Connection, index: SearchIndex) -> None:
     """Drop the ANN index before a bulk load: building it once afterwards is much faster than
     inserting every vector into the graph one by one."""
-    conn.exec_driver_sql(f'DROP INDEX IF EXISTS "{ann_name(index)}"')
+    conn.exec_driver_sql(f'DROP INDEX IF EXISTS "{index.ann_index}"')
 
 
 def ensure_ann(conn: Connection, index: SearchIndex) -> bool:
-    """Create the index's HNSW/IVFFlat index if it is missing; returns whether it built one."""
-    if index.ann == "none" or has_ann(conn, index):
+    """Create the index's pgvector index (HNSW, IVFFlat, or HNSW on sign bits) if it is missing;
+    returns whether it built one."""
+    ann = parse_ann(index.ann, index.ann_params)
+    if not ann.in_sql or has_ann(conn, index):
         return False
-    params = index.ann_params
-    # Session-local settings for the build: room to build the graph in memory, and parallel workers.
-    conn.exec_driver_sql("SET LOCAL maintenance_work_mem = '1GB'")
-    conn.exec_driver_sql("SET LOCAL max_parallel_maintenance_workers = 2")
-    if index.ann == "hnsw":
-        method = f"hnsw (embedding vector_l2_ops) WITH (m = {int(params['m'])}, ef_construction = {int(params['ef_construction'])})"
+    rows = count_vectors(conn, index)
+    p = ann.params
+    ops = f"{index.storage}_l2_ops"
+    if ann.method == "ivfflat":
+        method = f"ivfflat (embedding {ops}) WITH (lists = {p['lists'] or ivfflat_lists(rows)})"
     else:
-        rows = conn.exec_driver_sql(f'SELECT count(*) FROM "{index.vectors_table}"').scalar_one()
-        lists = int(params.get("lists") or ivfflat_lists(rows))
-        method = f"ivfflat (embedding vector_l2_ops) WITH (lists = {lists})"
-    conn.exec_driver_sql(f'CREATE INDEX IF NOT EXISTS "{ann_name(index)}" ON "{index.vectors_table}" USING {method}')
+        column = f"(binary_quantize(embedding)::bit({index.dim})) bit_hamming_ops" if ann.method == "bq" else f"embedding {ops}"
+        method = f"hnsw ({column}) WITH (m = {p['m']}, ef_construction = {p['ef_construction']})"
+    # Build settings for this transaction: the whole HNSW graph in memory (a graph that outgrows
+    # maintenance_work_mem is finished on disk, several times slower) and parallel workers.
+    conn.exec_driver_sql(f"SET LOCAL maintenance_work_mem = '{build_memory_mb(rows, index, p.get('m', 16))}MB'")
+    conn.exec_driver_sql(f"SET LOCAL max_parallel_maintenance_workers = {max(0, min(7, (os.cpu_count() or 2) - 1))}")
+    conn.exec_driver_sql(f'CREATE INDEX IF NOT EXISTS "{index.ann_index}" ON "{index.vectors_table}" USING {method}')
     return True
+
+
+def build_memory_mb(rows: int, index: SearchIndex, m: int) -> int:
+    """maintenance_work_mem for building the index's graph: its vectors, 2·m neighbour slots per
+    element at layer 0 (16 bytes each), element overhead, and a margin; between 64 MB and 8 GB."""
+    vector_bytes = index.dim * (2 if index.storage == "halfvec" else 4)
+    estimate = rows * (vector_bytes + 2 * m * 16 + 200) * 1.5
+    return int(min(max(estimate / 2**20, 64), 8192))
 
 
 def ivfflat_lists(rows: int) -> int:
@@ -213,16 +250,36 @@ def merge_metadata(conn: Connection, labels: dict[str, dict[str, Any]]) -> None:
     )
 
 
-def copy_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int], vectors: np.ndarray) -> None:
-    """Write vectors with binary COPY (the bulk of the bytes an ingest writes)."""
+def copy_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int], vectors: np.ndarray,
+                 codes: np.ndarray | None = None) -> None:
+    """Write vectors (and their first-stage codes) with binary COPY, the bulk of an ingest's bytes."""
     raw = conn.connection.driver_connection
     register_vector(raw)
+    half = index.storage == "halfvec"
     with raw.cursor().copy(
-        f'COPY "{index.vectors_table}" (image_id, embedding) FROM STDIN WITH (FORMAT BINARY)'
+        f'COPY "{index.vectors_table}" (image_id, embedding, ann_code) FROM STDIN WITH (FORMAT BINARY)'
     ) as copy:
-        copy.set_types(["int8", "vector"])
-        for image_id, vector in zip(ids, vectors):
-            copy.write_row((image_id, vector))
+        copy.set_types(["int8", index.storage, "bytea"])
+        for i, (image_id, vector) in enumerate(zip(ids, vectors)):
+            copy.write_row((image_id, HalfVector(vector) if half else vector,
+                            None if codes is None else codes[i].tobytes()))
+
+
+def write_codes(conn: Connection, index: SearchIndex, ids: np.ndarray, codes: np.ndarray) -> None:
+    """Set the first-stage codes of existing rows (after training, or a rebuild)."""
+    raw = conn.connection.driver_connection
+    raw.execute("CREATE TEMP TABLE imgdb_codes (image_id int8, ann_code bytea) ON COMMIT DROP")
+    with raw.cursor().copy("COPY imgdb_codes FROM STDIN WITH (FORMAT BINARY)") as copy:
+        copy.set_types(["int8", "bytea"])
+        for image_id, code in zip(ids.tolist(), codes):
+            copy.write_row((image_id, code.tobytes()))
+    raw.execute(f'UPDATE "{index.vectors_table}" v SET ann_code = c.ann_code FROM imgdb_codes c'
+                " WHERE v.image_id = c.image_id")
+    raw.execute("DROP TABLE imgdb_codes")
+
+
+def clear_codes(conn: Connection, index: SearchIndex) -> None:
+    conn.exec_driver_sql(f'UPDATE "{index.vectors_table}" SET ann_code = NULL WHERE ann_code IS NOT NULL')
 
 
 def index_uris(conn: Connection, index: SearchIndex) -> list[str]:
@@ -254,7 +311,7 @@ def vectors_table(index: SearchIndex) -> sa.Table:
     return sa.Table(
         index.vectors_table, sa.MetaData(),
         sa.Column("image_id", sa.BigInteger, primary_key=True),
-        sa.Column("embedding", Vector(index.dim)),
+        sa.Column("embedding", HALFVEC(index.dim) if index.storage == "halfvec" else Vector(index.dim)),
     )
 
 
@@ -271,55 +328,65 @@ def ids_with_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int]) -
 def stored_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int]) -> dict[int, np.ndarray]:
     table = vectors_table(index)
     rows = conn.execute(sa.select(table.c.image_id, table.c.embedding).where(table.c.image_id.in_(list(ids))))
-    return {image_id: np.asarray(vector, dtype=np.float32) for image_id, vector in rows}
+    return {image_id: _as_array(vector) for image_id, vector in rows}
 
 
-@dataclass(frozen=True)
-class Hit:
-    """One search result."""
-
-    id: int
-    uri: str
-    distance: float
-    metadata: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "uri": self.uri, "distance": self.distance, "metadata": self.metadata}
+def _as_array(vector: Any) -> np.ndarray:
+    return np.asarray(vector.to_numpy() if isinstance(vector, HalfVector) else vector, dtype=np.float32)
 
 
-def search(conn: Connection, index: SearchIndex, vector: np.ndarray, k: int,
-           filters: Sequence[ColumnElement[bool]] = ()) -> list[Hit]:
-    """The ``k`` images nearest ``vector`` in ``index`` that pass ``filters``, nearest first.
+def read_vectors(conn: Connection, index: SearchIndex, *, without_codes: bool = False,
+                 sample: int | None = None, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Image ids and vectors of a whole index (or of its rows lacking a code, or a fixed
+    pseudo-random sample), in id order, at most ``limit`` of them.
 
-    Served by the ANN index. With filters, pgvector 0.8's iterative index scan keeps walking the
-    graph until k rows pass them; if a very selective filter still leaves fewer than k (the scan has a
-    tuple budget), the query is answered exactly instead, so a filter never costs results.
+    Read as pages of ``string_agg(vector_send(...))``: one bytea per page instead of a Python
+    object per row, which makes reading a million vectors a matter of seconds.
     """
-    table = vectors_table(index)
-    distance = table.c.embedding.l2_distance(vector)
-    ef_search = max(int(index.ann_params.get("ef_search", HNSW_DEFAULTS["ef_search"])), k)
-    conn.exec_driver_sql(f"SET LOCAL hnsw.ef_search = {min(ef_search, 1000)}")
-    conn.exec_driver_sql(f"SET LOCAL ivfflat.probes = {int(index.ann_params.get('probes', IVFFLAT_PROBES))}")
-    if filters:
-        conn.exec_driver_sql("SET LOCAL hnsw.iterative_scan = strict_order")
-        conn.exec_driver_sql("SET LOCAL ivfflat.iterative_scan = relaxed_order")
-    hits = _nearest(conn, table, distance, k, filters)
-    if filters and len(hits) < k:
-        # `+ 0` hides the distance from the planner's index matching: an exact scan of what passes.
-        hits = _nearest(conn, table, distance + 0, k, filters)
-    return hits
+    where = "WHERE ann_code IS NULL" if without_codes else ""
+    source = f'"{index.vectors_table}"'
+    if sample is not None:
+        # Ordered by a hash of the id, not random(): every page must see the same sample.
+        source = f'(SELECT * FROM "{index.vectors_table}" ORDER BY hashint8(image_id) LIMIT {int(sample)})'
+    pages = _read_pages(conn, f"SELECT image_id, embedding FROM {source} s {where}",
+                        f"{index.storage}_send(embedding)", limit)
+    width, dtype = (4, ">f4") if index.storage == "vector" else (2, ">f2")
+    header = 4 // width  # vector_send starts with int16 dim and int16 unused
+    ids = np.concatenate([p[0] for p in pages]) if pages else np.empty(0, np.int64)
+    blob = b"".join(p[1] for p in pages)
+    vectors = np.frombuffer(blob, dtype=dtype).reshape(len(ids), index.dim + header)[:, header:]
+    return ids, vectors.astype(np.float32)
 
 
-def _nearest(conn: Connection, table: sa.Table, distance: ColumnElement[float], k: int,
-             filters: Sequence[ColumnElement[bool]]) -> list[Hit]:
-    query = (
-        sa.select(_images.c.id, _images.c.uri, _images.c.metadata, distance.label("distance"))
-        .join(table, table.c.image_id == _images.c.id)
-        .where(*filters)
-        .order_by(distance)
-        .limit(k)
-    )
-    rows = conn.execute(query).all()
-    # relaxed_order (IVFFlat) may return rows slightly out of order; the caller gets them sorted.
-    return sorted((Hit(r.id, r.uri, float(r.distance), r.metadata) for r in rows), key=lambda h: h.distance)
+def read_codes(conn: Connection, index: SearchIndex) -> tuple[np.ndarray, bytes]:
+    """Image ids (in order) and their concatenated codes, for rows that have one."""
+    pages = _read_pages(conn, f'SELECT image_id, ann_code FROM "{index.vectors_table}" WHERE ann_code IS NOT NULL',
+                        "ann_code")
+    ids = np.concatenate([p[0] for p in pages]) if pages else np.empty(0, np.int64)
+    return ids, b"".join(p[1] for p in pages)
 
+
+def _read_pages(conn: Connection, rows_sql: str, payload: str,
+                limit: int | None = None) -> list[tuple[np.ndarray, bytes]]:
+    """Pages of ``(ids, concatenated payload)`` over ``rows_sql``, by keyset on ``image_id``."""
+    raw = conn.connection.driver_connection
+    pages: list[tuple[np.ndarray, bytes]] = []
+    last, read = -1, 0
+    while limit is None or read < limit:
+        ids_blob, data = raw.execute(
+            f"SELECT string_agg(int8send(image_id), '' ORDER BY image_id), string_agg({payload}, '' ORDER BY image_id)"
+            f" FROM (SELECT * FROM ({rows_sql}) r WHERE image_id > %s ORDER BY image_id LIMIT {READ_PAGE}) page",
+            (last,),
+        ).fetchone()
+        if ids_blob is None:
+            return pages
+        ids = np.frombuffer(ids_blob, dtype=">i8").astype(np.int64)
+        pages.append((ids, bytes(data)))
+        last, read = int(ids[-1]), read + len(ids)
+        if len(ids) < READ_PAGE:
+            return pages
+    return pages
+
+
+def index_version(conn: Connection, index: SearchIndex) -> int:
+    return int(conn.execute(sa.select(SearchIndex.version).where(SearchIndex.id == index.id)).scalar_one())

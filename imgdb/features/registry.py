@@ -22,6 +22,7 @@ BUILTIN: dict[str, str] = {
     "vlad": "imgdb.features.codebook:CodebookExtractor",
     "fisher": "imgdb.features.codebook:CodebookExtractor",
     "mop": "imgdb.features.mop:MopExtractor",
+    "external": "imgdb.features.external:ExternalVectors",
 }
 
 #: What an index gets when created without ``--extractor``.

@@ -1,0 +1,180 @@
+"""The index layer: keeps every index's first stage current and answers queries through it.
+
+A query is a first stage, then a re-rank:
+
+* pgvector first stages (HNSW, IVFFlat, binary quantization) run inside PostgreSQL, re-rank
+  included, in one statement (:func:`imgdb.db.search.nearest`);
+* Python-side first stages (PQ, IVF-PQ, LSH, KD-tree) run in this process over codes loaded from
+  PostgreSQL, and their candidates are re-ranked by the exact distance to the vectors stored in
+  PostgreSQL (``rerank="exact"``), or kept in the order of their PQ/LSH distances (``"pq"``/``"none"``);
+* ``none``, or a Python-side index that is not trained yet, is an exact scan in SQL.
+
+Python-side state lives in PostgreSQL: the trained quantizer in ``index_state`` (keys ``ann.*``),
+each vector's code in its row. Every write to an index bumps ``indexes.version`` (a trigger), and
+a searcher is reloaded when the version it was loaded at is no longer current, so codes added or
+deleted by any process are seen by the next query.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy.sql.elements import ColumnElement
+
+from imgdb.ann.codes import MAX_TRAIN, MIN_TRAIN, CodeIndex, Searcher, code_index
+from imgdb.ann.spec import CANDIDATES_PER_RESULT, RERANKS, AnnSpec, parse_ann
+from imgdb.db import search as sql
+from imgdb.db import store
+from imgdb.db.engine import Database
+from imgdb.errors import ImgdbError
+from imgdb.orm import SearchIndex
+
+#: Namespace of the index layer's arrays in ``index_state``.
+STATE_OWNER = "ann."
+#: Rows encoded per chunk when codes are (re)computed for stored vectors.
+ENCODE_CHUNK = 65_536
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    version: int
+    codes: CodeIndex
+    searcher: Searcher
+
+
+class AnnLayer:
+    """One process's view of the index layer (thread-safe: the web server shares it)."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._loaded: dict[int, _Loaded] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ writes
+
+    def code_index(self, index: SearchIndex) -> CodeIndex | None:
+        """The index's Python-side first stage with its trained state, or None for pgvector methods."""
+        ann = parse_ann(index.ann, index.ann_params)
+        if not ann.python_side:
+            return None
+        codes = code_index(ann, index.dim)
+        with self.database.connect() as conn:
+            codes.load_state(store.load_state(conn, index, STATE_OWNER))
+        return codes
+
+    def sync(self, index: SearchIndex, *, retrain: bool = False) -> None:
+        """Bring the first stage up to date after writes: build a missing pgvector index, or train
+        the quantizer (once there are enough vectors, or again with ``retrain``) and encode the rows
+        that have no code yet."""
+        with self.database.engine.begin() as conn:
+            store.ensure_ann(conn, index)
+        codes = self.code_index(index)
+        if codes is None or not codes.uses_codes:
+            return
+        with self.database.engine.begin() as conn:
+            if retrain or not codes.trained:
+                if store.count_vectors(conn, index) < MIN_TRAIN:
+                    return
+                _, sample = store.read_vectors(conn, index, sample=MAX_TRAIN)
+                store.save_state(conn, index, codes.train(sample), STATE_OWNER)
+                store.clear_codes(conn, index)
+            while True:
+                ids, vectors = store.read_vectors(conn, index, without_codes=True, limit=ENCODE_CHUNK)
+                if not len(ids):
+                    break
+                store.write_codes(conn, index, ids, codes.encode(vectors))
+
+    def train_from(self, index: SearchIndex, vectors: np.ndarray) -> CodeIndex | None:
+        """Train an untrained Python-side first stage on vectors about to be written (a bulk load
+        of vectors made elsewhere), so that they are written with their codes in one pass."""
+        codes = self.code_index(index)
+        if codes is None or not codes.uses_codes or codes.trained or len(vectors) < MIN_TRAIN:
+            return codes
+        rows = np.random.default_rng(0).permutation(len(vectors))[:MAX_TRAIN]
+        state = codes.train(vectors[np.sort(rows)])
+        with self.database.engine.begin() as conn:
+            store.save_state(conn, index, state, STATE_OWNER)
+        return codes
+
+    # ------------------------------------------------------------ reads
+
+    def searcher(self, index: SearchIndex) -> Searcher | None:
+        """The in-memory first stage of a Python-side index at its current version (None while
+        it is untrained: the query is then answered exactly)."""
+        cached = self._loaded.get(index.id)
+        if cached is not None and cached.version == index.version:
+            return cached.searcher
+        with self._lock:
+            cached = self._loaded.get(index.id)
+            if cached is None or cached.version != index.version:
+                loaded = self._load(index)
+                if loaded is None:
+                    return None
+                self._loaded[index.id] = cached = loaded
+        return cached.searcher
+
+    def _load(self, index: SearchIndex) -> _Loaded | None:
+        codes = code_index(parse_ann(index.ann, index.ann_params), index.dim)
+        # One snapshot: the version, the quantizer and the codes must agree.
+        with self.database.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
+            with conn.begin():
+                version = store.index_version(conn, index)
+                codes.load_state(store.load_state(conn, index, STATE_OWNER))
+                if not codes.trained:
+                    return None
+                if not codes.uses_codes:
+                    ids, data = store.read_vectors(conn, index)
+                else:
+                    ids, blob = store.read_codes(conn, index)
+                    data = np.frombuffer(blob, dtype=np.uint8).reshape(len(ids), codes.code_size)
+                    # Rows written by plain SQL since the last ingest have no code yet: encode them here.
+                    extra_ids, extra = store.read_vectors(conn, index, without_codes=True)
+                    if len(extra_ids):
+                        ids = np.concatenate([ids, extra_ids])
+                        data = np.concatenate([data, codes.encode(extra)])
+        return _Loaded(version, codes, codes.searcher(ids, data))
+
+    def forget(self, index_id: int) -> None:
+        """Drop a cached searcher (its index was dropped or rebuilt)."""
+        self._loaded.pop(index_id, None)
+
+    def search(self, target: sql.Target, vector: np.ndarray, k: int,
+               filters: Sequence[ColumnElement[bool]] = (), *, rerank: str = "exact",
+               candidates: int | None = None) -> list[sql.Hit]:
+        """The ``k`` nearest images that pass ``filters``: first stage, then re-rank (module doc).
+
+        ``candidates`` is how many first-stage results the re-rank sees (default: 10 per result for
+        approximate first stages). A filter that leaves fewer than ``k`` of them falls back to an
+        exact scan of what passes, so a filter never costs results.
+        """
+        index = target.index
+        ann = parse_ann(index.ann, index.ann_params)
+        check_rerank(ann, rerank)
+        if ann.in_sql and not target.has_ann:
+            # An interrupted bulk load dropped it; building it here heals the index for every client.
+            self.sync(index)
+        searcher = self.searcher(index) if ann.python_side else None
+        approximate = ann.method in ("bq", "pq", "ivfpq", "lsh")
+        n = max(candidates or (k * CANDIDATES_PER_RESULT if approximate and rerank == "exact" else k), k)
+        with self.database.search_connection() as conn:
+            if searcher is not None:
+                ids, distances = searcher.search(vector, n)
+                hits = sql.by_ids(conn, index, vector, ids, None if rerank == "exact" else distances, k, filters)
+            elif ann.python_side or ann.method == "none":
+                return sql.nearest(conn, index, ann, vector, k, k, filters, exact=True)
+            else:
+                hits = sql.nearest(conn, index, ann, vector, k, n, filters, rerank=rerank != "none")
+            if filters and len(hits) < k:
+                hits = sql.nearest(conn, index, ann, vector, k, k, filters, exact=True)
+        return hits
+
+
+def check_rerank(ann: AnnSpec, rerank: str) -> None:
+    if rerank not in RERANKS:
+        raise ImgdbError(f"unknown re-rank {rerank!r}: use one of {', '.join(RERANKS)}")
+    if rerank == "pq" and not ann.has_pq:
+        raise ImgdbError(f"--rerank pq needs product-quantization codes: this index's first stage is {ann.method} "
+                         "(create or rebuild it with --ann pq or ivfpq)")

@@ -1,0 +1,157 @@
+"""The statements a query runs, on pooled autocommit psycopg connections.
+
+Search is the latency-critical path, so it skips what the rest of imgdb happily pays for: no
+SQLAlchemy execution layer, no transaction (autocommit: no BEGIN/COMMIT round trips), pgvector's
+settings set once per connection and only when they change, and one statement per stage, which
+psycopg prepares after a few runs. Filters are compiled from the same SQLAlchemy clauses as
+everywhere else (:mod:`imgdb.db.filters`), then run here as plain SQL with bound parameters.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+import sqlalchemy as sa
+from pgvector import HalfVector
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.sql.elements import ColumnElement
+
+from imgdb.ann.spec import AnnSpec
+from imgdb.orm import SearchIndex
+
+#: pgvector stops growing the HNSW candidate list here.
+MAX_EF_SEARCH = 1000
+#: Settings every search connection carries: filtered queries keep scanning the index until k rows
+#: pass (strict order for HNSW; IVFFlat can only do relaxed order, and results are re-sorted here).
+SESSION_SETTINGS = {"hnsw.iterative_scan": "strict_order", "ivfflat.iterative_scan": "relaxed_order"}
+
+_settings: weakref.WeakKeyDictionary[psycopg.Connection, dict[str, str]] = weakref.WeakKeyDictionary()
+_dialect = postgresql.psycopg.dialect()
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result."""
+
+    id: int
+    uri: str
+    distance: float
+    metadata: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "uri": self.uri, "distance": self.distance, "metadata": self.metadata}
+
+
+@dataclass(frozen=True)
+class Target:
+    """An index as a query sees it: its registry row, change counter, and whether its pgvector
+    index exists (an interrupted bulk load can leave it dropped)."""
+
+    index: SearchIndex
+    has_ann: bool
+
+
+def lookup(conn: psycopg.Connection, name: str) -> Target | None:
+    """The index named ``name``, in one round trip."""
+    row = conn.cursor(row_factory=dict_row).execute(
+        "SELECT *, to_regclass('imgdb_vectors_' || name || '_ann') IS NOT NULL AS has_ann FROM indexes WHERE name = %s",
+        (name,),
+    ).fetchone()
+    if row is None:
+        return None
+    has_ann = row.pop("has_ann")
+    return Target(SearchIndex(**row), has_ann)
+
+
+def configure(conn: psycopg.Connection, wanted: dict[str, str]) -> None:
+    """Bring the connection's pgvector settings to ``wanted``, in one round trip if any differ."""
+    current = _settings.setdefault(conn, {})
+    changed = {k: v for k, v in {**SESSION_SETTINGS, **wanted}.items() if current.get(k) != v}
+    if changed:
+        calls = ", ".join("set_config(%s, %s, false)" for _ in changed)
+        conn.execute(f"SELECT {calls}", [x for kv in changed.items() for x in kv])
+        current.update(changed)
+
+
+def compile_filters(clauses: Sequence[ColumnElement[bool]]) -> tuple[str, dict[str, Any]]:
+    """``AND``-ed filter clauses as SQL on the ``images`` table, with their bound parameters."""
+    if not clauses:
+        return "TRUE", {}
+    compiled = sa.and_(*clauses).compile(dialect=_dialect, compile_kwargs={"render_postcompile": True})
+    # Values SQLAlchemy would serialise through the JSONB type (containment filters) go as Jsonb.
+    params = {k: Jsonb(v) if isinstance(v, (dict, list)) else v for k, v in compiled.params.items()}
+    return str(compiled), params
+
+
+def _param(index: SearchIndex, vector: np.ndarray) -> Any:
+    return HalfVector(vector) if index.storage == "halfvec" else np.asarray(vector, dtype=np.float32)
+
+
+def _hits(rows: Sequence[tuple[Any, ...]]) -> list[Hit]:
+    # IVFFlat's relaxed order may return rows slightly out of order: callers get them sorted.
+    return sorted((Hit(r[0], r[1], float(r[3]), r[2]) for r in rows), key=lambda h: h.distance)
+
+
+def nearest(conn: psycopg.Connection, index: SearchIndex, ann: AnnSpec, vector: np.ndarray, k: int,
+            candidates: int, filters: Sequence[ColumnElement[bool]] = (), *, exact: bool = False,
+            rerank: bool = True) -> list[Hit]:
+    """The ``k`` nearest images that pass ``filters``, with pgvector serving the first stage.
+
+    HNSW/IVFFlat: the index returns ``candidates`` rows (ef_search grows to match), the best ``k``
+    are kept. Binary quantization: ``candidates`` rows by Hamming distance of the sign bits,
+    re-ranked by the full vectors in the same statement (``rerank=False`` keeps the Hamming order).
+    ``exact`` hides the distance from the index (``+ 0``): an exact scan of what passes the filters.
+    """
+    where, params = compile_filters(filters)
+    params |= {"q": _param(index, vector), "k": k, "n": max(candidates, k)}
+    distance = "(v.embedding <-> %(q)s)" + (" + 0" if exact else "")
+    table = f'"{index.vectors_table}"'
+    select = "images.id, images.uri, images.metadata"
+    if ann.method == "bq" and not exact:
+        bits = f"binary_quantize(v.embedding)::bit({index.dim}) <~> binary_quantize(%(q)s)"
+        configure(conn, {"hnsw.ef_search": str(min(max(ann.params["ef_search"], candidates), MAX_EF_SEARCH))})
+        join = " JOIN images ON images.id = v.image_id" if filters else ""
+        inner = (f"SELECT v.image_id, v.embedding, {bits} AS hamming FROM {table} v{join}"
+                 f" WHERE {where} ORDER BY {bits} LIMIT %(n)s")
+        order = "c.embedding <-> %(q)s" if rerank else "c.hamming"
+        sql = (f"SELECT {select}, {order} AS d FROM ({inner}) c JOIN images ON images.id = c.image_id"
+               f" ORDER BY d LIMIT %(k)s")
+    else:
+        if ann.method == "hnsw":
+            configure(conn, {"hnsw.ef_search": str(min(max(ann.params["ef_search"], candidates), MAX_EF_SEARCH))})
+        elif ann.method == "ivfflat":
+            configure(conn, {"ivfflat.probes": str(ann.params["probes"])})
+        if filters:
+            sql = (f"SELECT {select}, {distance} AS d FROM {table} v"
+                   f" JOIN images ON images.id = v.image_id WHERE {where} ORDER BY {distance} LIMIT %(k)s")
+        else:
+            # The index scan alone, then ten primary-key look-ups: the planner never has to weigh
+            # the join against the index order.
+            sql = (f"SELECT {select}, c.d FROM (SELECT v.image_id, {distance} AS d FROM {table} v"
+                   f" ORDER BY {distance} LIMIT %(n)s) c JOIN images ON images.id = c.image_id ORDER BY c.d LIMIT %(k)s")
+    return _hits(conn.execute(sql, params, binary=True).fetchall())
+
+
+def by_ids(conn: psycopg.Connection, index: SearchIndex, vector: np.ndarray, ids: np.ndarray,
+           distances: np.ndarray | None, k: int, filters: Sequence[ColumnElement[bool]] = ()) -> list[Hit]:
+    """Candidates from a Python-side first stage, as hits: re-ranked by their exact distance to the
+    stored vectors (``distances`` None), or kept in first-stage order with those distances."""
+    where, params = compile_filters(filters)
+    params |= {"ids": ids.tolist(), "k": k}
+    if distances is None:
+        params["q"] = _param(index, vector)
+        sql = (f'SELECT images.id, images.uri, images.metadata, v.embedding <-> %(q)s AS d FROM "{index.vectors_table}" v'
+               f" JOIN images ON images.id = v.image_id WHERE v.image_id = ANY(%(ids)s) AND {where}"
+               f" ORDER BY d LIMIT %(k)s")
+        return _hits(conn.execute(sql, params, binary=True).fetchall())
+    sql = f"SELECT images.id, images.uri, images.metadata FROM images WHERE images.id = ANY(%(ids)s) AND {where}"
+    found = {r[0]: r for r in conn.execute(sql, params, binary=True).fetchall()}
+    hits = [Hit(int(i), found[i][1], float(d), found[i][2]) for i, d in zip(ids.tolist(), distances) if i in found]
+    return hits[:k]
