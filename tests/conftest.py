@@ -86,6 +86,16 @@ def sample_index(client, museum_sample: Path) -> str:  # noqa: ANN001
 
 
 @pytest.fixture(scope="session")
+def sample_ids(client, sample_index: str) -> list[int]:  # noqa: ANN001
+    """Ids of the sample index's images, in order (other tests may have added images before)."""
+    from imgdb.db import store
+
+    with client.database.connect() as conn:
+        ids, _ = store.read_vectors(conn, client.index(sample_index))
+    return ids.tolist()
+
+
+@pytest.fixture(scope="session")
 def http_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A real HTTP server on loopback serving a folder: (base URL, folder)."""
     folder = tmp_path_factory.mktemp("www")

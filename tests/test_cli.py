@@ -39,35 +39,37 @@ def test_ingest_meta_pairs_and_bad_pairs(sample_index: str, museum: Path) -> Non
     assert result.exit_code == 1 and "expected KEY=VALUE" in result.stderr
 
 
-def test_search_json_shape_and_filters(sample_index: str) -> None:
-    hits = run_json("search", "id:5", "-k", "3")
-    assert hits[0]["id"] == 5 and hits[0]["distance"] < 1e-4
+def test_search_json_shape_and_filters(sample_ids: list[int]) -> None:
+    hits = run_json("search", f"id:{sample_ids[5]}", "-k", "3")
+    assert hits[0]["id"] == sample_ids[5] and hits[0]["distance"] < 1e-4
     assert all(set(h) == {"id", "uri", "distance", "metadata"} for h in hits)
     author = hits[0]["metadata"]["author"]
-    filtered = run_json("search", "id:5", "-k", "50", "--filter", f"meta.author={author}")
+    filtered = run_json("search", f"id:{sample_ids[5]}", "-k", "50", "--filter", f"meta.author={author}")
     assert filtered and all(h["metadata"]["author"] == author for h in filtered)
 
 
-def test_embed_prints_a_literal_plain_sql_accepts(client, sample_index: str) -> None:  # noqa: ANN001
-    document = run_json("embed", "id:7")
+def test_embed_prints_a_literal_plain_sql_accepts(client, sample_ids: list[int]) -> None:  # noqa: ANN001
+    document = run_json("embed", f"id:{sample_ids[7]}")
     assert document["dim"] == len(document["vector"]) == 1280 and document["index"] == "default"
-    literal = runner.invoke(app, ["embed", "id:7"]).stdout.strip()
+    literal = runner.invoke(app, ["embed", f"id:{sample_ids[7]}"]).stdout.strip()
     assert literal.startswith("[") and literal.endswith("]")
     with client.database.connect() as conn:
         nearest = conn.exec_driver_sql(
             f"SELECT id FROM images_default ORDER BY embedding <-> '{literal}' LIMIT 1"
         ).scalar_one()
-    assert nearest == 7
+    assert nearest == sample_ids[7]
 
 
 def test_index_list_extractors_and_create(sample_index: str) -> None:
     listing = run_json("index", "list")
     default = next(i for i in listing if i["name"] == "default")
-    assert set(default) == {"name", "extractor", "dim", "images", "ann"} and default["images"] >= 40
+    assert {"name", "extractor", "dim", "images", "ann"} <= set(default) and default["images"] >= 40
+    assert default["ann"] == "hnsw" and default["ann_params"]["ef_search"] == 40 and default["storage"] == "vector"
     families = run_json("extractors")
     assert all({"family", "spec", "description"} <= set(f) for f in families)
     created = run_json("index", "create", "cli_made", "--extractor", "color:hsv/bins=6x6x6", "--ann", "ivfflat")
-    assert created == {"name": "cli_made", "extractor": "color:hsv/bins=6x6x6/size=256", "dim": 216, "images": 0, "ann": "ivfflat"}
+    assert created == {"name": "cli_made", "extractor": "color:hsv/bins=6x6x6/size=256", "dim": 216, "images": 0,
+                       "ann": "ivfflat", "ann_params": {"lists": 0, "probes": 10}, "storage": "vector"}
     result = runner.invoke(app, ["index", "create", "cli_made", "--extractor", "color"])
     assert result.exit_code == 1 and "exists already" in result.stderr
 

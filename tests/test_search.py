@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgdb.db import store
 from imgdb.errors import FetchError, FilterError, ImgdbError
 from tests.conftest import copy_image
 
@@ -18,14 +17,6 @@ from tests.conftest import copy_image
 @pytest.fixture(scope="module")
 def queries(museum_sample: Path) -> list[dict]:
     return json.loads((museum_sample / "queries.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def sample_ids(client, sample_index: str) -> list[int]:  # noqa: ANN001
-    """Ids of the images in the sample index (other test modules may have added images before)."""
-    with client.database.connect() as conn:
-        ids, _ = store.read_vectors(conn, client.index(sample_index))
-    return ids.tolist()
 
 
 def test_id_query_finds_itself_first(client, sample_ids: list[int]) -> None:  # noqa: ANN001

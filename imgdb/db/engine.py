@@ -12,7 +12,6 @@ import psycopg
 import sqlalchemy as sa
 from alembic import command
 from pgvector.psycopg import register_vector
-from psycopg_pool import ConnectionPool, PoolTimeout
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -105,20 +104,29 @@ class Database:
             yield conn
 
     @cached_property
-    def pool(self) -> ConnectionPool:
-        """Autocommit psycopg connections with pgvector's types, for the search path
-        (:mod:`imgdb.db.search`); the engine serves everything else."""
-        return ConnectionPool(self.url, min_size=1, max_size=16, kwargs={"autocommit": True},
-                              configure=register_vector, open=True, name="imgdb-search")
+    def search_engine(self) -> Engine:
+        """A second pool, of autocommit connections with pgvector's types registered, whose raw
+        psycopg connections serve the search path (:mod:`imgdb.db.search`): no transaction round
+        trips, no execution layer. Pre-ping stays on: after a server restart, a query should not fail."""
+        engine = sa.create_engine(sqlalchemy_url(self.url), isolation_level="AUTOCOMMIT", pool_pre_ping=True,
+                                  pool_size=8, max_overflow=24)
+        sa.event.listen(engine, "connect", lambda dbapi_connection, _record: register_vector(dbapi_connection))
+        return engine
 
     @contextmanager
     def search_connection(self) -> Iterator[psycopg.Connection]:
-        """A pooled search connection, with an unreachable server turned into a one-line error."""
+        """A pooled search connection (raw psycopg), with an unreachable server turned into a one-line error."""
         try:
-            with self.pool.connection(timeout=10) as conn:
-                yield conn
-        except PoolTimeout as exc:
-            raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc
+            pooled = self.search_engine.raw_connection()
+        except sa.exc.OperationalError as exc:
+            raise DatabaseError(f"cannot connect to PostgreSQL: {str(exc.orig).strip().splitlines()[0]}") from exc
+        try:
+            yield pooled.driver_connection
+        except psycopg.OperationalError:
+            pooled.invalidate()  # a broken connection must not go back to the pool
+            raise
+        finally:
+            pooled.close()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -127,6 +135,6 @@ class Database:
             yield session
 
     def dispose(self) -> None:
-        if "pool" in self.__dict__:
-            self.__dict__.pop("pool").close()
+        if "search_engine" in self.__dict__:
+            self.__dict__.pop("search_engine").dispose()
         self.engine.dispose()
