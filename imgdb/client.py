@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
+import psycopg
 from PIL import Image
 
 from imgdb.ann.layer import AnnLayer
@@ -103,7 +104,7 @@ class Imgdb:
         with self.database.engine.begin() as conn:
             index = store.require_index(conn, name)
             store.drop_index(conn, name)
-        self.layer.forget(index.id)
+        self.layer.forget(index)
 
     def rebuild_index(self, name: str, ann: str | None = None,
                       on_status: StatusCallback | None = None) -> IndexInfo:
@@ -120,7 +121,7 @@ class Imgdb:
             target = store.set_ann(conn, target, wanted)
             if not wanted.python_side:
                 store.clear_codes(conn, target)
-        self.layer.forget(target.id)
+        self.layer.forget(target)
         self.layer.sync(target, retrain=True)
         with self.database.connect() as conn:
             return IndexInfo.of(target, store.count_vectors(conn, target))
@@ -245,12 +246,20 @@ class Imgdb:
         if candidates is not None and candidates < 1:
             raise ImgdbError(f"candidates must be at least 1, not {candidates}")
         clauses = parse_filters(filters)
-        with self.database.search_connection() as conn:
-            target = sql.lookup(conn, index)
-        if target is None:
-            target = sql.Target(self.index(index), has_ann=False)  # creates `default`, or says what is missing
-        vector = self._query_vector(target.index, query)
-        return self.layer.search(target, vector, k, clauses, rerank=rerank, candidates=candidates)
+        for attempt in (1, 2):
+            target = self.layer.target(index)
+            if target is None:
+                target = sql.Target(self.index(index), has_ann=False)  # creates `default`, or says what is missing
+            vector = self._query_vector(target.index, query)
+            try:
+                return self.database.searching(lambda conn: self.layer.search(
+                    conn, target, vector, k, clauses, rerank=rerank, candidates=candidates))
+            except psycopg.errors.UndefinedTable:
+                # Dropped (and maybe re-created) by another process since this one cached it: ask again.
+                self.layer.forget(target.index)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _query_vector(self, index: SearchIndex, query: Query) -> np.ndarray:
         if isinstance(query, np.ndarray):

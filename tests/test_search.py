@@ -96,9 +96,9 @@ def test_unknown_id_and_index_are_clear(client, sample_ids: list[int]) -> None: 
         client.search(f"id:{sample_ids[0]}", index="nope")
 
 
-def test_embed_matches_the_stored_vector(client, sample_index: str, museum_sample: Path) -> None:  # noqa: ANN001
+def test_embed_matches_the_stored_vector(client, sample_ids: list[int], museum_sample: Path) -> None:  # noqa: ANN001
     path = museum_sample / "images" / "bbdd_00002.jpg"
-    stored = client.embed("id:3")
+    stored = client.embed(f"id:{sample_ids[2]}")
     fresh = client.embed(path)
     assert fresh.shape == stored.shape == (1280,)
     assert abs(np.linalg.norm(fresh) - 1) < 1e-5

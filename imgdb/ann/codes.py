@@ -143,7 +143,9 @@ class FaissCodes(CodeIndex):
         if self.spec.method == "ivfpq":
             lists = p["lists"] or max(1, min(int(4 * math.sqrt(rows)), rows // 8))
             pq = f"IVF{lists},{pq}"
-        index = faiss.index_factory(self.dim, (f"OPQ{m}," if p["opq"] else "") + pq)
+        # faiss's OPQ training crashes on fewer vectors than dimensions: plain PQ until a rebuild.
+        rotate = p["opq"] and rows >= self.dim
+        index = faiss.index_factory(self.dim, (f"OPQ{m}," if rotate else "") + pq)
         _quiet(index)
         return index
 

@@ -13,15 +13,20 @@ Python-side state lives in PostgreSQL: the trained quantizer in ``index_state`` 
 each vector's code in its row. Every write to an index bumps ``indexes.version`` (a trigger), and
 a searcher is reloaded when the version it was loaded at is no longer current, so codes added or
 deleted by any process are seen by the next query.
+
+A query costs one round trip for pgvector methods (the registry row is cached for TARGET_TTL
+seconds) and two for Python-side ones (the version check, then the re-rank).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import psycopg
 from sqlalchemy.sql.elements import ColumnElement
 
 from imgdb.ann.codes import MAX_TRAIN, MIN_TRAIN, CodeIndex, Searcher, code_index
@@ -36,6 +41,9 @@ from imgdb.orm import SearchIndex
 STATE_OWNER = "ann."
 #: Rows encoded per chunk when codes are (re)computed for stored vectors.
 ENCODE_CHUNK = 65_536
+#: Seconds an index's registry row is trusted without asking PostgreSQL again. Changes made by this
+#: process are seen at once; a drop elsewhere is noticed by the failing query, which asks again.
+TARGET_TTL = 2.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class AnnLayer:
     def __init__(self, database: Database) -> None:
         self.database = database
         self._loaded: dict[int, _Loaded] = {}
+        self._targets: dict[str, tuple[float, sql.Target]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ writes
@@ -101,15 +110,25 @@ class AnnLayer:
 
     # ------------------------------------------------------------ reads
 
-    def searcher(self, index: SearchIndex) -> Searcher | None:
-        """The in-memory first stage of a Python-side index at its current version (None while
-        it is untrained: the query is then answered exactly)."""
+    def target(self, name: str) -> sql.Target | None:
+        """The index named ``name`` as queries see it (cached for TARGET_TTL seconds)."""
+        cached = self._targets.get(name)
+        if cached is not None and time.monotonic() - cached[0] < TARGET_TTL:
+            return cached[1]
+        found = self.database.searching(lambda conn: sql.lookup(conn, name))
+        if found is not None:
+            self._targets[name] = (time.monotonic(), found)
+        return found
+
+    def searcher(self, index: SearchIndex, version: int) -> Searcher | None:
+        """The in-memory first stage of a Python-side index at ``version`` (None while it is
+        untrained: the query is then answered exactly)."""
         cached = self._loaded.get(index.id)
-        if cached is not None and cached.version == index.version:
+        if cached is not None and cached.version == version:
             return cached.searcher
         with self._lock:
             cached = self._loaded.get(index.id)
-            if cached is None or cached.version != index.version:
+            if cached is None or cached.version != version:
                 loaded = self._load(index)
                 if loaded is None:
                     return None
@@ -137,11 +156,16 @@ class AnnLayer:
                         data = np.concatenate([data, codes.encode(extra)])
         return _Loaded(version, codes, codes.searcher(ids, data))
 
-    def forget(self, index_id: int) -> None:
-        """Drop a cached searcher (its index was dropped or rebuilt)."""
-        self._loaded.pop(index_id, None)
+    def forget(self, index: SearchIndex | None = None) -> None:
+        """Drop what is cached about an index (it was dropped or rebuilt), or about every index."""
+        if index is None:
+            self._loaded.clear()
+            self._targets.clear()
+            return
+        self._loaded.pop(index.id, None)
+        self._targets.pop(index.name, None)
 
-    def search(self, target: sql.Target, vector: np.ndarray, k: int,
+    def search(self, conn: psycopg.Connection, target: sql.Target, vector: np.ndarray, k: int,
                filters: Sequence[ColumnElement[bool]] = (), *, rerank: str = "exact",
                candidates: int | None = None) -> list[sql.Hit]:
         """The ``k`` nearest images that pass ``filters``: first stage, then re-rank (module doc).
@@ -156,19 +180,19 @@ class AnnLayer:
         if ann.in_sql and not target.has_ann:
             # An interrupted bulk load dropped it; building it here heals the index for every client.
             self.sync(index)
-        searcher = self.searcher(index) if ann.python_side else None
+            self.forget(index)
+        searcher = self.searcher(index, sql.version(conn, index)) if ann.python_side else None
         approximate = ann.method in ("bq", "pq", "ivfpq", "lsh")
         n = max(candidates or (k * CANDIDATES_PER_RESULT if approximate and rerank == "exact" else k), k)
-        with self.database.search_connection() as conn:
-            if searcher is not None:
-                ids, distances = searcher.search(vector, n)
-                hits = sql.by_ids(conn, index, vector, ids, None if rerank == "exact" else distances, k, filters)
-            elif ann.python_side or ann.method == "none":
-                return sql.nearest(conn, index, ann, vector, k, k, filters, exact=True)
-            else:
-                hits = sql.nearest(conn, index, ann, vector, k, n, filters, rerank=rerank != "none")
-            if filters and len(hits) < k:
-                hits = sql.nearest(conn, index, ann, vector, k, k, filters, exact=True)
+        if searcher is not None:
+            ids, distances = searcher.search(vector, n)
+            hits = sql.by_ids(conn, index, vector, ids, None if rerank == "exact" else distances, k, filters)
+        elif ann.python_side or ann.method == "none":
+            return sql.nearest(conn, index, ann, vector, k, k, filters, exact=True)
+        else:
+            hits = sql.nearest(conn, index, ann, vector, k, n, filters, rerank=rerank != "none")
+        if filters and len(hits) < k:
+            hits = sql.nearest(conn, index, ann, vector, k, k, filters, exact=True)
         return hits
 
 

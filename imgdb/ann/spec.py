@@ -28,7 +28,8 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "ivfflat": {"lists": 0, "probes": 10},
     # Hamming HNSW over the sign bits, re-ranked by the full vectors: needs a wide candidate pool.
     "bq": {"m": 16, "ef_construction": 64, "ef_search": 200},
-    # m 0: dim/4 sub-quantizers of 8 bits = 1/16 of the float32 vector. opq 1 learns a rotation first.
+    # m 0: dim/4 sub-quantizers of 8 bits = 1/16 of the float32 vector. opq 1 learns a rotation
+    # first (from at least dim vectors: a smaller collection gets plain PQ until `index rebuild`).
     "pq": {"m": 0, "nbits": 8, "opq": 0},
     # lists 0: 4·sqrt(rows); probes 32.
     "ivfpq": {"lists": 0, "probes": 32, "m": 0, "nbits": 8, "opq": 0},

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 import sqlalchemy as sa
@@ -21,6 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from imgdb.config import Settings
 from imgdb.db.embedded import EmbeddedServer
 from imgdb.errors import DatabaseError
+
+T = TypeVar("T")
 
 #: Serialises concurrent first-use migrations from several processes (an arbitrary, fixed key).
 _MIGRATION_LOCK = 0x1D6DB
@@ -107,26 +110,29 @@ class Database:
     def search_engine(self) -> Engine:
         """A second pool, of autocommit connections with pgvector's types registered, whose raw
         psycopg connections serve the search path (:mod:`imgdb.db.search`): no transaction round
-        trips, no execution layer. Pre-ping stays on: after a server restart, a query should not fail."""
-        engine = sa.create_engine(sqlalchemy_url(self.url), isolation_level="AUTOCOMMIT", pool_pre_ping=True,
-                                  pool_size=8, max_overflow=24)
+        trips, no execution layer, no pre-ping (:meth:`searching` retries on a dropped connection
+        instead of paying a round trip per query)."""
+        engine = sa.create_engine(sqlalchemy_url(self.url), isolation_level="AUTOCOMMIT", pool_size=8, max_overflow=24)
         sa.event.listen(engine, "connect", lambda dbapi_connection, _record: register_vector(dbapi_connection))
         return engine
 
-    @contextmanager
-    def search_connection(self) -> Iterator[psycopg.Connection]:
-        """A pooled search connection (raw psycopg), with an unreachable server turned into a one-line error."""
-        try:
-            pooled = self.search_engine.raw_connection()
-        except sa.exc.OperationalError as exc:
-            raise DatabaseError(f"cannot connect to PostgreSQL: {str(exc.orig).strip().splitlines()[0]}") from exc
-        try:
-            yield pooled.driver_connection
-        except psycopg.OperationalError:
-            pooled.invalidate()  # a broken connection must not go back to the pool
-            raise
-        finally:
-            pooled.close()
+    def searching(self, work: Callable[[psycopg.Connection], T]) -> T:
+        """Run ``work`` on a pooled search connection. A connection the server dropped (a restart)
+        is discarded and the work runs once more on a fresh one."""
+        for attempt in (1, 2):
+            try:
+                pooled = self.search_engine.raw_connection()
+            except sa.exc.OperationalError as exc:
+                raise DatabaseError(f"cannot connect to PostgreSQL: {str(exc.orig).strip().splitlines()[0]}") from exc
+            try:
+                return work(pooled.driver_connection)
+            except psycopg.OperationalError as exc:
+                pooled.invalidate()
+                if attempt == 2:
+                    raise DatabaseError(f"search failed: {str(exc).strip().splitlines()[0]}") from exc
+            finally:
+                pooled.close()
+        raise AssertionError("unreachable")
 
     @contextmanager
     def session(self) -> Iterator[Session]:

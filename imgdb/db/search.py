@@ -70,6 +70,12 @@ def lookup(conn: psycopg.Connection, name: str) -> Target | None:
     return Target(SearchIndex(**row), has_ann)
 
 
+def version(conn: psycopg.Connection, index: SearchIndex) -> int:
+    """The index's change counter now (Python-side searchers reload when it moved)."""
+    row = conn.execute("SELECT version FROM indexes WHERE id = %s", (index.id,)).fetchone()
+    return -1 if row is None else int(row[0])
+
+
 def configure(conn: psycopg.Connection, wanted: dict[str, str]) -> None:
     """Bring the connection's pgvector settings to ``wanted``, in one round trip if any differ."""
     current = _settings.setdefault(conn, {})
