@@ -31,6 +31,8 @@ from ann_data import (  # noqa: E402
 from common import museum_or_exit, private_imgdb  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Untimed queries before each timed run: latencies of a server whose buffers hold the index.
+WARMUP = 300
 
 
 def placeholder_images(db, n: int, tag: str) -> np.ndarray:  # noqa: ANN001
@@ -80,7 +82,7 @@ def measure_imgdb(db, name: str, ann: str, ids: np.ndarray, base: np.ndarray, qu
 
         db.search(queries[0], k=10, index=name, **options)  # loads a Python-side searcher (not timed)
         with single_thread():
-            found, latencies = time_queries(search, queries[:limit])
+            found, latencies = time_queries(search, queries[:limit], warmup=min(WARMUP, limit))
         label = ann + ("" if storage == "vector" else f" {storage}") + "".join(f" {k}={v}" for k, v in options.items())
         rows.append(Row(system, ann.split("/")[0], label, recall_at_10(found, truth[:limit]), *summarize(latencies),
                         build_s, nbytes))
@@ -89,7 +91,8 @@ def measure_imgdb(db, name: str, ann: str, ids: np.ndarray, base: np.ndarray, qu
     return rows
 
 
-def raw_sql(db, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, table: str) -> tuple[list[Row], dict]:  # noqa: ANN001
+def raw_sql(db, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, table: str,  # noqa: ANN001
+            row_of: dict[int, int]) -> tuple[list[Row], dict]:
     """The reference statement: psycopg, ``ORDER BY embedding <-> %s LIMIT 10`` on ``table``'s HNSW index,
     and what building such an index by hand costs with tuned settings (issue 6's reference recipe)."""
     rows = []
@@ -114,9 +117,9 @@ def raw_sql(db, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, table:
             statement = f'SELECT image_id FROM "{table}" ORDER BY embedding <-> %s LIMIT 10'
 
             def search(q: np.ndarray) -> list[int]:
-                return [r[0] for r in conn.execute(statement, (q[0],), binary=True).fetchall()]
+                return [row_of[r[0]] for r in conn.execute(statement, (q[0],), binary=True).fetchall()]
 
-            found, latencies = time_queries(search, queries)
+            found, latencies = time_queries(search, queries, warmup=WARMUP)
             rows.append(Row("raw SQL", "hnsw", f"m=16 ef_construction=64 ef_search={ef}", recall_at_10(found, truth),
                             *summarize(latencies), None, None))
             STDERR.print(" | ".join(rows[-1].cells()))
@@ -142,12 +145,12 @@ def sift_benchmark(out: Path) -> str:
             def search(q: np.ndarray, c: int | None = candidates) -> list[int]:
                 return [row_of[h.id] for h in db.search(q[0], k=10, index="sift_hnsw", rerank="none", candidates=c)]
 
-            found, latencies = time_queries(search, queries)
+            found, latencies = time_queries(search, queries, warmup=WARMUP)
             ef = max(40, candidates or 0)
             rows.append(Row("imgdb", "hnsw", f"m=16 ef_construction=64 ef_search={ef}", recall_at_10(found, truth),
                             *summarize(latencies), hnsw_build, nbytes))
             STDERR.print(" | ".join(rows[-1].cells()))
-        raw_rows, raw = raw_sql(db, base, queries, truth, "imgdb_vectors_sift_hnsw")
+        raw_rows, raw = raw_sql(db, base, queries, truth, "imgdb_vectors_sift_hnsw", row_of)
         rows += raw_rows
         db.drop_index("sift_hnsw")
         rows += measure_imgdb(db, "sift_ivfflat", "ivfflat", ids, base, queries, truth,

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MUSEUM, museum_or_exit  # noqa: E402,F401  (MUSEUM is re-exported for ann.py)
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-HELD_OUT = 20  # last query photos by name: the queries come from them, never the base (delete the cache on change)
+HELD_OUT = 10  # last query photos by name: the queries come from them, never the base (delete the cache on change)
 K = 10
 STDERR = Console(stderr=True, soft_wrap=True)
 HEADER = ["system", "method", "params", "recall@10", "QPS", "p50 ms", "p99 ms", "build s", "bytes/vector"]

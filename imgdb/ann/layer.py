@@ -181,6 +181,7 @@ class AnnLayer:
             # An interrupted bulk load dropped it; building it here heals the index for every client.
             self.sync(index)
             self.forget(index)
+            target = sql.lookup(conn, index.name) or target
         searcher = self.searcher(index, sql.version(conn, index)) if ann.python_side else None
         approximate = ann.method in ("bq", "pq", "ivfpq", "lsh")
         n = max(candidates or (k * CANDIDATES_PER_RESULT if approximate and rerank == "exact" else k), k)
@@ -188,11 +189,11 @@ class AnnLayer:
             ids, distances = searcher.search(vector, n)
             hits = sql.by_ids(conn, index, vector, ids, None if rerank == "exact" else distances, k, filters)
         elif ann.python_side or ann.method == "none":
-            return sql.nearest(conn, index, ann, vector, k, k, filters, exact=True)
+            return sql.nearest(conn, target, ann, vector, k, k, filters, exact=True)
         else:
-            hits = sql.nearest(conn, index, ann, vector, k, n, filters, rerank=rerank != "none")
+            hits = sql.nearest(conn, target, ann, vector, k, n, filters, rerank=rerank != "none")
         if filters and len(hits) < k:
-            hits = sql.nearest(conn, index, ann, vector, k, k, filters, exact=True)
+            hits = sql.nearest(conn, target, ann, vector, k, k, filters, exact=True)
         return hits
 
 

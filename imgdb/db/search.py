@@ -9,6 +9,7 @@ everywhere else (:mod:`imgdb.db.filters`), then run here as plain SQL with bound
 
 from __future__ import annotations
 
+import io
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.elements import ColumnElement
 
 from imgdb.ann.spec import AnnSpec
+from imgdb.db import store
 from imgdb.orm import SearchIndex
 
 #: pgvector stops growing the HNSW candidate list here.
@@ -51,23 +53,27 @@ class Hit:
 
 @dataclass(frozen=True)
 class Target:
-    """An index as a query sees it: its registry row, change counter, and whether its pgvector
-    index exists (an interrupted bulk load can leave it dropped)."""
+    """An index as a query sees it: its registry row, whether its pgvector index exists (an
+    interrupted bulk load can leave it dropped), and for binary quantization the centre its bits
+    are taken around (:func:`imgdb.db.store.learn_center`)."""
 
     index: SearchIndex
     has_ann: bool
+    center: np.ndarray | None = None
 
 
 def lookup(conn: psycopg.Connection, name: str) -> Target | None:
     """The index named ``name``, in one round trip."""
     row = conn.cursor(row_factory=dict_row).execute(
-        "SELECT *, to_regclass('imgdb_vectors_' || name || '_ann') IS NOT NULL AS has_ann FROM indexes WHERE name = %s",
-        (name,),
+        "SELECT *, to_regclass('imgdb_vectors_' || name || '_ann') IS NOT NULL AS has_ann,"
+        " (SELECT value FROM index_state s WHERE s.index_id = indexes.id AND s.key = %s) AS center"
+        " FROM indexes WHERE name = %s",
+        ("ann." + store.CENTER_KEY, name),
     ).fetchone()
     if row is None:
         return None
-    has_ann = row.pop("has_ann")
-    return Target(SearchIndex(**row), has_ann)
+    has_ann, center = row.pop("has_ann"), row.pop("center")
+    return Target(SearchIndex(**row), has_ann, None if center is None else np.load(io.BytesIO(center)))
 
 
 def version(conn: psycopg.Connection, index: SearchIndex) -> int:
@@ -105,23 +111,25 @@ def _hits(rows: Sequence[tuple[Any, ...]]) -> list[Hit]:
     return sorted((Hit(r[0], r[1], float(r[3]), r[2]) for r in rows), key=lambda h: h.distance)
 
 
-def nearest(conn: psycopg.Connection, index: SearchIndex, ann: AnnSpec, vector: np.ndarray, k: int,
+def nearest(conn: psycopg.Connection, target: Target, ann: AnnSpec, vector: np.ndarray, k: int,
             candidates: int, filters: Sequence[ColumnElement[bool]] = (), *, exact: bool = False,
             rerank: bool = True) -> list[Hit]:
     """The ``k`` nearest images that pass ``filters``, with pgvector serving the first stage.
 
     HNSW/IVFFlat: the index returns ``candidates`` rows (ef_search grows to match), the best ``k``
-    are kept. Binary quantization: ``candidates`` rows by Hamming distance of the sign bits,
-    re-ranked by the full vectors in the same statement (``rerank=False`` keeps the Hamming order).
-    ``exact`` hides the distance from the index (``+ 0``): an exact scan of what passes the filters.
+    are kept. Binary quantization: ``candidates`` rows by Hamming distance of the centred sign
+    bits, re-ranked by the full vectors in the same statement (``rerank=False`` keeps the Hamming
+    order). ``exact`` hides the distance from the index (``+ 0``): an exact scan of what passes.
     """
+    index = target.index
     where, params = compile_filters(filters)
     params |= {"q": _param(index, vector), "k": k, "n": max(candidates, k)}
     distance = "(v.embedding <-> %(q)s)" + (" + 0" if exact else "")
     table = f'"{index.vectors_table}"'
     select = "images.id, images.uri, images.metadata"
-    if ann.method == "bq" and not exact:
-        bits = f"binary_quantize(v.embedding)::bit({index.dim}) <~> binary_quantize(%(q)s)"
+    if ann.method == "bq" and not exact and target.center is not None:
+        bits = (f"{store.sign_bits(index, target.center, 'v.embedding')} <~>"
+                f" {store.sign_bits(index, target.center, '%(q)s')}")
         configure(conn, {"hnsw.ef_search": str(min(max(ann.params["ef_search"], candidates), MAX_EF_SEARCH))})
         join = " JOIN images ON images.id = v.image_id" if filters else ""
         inner = (f"SELECT v.image_id, v.embedding, {bits} AS hamming FROM {table} v{join}"

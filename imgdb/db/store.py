@@ -182,7 +182,9 @@ def ensure_ann(conn: Connection, index: SearchIndex) -> bool:
     if ann.method == "ivfflat":
         method = f"ivfflat (embedding {ops}) WITH (lists = {p['lists'] or ivfflat_lists(rows)})"
     else:
-        column = f"(binary_quantize(embedding)::bit({index.dim})) bit_hamming_ops" if ann.method == "bq" else f"embedding {ops}"
+        column = f"embedding {ops}"
+        if ann.method == "bq":
+            column = f"({sign_bits(index, learn_center(conn, index))}) bit_hamming_ops"
         method = f"hnsw ({column}) WITH (m = {p['m']}, ef_construction = {p['ef_construction']})"
     # Build settings for this transaction: the whole HNSW graph in memory (a graph that outgrows
     # maintenance_work_mem is finished on disk, several times slower) and parallel workers.
@@ -190,6 +192,32 @@ def ensure_ann(conn: Connection, index: SearchIndex) -> bool:
     conn.exec_driver_sql(f"SET LOCAL max_parallel_maintenance_workers = {max(0, min(7, (os.cpu_count() or 2) - 1))}")
     conn.exec_driver_sql(f'CREATE INDEX IF NOT EXISTS "{index.ann_index}" ON "{index.vectors_table}" USING {method}')
     return True
+
+
+#: Key (in the index layer's ``ann.`` namespace) of the centre binary quantization subtracts.
+CENTER_KEY = "center"
+
+
+def learn_center(conn: Connection, index: SearchIndex) -> np.ndarray:
+    """The mean of the index's vectors, stored with the index (zeros while it is empty).
+
+    pgvector's ``binary_quantize`` keeps the sign of each value. Descriptors that are never negative
+    (SIFT, un-whitened CNN activations: most of what imgdb stores) would quantize to nearly constant
+    bits, so imgdb quantizes the vector minus the collection's mean instead: every bit then splits
+    the collection roughly in half.
+    """
+    mean = conn.exec_driver_sql(f'SELECT avg(embedding)::vector::text FROM "{index.vectors_table}"').scalar()
+    center = np.zeros(index.dim, np.float32) if mean is None else np.asarray(
+        [float(x) for x in mean.strip("[]").split(",")], dtype=np.float32)
+    save_state(conn, index, {CENTER_KEY: center}, owner="ann.")
+    return center
+
+
+def sign_bits(index: SearchIndex, center: np.ndarray, column: str = "embedding") -> str:
+    """The bit expression of a binary-quantization index; queries must spell it identically (the
+    centre is a literal in the SQL text) for the planner to match the index."""
+    literal = "[" + ",".join(f"{x:.9g}" for x in center.tolist()) + "]"
+    return f"binary_quantize({column} - '{literal}'::{index.storage})::bit({index.dim})"
 
 
 def build_memory_mb(rows: int, index: SearchIndex, m: int) -> int:
@@ -321,8 +349,10 @@ def image_ids_by_hash(conn: Connection, hashes: Sequence[str]) -> dict[str, int]
 
 
 def ids_with_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int]) -> set[int]:
-    table = vectors_table(index)
-    return set(conn.execute(sa.select(table.c.image_id).where(table.c.image_id.in_(list(ids)))).scalars())
+    """Which of ``ids`` already have a vector in ``index`` (one array parameter, however many)."""
+    raw = conn.connection.driver_connection
+    rows = raw.execute(f'SELECT image_id FROM "{index.vectors_table}" WHERE image_id = ANY(%s)', (list(ids),))
+    return {image_id for (image_id,) in rows}
 
 
 def stored_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int]) -> dict[int, np.ndarray]:
