@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import faiss
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from rich.console import Console
@@ -307,8 +308,8 @@ def plot_recall_qps(rows: list[Row], path: Path, title: str) -> None:
     ax = fig.subplots()
     for n, key in enumerate(dict.fromkeys((row.system, row.method) for row in rows)):
         group = sorted((row for row in rows if (row.system, row.method) == key), key=lambda row: row.recall10)
-        ax.plot([row.recall10 for row in group], [row.qps for row in group], marker="osD^v<>ph*"[n % 10],
-                color=f"C{n % 10}", label=" ".join(key))
+        ax.plot([row.recall10 for row in group], [row.qps for row in group], marker="osD^v<>ph*XP"[n % 12],
+                color=colormaps["tab20"](n % 20), label=" ".join(key))
         for row in group:
             ax.annotate(row.params, (row.recall10, row.qps), fontsize=6, xytext=(4, 4), textcoords="offset points")
     ax.set(yscale="log", xlabel="recall@10", ylabel="queries per second (1 core)", title=title)

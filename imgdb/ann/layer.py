@@ -49,7 +49,6 @@ TARGET_TTL = 2.0
 @dataclass(frozen=True)
 class _Loaded:
     version: int
-    codes: CodeIndex
     searcher: Searcher
 
 
@@ -154,7 +153,7 @@ class AnnLayer:
                     if len(extra_ids):
                         ids = np.concatenate([ids, extra_ids])
                         data = np.concatenate([data, codes.encode(extra)])
-        return _Loaded(version, codes, codes.searcher(ids, data))
+        return _Loaded(version, codes.searcher(ids, data))
 
     def forget(self, index: SearchIndex | None = None) -> None:
         """Drop what is cached about an index (it was dropped or rebuilt), or about every index."""
