@@ -141,6 +141,7 @@ class FaissCodes(CodeIndex):
         # training ten times slower for codes imgdb never ranks by Hamming distance.
         pq = f"PQ{m}x{nbits}np"
         if self.spec.method == "ivfpq":
+            # From the training sample, not the collection: k-means gets 128+ points per list.
             lists = p["lists"] or max(1, min(int(4 * math.sqrt(rows)), rows // 8))
             pq = f"IVF{lists},{pq}"
         # faiss's OPQ training crashes on fewer vectors than dimensions: plain PQ until a rebuild.

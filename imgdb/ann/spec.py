@@ -31,7 +31,8 @@ DEFAULTS: dict[str, dict[str, int]] = {
     # m 0: dim/4 sub-quantizers of 8 bits = 1/16 of the float32 vector. opq 1 learns a rotation
     # first (from at least dim vectors: a smaller collection gets plain PQ until `index rebuild`).
     "pq": {"m": 0, "nbits": 8, "opq": 0},
-    # lists 0: 4·sqrt(rows); probes 32.
+    # lists 0: 4·sqrt(training rows), the rows k-means learns from (a sample of at most 262,144, so at
+    # most 2048 lists, each learnt from 128+ points); probes 32.
     "ivfpq": {"lists": 0, "probes": 32, "m": 0, "nbits": 8, "opq": 0},
     # bits 0: 4·dim random hyperplanes (1/8 of the float32 vector), ranked by Hamming distance.
     "lsh": {"bits": 0},
