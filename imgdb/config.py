@@ -37,6 +37,8 @@ class Settings:
     #: Images with more decoded pixels than this are refused before decoding (decompression bombs).
     max_pixels: int = 100_000_000
     fetch: FetchLimits = field(default_factory=FetchLimits)
+    #: Bearer token of the HTTP API's write endpoints; None turns them off.
+    api_token: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -49,4 +51,5 @@ class Settings:
                 max_bytes=_env_int("IMGDB_FETCH_MAX_BYTES", FetchLimits.max_bytes),
                 allow_private=_env_bool("IMGDB_ALLOW_PRIVATE_URLS"),
             ),
+            api_token=os.environ.get("IMGDB_API_TOKEN") or None,
         )

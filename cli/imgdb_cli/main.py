@@ -261,6 +261,24 @@ def index_drop(name: str, as_json: Json = False, debug: Debug = False) -> None:
     guarded(debug, run)
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    debug: Debug = False,
+) -> None:
+    """Serve the HTTP API (search by upload, URL or id) until stopped."""
+
+    def run() -> None:
+        import uvicorn
+
+        from imgdb.web.app import create_app
+
+        uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+    guarded(debug, run)
+
+
 def _server():  # noqa: ANN202
     from imgdb.config import Settings
     from imgdb.db.embedded import EmbeddedServer

@@ -343,6 +343,12 @@ def vectors_table(index: SearchIndex) -> sa.Table:
     )
 
 
+def get_image(conn: Connection, image_id: int) -> dict[str, Any] | None:
+    """One ``images`` row as a dict (None if there is no such image)."""
+    row = conn.execute(sa.select(_images).where(_images.c.id == image_id)).mappings().first()
+    return dict(row) if row else None
+
+
 def image_ids_by_hash(conn: Connection, hashes: Sequence[str]) -> dict[str, int]:
     rows = conn.execute(sa.select(_images.c.sha256, _images.c.id).where(_images.c.sha256.in_(list(hashes))))
     return {sha: image_id for sha, image_id in rows}

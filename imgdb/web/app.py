@@ -1,0 +1,198 @@
+"""The HTTP API (``imgdb serve``): search by upload, URL or id; images and thumbnails; token-guarded writes.
+
+The app is a thin shell over :class:`imgdb.client.Imgdb`, like the CLI: one client per process (the
+model loads once, at start-up, before ``/healthz`` answers), its connection pools shared by all
+requests, and every CPU-bound call (decoding, inference, search) run in a worker thread so the
+event loop keeps accepting requests. Input is hostile until proven otherwise: bodies are read up
+to a byte limit, URLs go through the SSRF-safe fetcher, files are served only from the paths
+recorded at ingest, by integer id.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException
+
+from imgdb.client import DEFAULT_INDEX, Imgdb, connect
+from imgdb.db import store
+from imgdb.errors import FetchError, ImgdbError, IndexNotFound
+from imgdb.io.fetch import is_url
+from imgdb.web.thumbnails import original_path, thumbnail
+
+#: Room for multipart framing around an image of the fetch byte limit.
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status; the body is ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def create_app(db: Imgdb | None = None) -> FastAPI:
+    """The ASGI app; ``db`` defaults to :func:`imgdb.connect` (closed with the app)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = db or await run_in_threadpool(connect)
+        # Load the default index's model now: the first user should not wait for it.
+        await run_in_threadpool(lambda: client.extractor(client.index(DEFAULT_INDEX)))
+        app.state.db = client
+        yield
+        if db is None:
+            client.close()
+
+    app = FastAPI(title="imgdb", summary="Search images with an image, inside PostgreSQL.", lifespan=lifespan)
+    _errors(app)
+    _routes(app)
+    return app
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(ImgdbError)
+    async def imgdb_error(_: Request, exc: ImgdbError) -> JSONResponse:
+        status = 404 if isinstance(exc, IndexNotFound) else 422 if isinstance(exc, FetchError) else 400
+        return JSONResponse({"error": str(exc)}, status_code=status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
+
+
+def _db(request: Request) -> Imgdb:
+    return request.app.state.db
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (declared or actually sent)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {int(declared)} bytes is over the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # noqa: SLF001 - Starlette's own cache: form() and json() read it from here
+    return body
+
+
+async def _query(request: Request) -> tuple[str, Any]:
+    """What a search or add request carries: ``("file", bytes)``, ``("url", str)`` or ``("id", int)``,
+    plus any other JSON/form fields."""
+    db = _db(request)
+    await _body(request, db.settings.fetch.max_bytes + MULTIPART_OVERHEAD)
+    kind = request.headers.get("content-type", "")
+    if kind.startswith("multipart/form-data"):
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "multipart body without a `file` field")
+        data = await upload.read()
+        if len(data) > db.settings.fetch.max_bytes:
+            raise ApiError(413, f"upload of {len(data)} bytes is over the {db.settings.fetch.max_bytes}-byte limit")
+        return "file", (data, {k: v for k, v in form.items() if k != "file"})
+    if kind.startswith("application/json"):
+        try:
+            document = json.loads(await request.body())
+        except ValueError:
+            raise ApiError(400, "body is not valid JSON") from None
+        if isinstance(document, dict) and isinstance(document.get("url"), str):
+            # Never a server-side path: `{"url": "/home/..."}` must not read this machine's files.
+            if not is_url(document["url"]):
+                raise ApiError(422, f"url must be an http(s) URL, not {document['url'][:200]!r}")
+            return "url", (document["url"], document)
+        if isinstance(document, dict) and isinstance(document.get("id"), int):
+            return "id", (document["id"], document)
+        raise ApiError(400, 'JSON body must be {"url": "http(s)://..."} or {"id": N}')
+    raise ApiError(415, "send a multipart upload (field `file`) or a JSON body with `url` or `id`")
+
+
+def _require_token(request: Request) -> None:
+    """Write endpoints: off without IMGDB_API_TOKEN; otherwise ``Authorization: Bearer TOKEN``,
+    compared in constant time."""
+    expected = _db(request).settings.api_token
+    if not expected:
+        raise ApiError(403, "write endpoints are off: the server has no IMGDB_API_TOKEN")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise ApiError(401, "missing token: send Authorization: Bearer <IMGDB_API_TOKEN>")
+    if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise ApiError(403, "wrong token")
+
+
+def _routes(app: FastAPI) -> None:
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """200 once the model is loaded and the database answers."""
+        return {"status": "ok"}
+
+    @app.post("/search")
+    async def search(request: Request, k: int = Query(10, ge=1, le=1000), index: str = DEFAULT_INDEX,
+                     filter: list[str] = Query(default_factory=list),  # noqa: A002 - CONVENTIONS' name
+                     rerank: str = "exact", candidates: int | None = Query(None, ge=1)) -> list[dict[str, Any]]:
+        """The k images most similar to an upload (`file`), a URL or a stored image id."""
+        db = _db(request)
+        kind, (value, _) = await _query(request)
+        query = f"id:{value}" if kind == "id" else value
+        hits = await run_in_threadpool(db.search, query, k=k, filters=filter, index=index, rerank=rerank,
+                                       candidates=candidates)
+        return [{**hit.to_json(), "thumbnail": str(request.url_for("thumbnail", image_id=hit.id))} for hit in hits]
+
+    @app.get("/images/{image_id}", name="original")
+    async def original(request: Request, image_id: int) -> FileResponse:
+        """The original file, while it is still where it was ingested from."""
+        row = await run_in_threadpool(_image_row, _db(request), image_id)
+        path = original_path(row["uri"])
+        if path is None:
+            raise ApiError(404, f"the original of image {image_id} is not available")
+        return FileResponse(path, media_type=f"image/{(row['format'] or 'octet-stream').lower()}")
+
+    @app.get("/images/{image_id}/thumbnail", name="thumbnail")
+    async def thumb(request: Request, image_id: int) -> FileResponse:
+        """A JPEG of at most 256 px a side, made once and cached."""
+        db = _db(request)
+        row = await run_in_threadpool(_image_row, db, image_id)
+        path = await run_in_threadpool(thumbnail, db.settings, row["sha256"], row["uri"])
+        if path is None:
+            raise ApiError(404, f"no thumbnail for image {image_id}: its original is not available")
+        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+
+    @app.delete("/images/{image_id}", dependencies=[Depends(_require_token)])
+    async def delete(request: Request, image_id: int) -> dict[str, int]:
+        """Remove an image and its vectors (token required)."""
+        deleted = await run_in_threadpool(_db(request).delete, [image_id])
+        if not deleted:
+            raise ApiError(404, f"no image {image_id}")
+        return {"deleted": deleted}
+
+
+def _image_row(db: Imgdb, image_id: int) -> dict[str, Any]:
+    with db.database.connect() as conn:
+        row = store.get_image(conn, image_id)
+    if row is None:
+        raise ApiError(404, f"no image {image_id}")
+    return row
