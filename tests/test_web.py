@@ -116,3 +116,34 @@ def test_write_endpoints_need_the_token(client, museum: Path, tmp_path: Path) ->
         assert http.delete(f"/images/{hit.id}", headers={"Authorization": "Bearer wrong"}).status_code == 403
         assert http.delete(f"/images/{hit.id}", headers={"Authorization": f"Bearer {TOKEN}"}).json() == {"deleted": 1}
         assert http.delete(f"/images/{hit.id}", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
+
+
+def test_adding_images_by_upload_and_url(client, museum: Path, http_root) -> None:  # noqa: ANN001
+    base, folder = http_root
+    painting = museum / "images" / "bbdd_00130.jpg"
+    copy_image(museum / "images" / "bbdd_00131.jpg", folder / "remote.jpg")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    client.create_index("web_adds", "color:hsv")
+    for http in serving(client, api_token=TOKEN):
+        upload = {"file": ("p.jpg", painting.read_bytes(), "image/jpeg")}
+        assert http.post("/images", params={"index": "web_adds"}, files=upload).status_code == 401
+        added = http.post("/images", params={"index": "web_adds"}, files=upload, data={"meta": '{"room": 7}'},
+                          headers=auth)
+        assert added.status_code == 201, added.text
+        image = added.json()
+        assert image["added"] and Path(image["uri"]).read_bytes() == painting.read_bytes()
+        again = http.post("/images", params={"index": "web_adds"}, files=upload, headers=auth).json()
+        assert again == {**image, "added": False}
+        found = http.post("/search", params={"index": "web_adds", "k": 1}, files=upload).json()[0]
+        assert found["id"] == image["id"] and found["metadata"] == {"room": 7}
+        # A URL is fetched with the CLI's guarded fetcher: loopback is refused unless allowed.
+        refused = http.post("/images", params={"index": "web_adds"}, json={"url": f"{base}/remote.jpg"}, headers=auth)
+        assert refused.status_code == 422 and "127.0.0.1" in refused.json()["error"]
+        bad = http.post("/images", files={"file": ("x.jpg", b"GIF89a-not-really", "image/gif")}, headers=auth)
+        assert bad.status_code == 400
+    trusting = replace(client.settings.fetch, allow_private=True)
+    for http in serving(client, api_token=TOKEN, fetch=trusting):
+        fetched = http.post("/images", params={"index": "web_adds"}, json={"url": f"{base}/remote.jpg"}, headers=auth)
+        assert fetched.status_code == 201, fetched.text
+        hit = http.post("/search", params={"index": "web_adds", "k": 1}, json={"id": fetched.json()["id"]}).json()[0]
+        assert hit["metadata"] == {"source_url": f"{base}/remote.jpg"}

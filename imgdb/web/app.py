@@ -25,7 +25,9 @@ from starlette.exceptions import HTTPException
 from imgdb.client import DEFAULT_INDEX, Imgdb, connect
 from imgdb.db import store
 from imgdb.errors import FetchError, ImgdbError, IndexNotFound
+from imgdb.io import sources
 from imgdb.io.fetch import is_url
+from imgdb.io.reader import decode
 from imgdb.web.thumbnails import original_path, thumbnail
 
 #: Room for multipart framing around an image of the fetch byte limit.
@@ -181,6 +183,25 @@ def _routes(app: FastAPI) -> None:
             raise ApiError(404, f"no thumbnail for image {image_id}: its original is not available")
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
 
+    @app.post("/images", status_code=201, dependencies=[Depends(_require_token)])
+    async def add(request: Request, index: str = DEFAULT_INDEX) -> dict[str, Any]:
+        """Add an image (upload `file`, or JSON `url`) with optional `meta` (a JSON object; token required)."""
+        db = _db(request)
+        kind, (value, extra) = await _query(request)
+        if kind == "id":
+            raise ApiError(400, "an image to add is an upload or a URL, not an id")
+        meta = extra.get("meta") or {}
+        if isinstance(meta, str):
+            try:
+                meta = json.loads(meta)
+            except ValueError:
+                raise ApiError(400, "meta must be a JSON object") from None
+        if not isinstance(meta, dict):
+            raise ApiError(400, "meta must be a JSON object")
+        if kind == "url":
+            meta = {"source_url": value, **meta}
+        return await run_in_threadpool(_add, db, kind, value, meta, index)
+
     @app.delete("/images/{image_id}", dependencies=[Depends(_require_token)])
     async def delete(request: Request, image_id: int) -> dict[str, int]:
         """Remove an image and its vectors (token required)."""
@@ -188,6 +209,26 @@ def _routes(app: FastAPI) -> None:
         if not deleted:
             raise ApiError(404, f"no image {image_id}")
         return {"deleted": deleted}
+
+
+def _add(db: Imgdb, kind: str, value: Any, meta: dict[str, Any], index: str) -> dict[str, Any]:
+    """Keep the image under ``$IMGDB_HOME/uploads`` (named by content, so originals and thumbnails
+    can be served later) and ingest it from there."""
+    data = value if kind == "file" else sources.load(value, db.settings.fetch)
+    image = decode(data, max_pixels=db.settings.max_pixels)
+    sha = image.facts.sha256
+    path = db.settings.home / "uploads" / sha[:2] / f"{sha}.{image.facts.format.lower()}"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".part")
+        partial.write_bytes(data)
+        partial.replace(path)
+    report = db.ingest([path], index=index, meta=meta)
+    if report.failed:
+        raise ApiError(400, report.failed[0].error)
+    with db.database.connect() as conn:
+        image_id = store.image_ids_by_hash(conn, [sha])[sha]
+    return {"id": image_id, "added": report.added == 1, "uri": str(path)}
 
 
 def _image_row(db: Imgdb, image_id: int) -> dict[str, Any]:
