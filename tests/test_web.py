@@ -36,8 +36,11 @@ def queries(museum_sample: Path) -> list[dict]:
     return json.loads((museum_sample / "queries.json").read_text())
 
 
-def test_health_and_schema(api: TestClient) -> None:
+def test_health_schema_and_page(api: TestClient) -> None:
     assert api.get("/healthz").json() == {"status": "ok"}
+    page = api.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'type="file"' in page.text and "/search?" in page.text
     paths = api.get("/openapi.json").json()["paths"]
     assert {"/search", "/images/{image_id}", "/images/{image_id}/thumbnail", "/healthz"} <= set(paths)
 

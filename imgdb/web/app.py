@@ -14,6 +14,7 @@ import hmac
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -30,6 +31,7 @@ from imgdb.io.fetch import is_url
 from imgdb.io.reader import decode
 from imgdb.web.thumbnails import original_path, thumbnail
 
+PAGE = Path(__file__).with_name("static") / "index.html"
 #: Room for multipart framing around an image of the fetch byte limit.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -147,6 +149,11 @@ def _require_token(request: Request) -> None:
 
 
 def _routes(app: FastAPI) -> None:
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        """The search page: plain HTML and JavaScript over this API, no build step."""
+        return FileResponse(PAGE, media_type="text/html")
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         """200 once the model is loaded and the database answers."""
