@@ -92,6 +92,11 @@ def configure(conn: psycopg.Connection, wanted: dict[str, str]) -> None:
         current.update(changed)
 
 
+def _ef_search(conn: psycopg.Connection, ann: AnnSpec, candidates: int) -> None:
+    """HNSW's candidate list grows to the candidates asked for (within pgvector's bound)."""
+    configure(conn, {"hnsw.ef_search": str(min(max(ann.params["ef_search"], candidates), MAX_EF_SEARCH))})
+
+
 def compile_filters(clauses: Sequence[ColumnElement[bool]]) -> tuple[str, dict[str, Any]]:
     """``AND``-ed filter clauses as SQL on the ``images`` table, with their bound parameters."""
     if not clauses:
@@ -130,7 +135,7 @@ def nearest(conn: psycopg.Connection, target: Target, ann: AnnSpec, vector: np.n
     if ann.method == "bq" and not exact and target.center is not None:
         bits = (f"{store.sign_bits(index, target.center, 'v.embedding')} <~>"
                 f" {store.sign_bits(index, target.center, '%(q)s')}")
-        configure(conn, {"hnsw.ef_search": str(min(max(ann.params["ef_search"], candidates), MAX_EF_SEARCH))})
+        _ef_search(conn, ann, candidates)
         join = " JOIN images ON images.id = v.image_id" if filters else ""
         inner = (f"SELECT v.image_id, v.embedding, {bits} AS hamming FROM {table} v{join}"
                  f" WHERE {where} ORDER BY {bits} LIMIT %(n)s")
@@ -139,7 +144,7 @@ def nearest(conn: psycopg.Connection, target: Target, ann: AnnSpec, vector: np.n
                f" ORDER BY d LIMIT %(k)s")
     else:
         if ann.method == "hnsw":
-            configure(conn, {"hnsw.ef_search": str(min(max(ann.params["ef_search"], candidates), MAX_EF_SEARCH))})
+            _ef_search(conn, ann, candidates)
         elif ann.method == "ivfflat":
             configure(conn, {"ivfflat.probes": str(ann.params["probes"])})
         if filters:
