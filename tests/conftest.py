@@ -7,18 +7,25 @@ every test that needs it shares one load.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-MUSEUM = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "museum"
+ROOT = Path(__file__).resolve().parents[1]
+MUSEUM = ROOT.parent / "shared" / "datasets" / "museum"
 #: A small, real slice of the museum gallery: enough to test retrieval without ingesting it all.
 SAMPLE_SIZE = 40
 
@@ -116,3 +123,61 @@ def copy_image(src: Path, dst: Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
     return dst
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def tool_env(**overrides: str) -> dict[str, str]:
+    """The environment for running imgdb's scripts: the session's IMGDB_HOME, and the ``imgdb``
+    command of the Python running the tests first on PATH (CI does not activate the venv)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, **overrides}
+
+
+@dataclasses.dataclass
+class LiveServer:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def live_server(client, sample_index: str, museum_sample: Path,  # noqa: ANN001
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A real ``imgdb serve`` process, started the way the container starts (``docker/start.sh``:
+    migrate, ingest what IMGDB_INGEST_ON_START names, serve), on loopback against the session's
+    embedded database, which already holds the museum sample."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("live-server") / "server.log"
+    env = tool_env(IMGDB_HOST="127.0.0.1", IMGDB_PORT=str(port), IMGDB_INGEST_ON_START=str(museum_sample / "images"))
+    with log.open("wb") as sink:
+        process = subprocess.Popen(["bash", str(ROOT / "docker" / "start.sh")], env=env, stdout=sink,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server = LiveServer(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + 300
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"docker/start.sh exited with {process.returncode}:\n{server.output()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/healthz", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"imgdb serve did not answer /healthz within 300 s:\n{server.output()[-3000:]}")
+        time.sleep(0.5)
+    yield server
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()

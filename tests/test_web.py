@@ -42,7 +42,9 @@ def test_health_schema_and_page(api: TestClient) -> None:
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'type="file"' in page.text and "/search?" in page.text
     paths = api.get("/openapi.json").json()["paths"]
-    assert {"/search", "/images/{image_id}", "/images/{image_id}/thumbnail", "/healthz"} <= set(paths)
+    assert {"/search", "/images/{image_id}", "/images/{image_id}/thumbnail", "/healthz", "/indexes"} <= set(paths)
+    default = next(ix for ix in api.get("/indexes").json() if ix["name"] == "default")
+    assert default["extractor"].startswith("cnn:") and default["images"] >= 40 and default["dim"] == 1280
 
 
 def test_upload_finds_the_painting_and_its_thumbnail(api: TestClient, museum_sample: Path, queries, client) -> None:  # noqa: ANN001

@@ -46,6 +46,12 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+def _reason(exc: BaseException) -> str:
+    """The first line of a driver error: psycopg adds hints on further lines, and imgdb's
+    failures are one line (CONVENTIONS.md)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class Database:
     """An engine on imgdb's database, with its schema migrated to the current revision."""
 
@@ -89,10 +95,10 @@ class Database:
             # Pooled connections predate database-level settings a migration made (ALTER DATABASE).
             self.engine.dispose()
         except sa.exc.OperationalError as exc:
-            raise DatabaseError(f"cannot migrate the database: {exc.orig}") from exc
+            raise DatabaseError(f"cannot migrate the database: {_reason(exc.orig)}") from exc
         except sa.exc.ProgrammingError as exc:
             raise DatabaseError(
-                f"cannot migrate the database (does the server have pgvector?): {exc.orig}"
+                f"cannot migrate the database (does the server have pgvector?): {_reason(exc.orig)}"
             ) from exc
         return True
 
@@ -102,7 +108,7 @@ class Database:
         try:
             conn = self.engine.connect()
         except sa.exc.OperationalError as exc:
-            raise DatabaseError(f"cannot connect to PostgreSQL: {str(exc.orig).strip().splitlines()[0]}") from exc
+            raise DatabaseError(f"cannot connect to PostgreSQL: {_reason(exc.orig)}") from exc
         with conn:
             yield conn
 
@@ -123,13 +129,13 @@ class Database:
             try:
                 pooled = self.search_engine.raw_connection()
             except sa.exc.OperationalError as exc:
-                raise DatabaseError(f"cannot connect to PostgreSQL: {str(exc.orig).strip().splitlines()[0]}") from exc
+                raise DatabaseError(f"cannot connect to PostgreSQL: {_reason(exc.orig)}") from exc
             try:
                 return work(pooled.driver_connection)
             except psycopg.OperationalError as exc:
                 pooled.invalidate()
                 if attempt == 2:
-                    raise DatabaseError(f"search failed: {str(exc).strip().splitlines()[0]}") from exc
+                    raise DatabaseError(f"search failed: {_reason(exc)}") from exc
             finally:
                 pooled.close()
         raise AssertionError("unreachable")

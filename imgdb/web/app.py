@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from imgdb.client import DEFAULT_INDEX, Imgdb, connect
 from imgdb.db import store
-from imgdb.errors import FetchError, ImgdbError, IndexNotFound
+from imgdb.errors import DatabaseError, FetchError, ImgdbError, IndexNotFound
 from imgdb.io import sources
 from imgdb.io.fetch import is_url
 from imgdb.io.reader import decode
@@ -34,6 +34,11 @@ from imgdb.web.thumbnails import original_path, thumbnail
 PAGE = Path(__file__).with_name("static") / "index.html"
 #: Room for multipart framing around an image of the fetch byte limit.
 MULTIPART_OVERHEAD = 64 * 1024
+
+
+#: HTTP status of each library error; anything else the library refuses is the request's fault (400).
+#: A database that is down is the server's problem, and temporary: 503 tells clients to retry.
+_STATUS: tuple[tuple[type[ImgdbError], int], ...] = ((IndexNotFound, 404), (FetchError, 422), (DatabaseError, 503))
 
 
 class ApiError(Exception):
@@ -70,7 +75,7 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(ImgdbError)
     async def imgdb_error(_: Request, exc: ImgdbError) -> JSONResponse:
-        status = 404 if isinstance(exc, IndexNotFound) else 422 if isinstance(exc, FetchError) else 400
+        status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 400)
         return JSONResponse({"error": str(exc)}, status_code=status)
 
     @app.exception_handler(HTTPException)
@@ -158,6 +163,11 @@ def _routes(app: FastAPI) -> None:
     async def healthz() -> dict[str, str]:
         """200 once the model is loaded and the database answers."""
         return {"status": "ok"}
+
+    @app.get("/indexes")
+    async def indexes(request: Request) -> list[dict[str, Any]]:
+        """Every index: name, extractor spec, dimension, image count, ANN method (``imgdb index list``)."""
+        return [info.to_json() for info in await run_in_threadpool(_db(request).indexes)]
 
     @app.post("/search")
     async def search(request: Request, k: int = Query(10, ge=1, le=1000), index: str = DEFAULT_INDEX,

@@ -1,0 +1,71 @@
+"""The deployment: docker/start.sh (the container's start-up, run here outside docker against the
+embedded database, since no image can be pulled on CI) and the compose file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, LiveServer, tool_env
+
+COMPOSE = ROOT / "docker" / "compose.yaml"
+
+
+def test_start_script_migrates_ingests_and_serves(live_server: LiveServer, museum_sample: Path) -> None:
+    log = live_server.output()
+    # Everything IMGDB_INGEST_ON_START names is in the index already: a restart adds nothing.
+    assert "imgdb-start: ingesting" in log and "added 0, duplicates 40, failed 0" in log, log[-2000:]
+    query = json.loads((museum_sample / "queries.json").read_text())[1]
+    photo = museum_sample / query["query"]
+    answer = httpx.post(f"{live_server.url}/search", params={"k": 3}, timeout=60,
+                        files={"file": (photo.name, photo.read_bytes(), "image/jpeg")})
+    assert answer.status_code == 200, answer.text
+    hits = answer.json()
+    assert Path(hits[0]["uri"]).name == Path(query["relevant"][0]).name
+    thumbnail = httpx.get(hits[0]["thumbnail"], timeout=30)
+    assert thumbnail.status_code == 200 and thumbnail.content[:3] == b"\xff\xd8\xff"
+
+
+def test_start_script_gives_up_on_a_database_that_never_answers(tmp_path: Path) -> None:
+    env = tool_env(IMGDB_DATABASE_URL="postgresql://imgdb@127.0.0.1:1/imgdb", IMGDB_DB_WAIT="3",
+                   IMGDB_HOME=str(tmp_path))
+    done = subprocess.run(["bash", str(ROOT / "docker" / "start.sh")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("imgdb-start: database not ready after 3s: cannot migrate the database") and "refused" in line
+
+
+def _compose() -> list[str]:
+    """`docker compose` (v2 plugin) or `docker-compose` (v1), whichever this machine has."""
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    pytest.skip("no docker compose client on this machine (`apt-get install docker-compose` brings one)")
+
+
+def test_compose_file_is_valid_and_wires_imgdb_to_postgres(tmp_path: Path) -> None:
+    env = tool_env(IMGDB_IMAGES=str(tmp_path), POSTGRES_PASSWORD="s3cret", IMGDB_API_TOKEN="t0ken")
+    done = subprocess.run([*_compose(), "-f", str(COMPOSE), "config"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    config = done.stdout
+    assert "pgvector/pgvector:pg18" in config and "condition: service_healthy" in config
+    assert "IMGDB_DATABASE_URL: postgresql://imgdb:s3cret@db:5432/imgdb" in config
+    assert f"{tmp_path}:/images:ro" in config and "IMGDB_API_TOKEN: t0ken" in config
+    assert "dockerfile: docker/Dockerfile" in config
+    # What the Dockerfile copies must exist, and its start-up is the script the test above runs.
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            *sources, _ = line.split()[1:]
+            assert all((ROOT / source).exists() for source in sources), line
+    assert 'ENTRYPOINT ["imgdb-start"]' in dockerfile and "docker/start.sh /usr/local/bin/imgdb-start" in dockerfile
