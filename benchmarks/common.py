@@ -47,3 +47,9 @@ def model_only_rate(extractor, paths: list[Path]) -> float:  # noqa: ANN001
     for i in range(0, len(prepared), extractor.batch_size):
         extractor.describe(prepared[i : i + extractor.batch_size])
     return len(prepared) / (time.perf_counter() - started)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(samples), q))

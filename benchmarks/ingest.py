@@ -20,14 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MUSEUM, model_only_rate, private_imgdb  # noqa: E402
-
-
-def percentile(samples: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(samples), q))
+from common import MUSEUM, model_only_rate, percentile, private_imgdb  # noqa: E402
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -81,6 +82,8 @@ class Imgdb:
         self._trained: dict[int, Extractor] = {}
         #: First stages and re-ranking (pgvector, and the Python-side codes of this process).
         self.layer = AnnLayer(database)
+        #: Query forward passes running at once, across the threads sharing this handle (the web app).
+        self._model_gate = threading.BoundedSemaphore(settings.inference_threads)
 
     # ------------------------------------------------------------ indexes
 
@@ -275,10 +278,10 @@ class Imgdb:
             return found[image_id]
         extractor = self.extractor(index)
         if isinstance(query, Image.Image):
-            return embed_pixels(extractor, query.convert("RGB"))
+            return embed_pixels(extractor, query.convert("RGB"), self._model_gate)
         data = query if isinstance(query, bytes) else sources.load(query, self.settings.fetch)
         try:
-            return embed_image(extractor, data, self.settings)
+            return embed_image(extractor, data, self.settings, self._model_gate)
         except ImgdbError as exc:
             where = "query image" if isinstance(query, bytes) else str(query)
             raise type(exc)(f"{where}: {exc}") from None

@@ -15,6 +15,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,12 +194,21 @@ class Ingester:
         report.duplicates += len(ids) - len(keep)
 
 
-def embed_pixels(extractor: Extractor, pixels: Image.Image) -> np.ndarray:
-    """The descriptor of one decoded RGB image (a query), on the same path as ingest."""
-    return extractor.embed([extractor.prepare(pixels)])[0]
+def embed_pixels(extractor: Extractor, pixels: Image.Image,
+                 model_gate: AbstractContextManager[Any] = nullcontext()) -> np.ndarray:
+    """The descriptor of one decoded RGB image (a query), on the same path as ingest.
+
+    ``model_gate`` is held around the model call alone: concurrent queries prepare their pixels in
+    parallel, while the forward pass, which already uses every core, runs for a bounded number of
+    them at a time instead of all of them thrashing the same cores.
+    """
+    prepared = extractor.prepare(pixels)
+    with model_gate:
+        return extractor.embed([prepared])[0]
 
 
-def embed_image(extractor: Extractor, data: bytes, settings: Settings) -> np.ndarray:
+def embed_image(extractor: Extractor, data: bytes, settings: Settings,
+                model_gate: AbstractContextManager[Any] = nullcontext()) -> np.ndarray:
     """The descriptor of one image's bytes, decoded exactly as ingest decodes them."""
     image = decode(data, max_pixels=settings.max_pixels, scale_hint=extractor.scale_hint)
-    return embed_pixels(extractor, image.pixels)
+    return embed_pixels(extractor, image.pixels, model_gate)

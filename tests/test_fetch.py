@@ -14,11 +14,10 @@ import socket
 import ssl
 import struct
 import subprocess
-import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ import pytest
 from imgdb.errors import FetchError, ImgdbError
 from imgdb.io import fetch as fetch_mod
 from imgdb.io.fetch import FetchLimits, check_address, fetch_url, is_url
+from tests.routes import Server, redirect_to, send
 
 
 def _png_1x1() -> bytes:
@@ -64,73 +64,9 @@ def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
-Route = Callable[[BaseHTTPRequestHandler], None]
-
-
-class _Server:
-    """A threaded HTTP server on 127.0.0.1 with per-path handler functions."""
-
-    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
-        self.routes: dict[str, Route] = {}
-        self.stop = threading.Event()  # released at teardown so stalling handlers end promptly
-        self.requests: list[tuple[str, dict[str, str]]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server naming
-                server.requests.append((self.path, dict(self.headers.items())))
-                route = server.routes.get(self.path.split("?")[0])
-                if route is None:
-                    send(self, 404, {"Content-Type": "text/plain"}, b"no such path")
-                else:
-                    route(self)
-                self.close_connection = True
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        if ssl_context is not None:
-            self.httpd.socket = ssl_context.wrap_socket(self.httpd.socket, server_side=True)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05})
-        self.thread.daemon = True
-        self.thread.start()
-
-    def url(self, path: str, scheme: str = "http") -> str:
-        return f"{scheme}://127.0.0.1:{self.port}{path}"
-
-    def close(self) -> None:
-        self.stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def send(
-    handler: BaseHTTPRequestHandler,
-    status: int,
-    headers: dict[str, str],
-    body: bytes = b"",
-    *,
-    content_length: bool = True,
-) -> None:
-    """Write a complete response."""
-    handler.send_response(status)
-    for name, value in headers.items():
-        handler.send_header(name, value)
-    if content_length:
-        handler.send_header("Content-Length", str(len(body)))
-    handler.send_header("Connection", "close")
-    handler.end_headers()
-    handler.wfile.write(body)
-
-
 @pytest.fixture
-def server() -> Iterator[_Server]:
-    srv = _Server()
+def server() -> Iterator[Server]:
+    srv = Server()
     try:
         yield srv
     finally:
@@ -139,10 +75,6 @@ def server() -> Iterator[_Server]:
 
 def png_route(h: BaseHTTPRequestHandler) -> None:
     send(h, 200, {"Content-Type": "image/png"}, PNG)
-
-
-def redirect_to(location: str, status: int = 302) -> Route:
-    return lambda h: send(h, status, {"Location": location})
 
 
 def assert_one_line(exc: pytest.ExceptionInfo[FetchError]) -> str:
@@ -156,7 +88,7 @@ def assert_one_line(exc: pytest.ExceptionInfo[FetchError]) -> str:
 # Success, scheme, is_url
 
 
-def test_fetches_png_bytes_and_sends_headers(server: _Server) -> None:
+def test_fetches_png_bytes_and_sends_headers(server: Server) -> None:
     server.routes["/x.png"] = png_route
     assert fetch_url(server.url("/x.png?size=1"), LOCAL) == PNG
     path, headers = server.requests[0]
@@ -169,7 +101,7 @@ def test_fetches_png_bytes_and_sends_headers(server: _Server) -> None:
     "content_type", [None, "image/png", "image/jpeg; charset=binary", "application/octet-stream",
                      "binary/octet-stream"]
 )
-def test_image_like_content_types_are_accepted(server: _Server, content_type: str | None) -> None:
+def test_image_like_content_types_are_accepted(server: Server, content_type: str | None) -> None:
     headers = {} if content_type is None else {"Content-Type": content_type}
     server.routes["/img"] = lambda h: send(h, 200, headers, PNG)
     assert fetch_url(server.url("/img"), LOCAL) == PNG
@@ -195,7 +127,7 @@ def test_is_url() -> None:
     assert not is_url("")
 
 
-def test_credentials_in_url_are_refused_and_not_echoed(server: _Server) -> None:
+def test_credentials_in_url_are_refused_and_not_echoed(server: Server) -> None:
     with pytest.raises(FetchError) as exc:
         fetch_url(f"http://user:s3cret@127.0.0.1:{server.port}/x.png", LOCAL)
     message = assert_one_line(exc)
@@ -231,7 +163,7 @@ def test_check_address_allows_public(ip: str) -> None:
     assert check_address(ipaddress.ip_address(ip), allow_private=False) is None
 
 
-def test_loopback_refused_with_default_limits(server: _Server, connections: list[str]) -> None:
+def test_loopback_refused_with_default_limits(server: Server, connections: list[str]) -> None:
     server.routes["/x.png"] = png_route
     with pytest.raises(FetchError) as exc:
         fetch_url(server.url("/x.png"))
@@ -240,7 +172,7 @@ def test_loopback_refused_with_default_limits(server: _Server, connections: list
     assert connections == [] and server.requests == []
 
 
-def test_localhost_name_refused_after_resolution(server: _Server, connections: list[str]) -> None:
+def test_localhost_name_refused_after_resolution(server: Server, connections: list[str]) -> None:
     """The check applies to what the name resolves to, not to how the URL spells the host."""
     with pytest.raises(FetchError) as exc:
         fetch_url(f"http://localhost:{server.port}/x.png")
@@ -274,8 +206,8 @@ def test_unresolvable_host() -> None:
 # Redirects
 
 
-def test_redirect_to_other_loopback_url_followed_when_allowed(server: _Server) -> None:
-    other = _Server()
+def test_redirect_to_other_loopback_url_followed_when_allowed(server: Server) -> None:
+    other = Server()
     try:
         other.routes["/final.png"] = png_route
         server.routes["/start"] = redirect_to(other.url("/final.png"), 301)
@@ -288,7 +220,7 @@ def test_redirect_to_other_loopback_url_followed_when_allowed(server: _Server) -
         other.close()
 
 
-def test_too_many_redirects(server: _Server) -> None:
+def test_too_many_redirects(server: Server) -> None:
     server.routes["/loop"] = redirect_to("/loop")
     with pytest.raises(FetchError) as exc:
         fetch_url(server.url("/loop"), FetchLimits(allow_private=True, max_redirects=2))
@@ -296,7 +228,7 @@ def test_too_many_redirects(server: _Server) -> None:
     assert len(server.requests) == 3  # the first request and two followed redirects
 
 
-def test_redirect_to_file_scheme_refused(server: _Server) -> None:
+def test_redirect_to_file_scheme_refused(server: Server) -> None:
     server.routes["/start"] = redirect_to("file:///etc/passwd")
     with pytest.raises(FetchError) as exc:
         fetch_url(server.url("/start"), LOCAL)
@@ -309,7 +241,7 @@ def test_redirect_to_file_scheme_refused(server: _Server) -> None:
      "http://[::ffff:192.168.1.1]:8080/x.jpg"],
 )
 def test_redirect_target_address_is_rechecked(
-    server: _Server, connections: list[str], monkeypatch: pytest.MonkeyPatch, location: str
+    server: Server, connections: list[str], monkeypatch: pytest.MonkeyPatch, location: str
 ) -> None:
     """A redirect from a permitted host to a private address is refused with allow_private=False.
 
@@ -344,7 +276,7 @@ def test_redirect_target_address_is_rechecked(
 # Status, content type, size
 
 
-def test_http_error_status(server: _Server) -> None:
+def test_http_error_status(server: Server) -> None:
     with pytest.raises(FetchError) as exc:
         fetch_url(server.url("/missing.png"), LOCAL)
     message = assert_one_line(exc)
@@ -353,7 +285,7 @@ def test_http_error_status(server: _Server) -> None:
 
 @pytest.mark.parametrize("content_type", ["text/html; charset=utf-8", "application/json",
                                           "application/problem+json", "video/mp4"])
-def test_non_image_content_type_refused(server: _Server, content_type: str) -> None:
+def test_non_image_content_type_refused(server: Server, content_type: str) -> None:
     server.routes["/page"] = lambda h: send(h, 200, {"Content-Type": content_type}, b"<html></html>")
     with pytest.raises(FetchError) as exc:
         fetch_url(server.url("/page"), LOCAL)
@@ -361,7 +293,7 @@ def test_non_image_content_type_refused(server: _Server, content_type: str) -> N
     assert f"not an image: content-type {content_type.split(';')[0]}" in message
 
 
-def test_declared_oversize_refused_before_reading(server: _Server) -> None:
+def test_declared_oversize_refused_before_reading(server: Server) -> None:
     """Content-Length above the limit is refused at once: the server never sends the body."""
 
     def huge(h: BaseHTTPRequestHandler) -> None:
@@ -381,7 +313,7 @@ def test_declared_oversize_refused_before_reading(server: _Server) -> None:
     assert time.monotonic() - started < 1.0
 
 
-def test_chunked_oversize_refused(server: _Server) -> None:
+def test_chunked_oversize_refused(server: Server) -> None:
     def chunked(h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)
         h.send_header("Content-Type", "image/png")
@@ -400,7 +332,7 @@ def test_chunked_oversize_refused(server: _Server) -> None:
     )
 
 
-def test_endless_body_without_length_is_cut_off(server: _Server) -> None:
+def test_endless_body_without_length_is_cut_off(server: Server) -> None:
     """No Content-Length and a body that never ends: reading stops just past max_bytes."""
 
     def endless(h: BaseHTTPRequestHandler) -> None:
@@ -419,13 +351,13 @@ def test_endless_body_without_length_is_cut_off(server: _Server) -> None:
     assert "exceeds the limit of 100000 bytes" in assert_one_line(exc)
 
 
-def test_body_exactly_at_limit_is_accepted(server: _Server) -> None:
+def test_body_exactly_at_limit_is_accepted(server: Server) -> None:
     server.routes["/x.png"] = lambda h: send(h, 200, {"Content-Type": "image/png"}, PNG,
                                              content_length=False)
     assert fetch_url(server.url("/x.png"), FetchLimits(allow_private=True, max_bytes=len(PNG))) == PNG
 
 
-def test_truncated_body_refused(server: _Server) -> None:
+def test_truncated_body_refused(server: Server) -> None:
     def short(h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)
         h.send_header("Content-Type", "image/png")
@@ -443,7 +375,7 @@ def test_truncated_body_refused(server: _Server) -> None:
 # Time-outs and connection failures
 
 
-def test_stalled_server_times_out_per_read(server: _Server) -> None:
+def test_stalled_server_times_out_per_read(server: Server) -> None:
     server.routes["/stall"] = lambda h: server.stop.wait(5)
     started = time.monotonic()
     with pytest.raises(FetchError) as exc:
@@ -454,7 +386,7 @@ def test_stalled_server_times_out_per_read(server: _Server) -> None:
     assert time.monotonic() - started < 1.5
 
 
-def test_trickling_server_hits_total_deadline(server: _Server) -> None:
+def test_trickling_server_hits_total_deadline(server: Server) -> None:
     """One header byte every 0.1 s never trips a 0.5 s read timeout; the total deadline ends it."""
 
     def trickle(h: BaseHTTPRequestHandler) -> None:
@@ -486,7 +418,7 @@ def test_connection_refused_is_one_line() -> None:
     assert "connection refused" in assert_one_line(exc)
 
 
-def test_https_to_plain_http_server_is_a_tls_error(server: _Server) -> None:
+def test_https_to_plain_http_server_is_a_tls_error(server: Server) -> None:
     with pytest.raises(FetchError) as exc:
         fetch_url(server.url("/x.png", scheme="https"), LOCAL)
     assert "TLS" in assert_one_line(exc)
@@ -511,7 +443,7 @@ def test_https_certificate_is_verified(self_signed_cert: tuple[Path, Path]) -> N
     """Pinning the resolved IP must not switch certificate checking off."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(*self_signed_cert)
-    tls = _Server(ssl_context=context)
+    tls = Server(ssl_context=context)
     try:
         tls.routes["/x.png"] = png_route
         with pytest.raises(FetchError) as exc:
@@ -526,7 +458,7 @@ def test_https_certificate_is_verified(self_signed_cert: tuple[Path, Path]) -> N
 # Messages
 
 
-def test_long_urls_are_truncated_in_messages(server: _Server) -> None:
+def test_long_urls_are_truncated_in_messages(server: Server) -> None:
     url = server.url("/" + "a" * 5000)
     with pytest.raises(FetchError) as exc:
         fetch_url(url, LOCAL)

@@ -4,6 +4,7 @@ thumbnails, and every refusal (private URLs, oversized or non-image bodies, toke
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -13,8 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from imgdb.client import Imgdb
+from imgdb.io import fetch as fetch_mod
 from imgdb.web.app import create_app
 from tests.conftest import copy_image
+from tests.routes import Server, redirect_to
 
 TOKEN = "correct horse battery staple"
 
@@ -102,12 +105,50 @@ def test_hostile_queries_are_refused_with_reasons(api: TestClient, http_root, cl
         assert words in response.json()["error"]
 
 
+@pytest.fixture
+def peer() -> Iterator[Server]:
+    """A loopback HTTP server whose routes misbehave on purpose."""
+    server = Server()
+    yield server
+    server.close()
+
+
+def test_redirect_to_a_private_address_is_refused(api: TestClient, peer: Server,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A public page redirecting to the cloud metadata service or the LAN. The only server a test
+    may run is on loopback, so the real policy is wrapped to admit exactly 127.0.0.1 (hop one);
+    the redirect's target then meets the default policy unchanged."""
+    real_check = fetch_mod.check_address
+    monkeypatch.setattr(fetch_mod, "check_address",
+                        lambda ip, allow: None if str(ip) == "127.0.0.1" else real_check(ip, allow))
+    for target in ("http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/photo.jpg"):
+        peer.routes["/photo.jpg"] = redirect_to(target)
+        response = api.post("/search", json={"url": peer.url("/photo.jpg")})
+        assert response.status_code == 422, response.text
+        assert f"refusing {target}" in response.json()["error"]
+    assert [path for path, _ in peer.requests] == ["/photo.jpg", "/photo.jpg"]
+
+
+def test_slow_server_times_out(client, sample_index: str, peer: Server) -> None:  # noqa: ANN001
+    peer.routes["/slow.jpg"] = lambda handler: peer.stop.wait(10)
+    impatient = replace(client.settings.fetch, allow_private=True, read_timeout=0.5, total_timeout=1.0)
+    for http in serving(client, fetch=impatient):
+        started = time.monotonic()
+        response = http.post("/search", json={"url": peer.url("/slow.jpg")})
+        assert response.status_code == 422 and "timed out" in response.json()["error"], response.text
+        assert time.monotonic() - started < 5
+
+
 def test_oversized_bodies_are_refused_before_decoding(client, sample_index: str, museum_sample: Path) -> None:  # noqa: ANN001
     photo = next((museum_sample / "images").glob("*.jpg"))
     small = replace(client.settings.fetch, max_bytes=10_000)
     for http in serving(client, fetch=small):
         response = http.post("/search", files={"file": (photo.name, photo.read_bytes(), "image/jpeg")})
         assert response.status_code == 413 and "limit" in response.json()["error"]
+        # No Content-Length to refuse up front: a chunked body is cut off once it passes the limit.
+        endless = (b"x" * 65536 for _ in range(64))
+        chunked = http.post("/search", content=endless, headers={"content-type": "multipart/form-data; boundary=b"})
+        assert chunked.status_code == 413 and "over the" in chunked.json()["error"]
 
 
 def test_write_endpoints_need_the_token(client, museum: Path, tmp_path: Path) -> None:  # noqa: ANN001

@@ -179,7 +179,9 @@ def _routes(app: FastAPI) -> None:
         query = f"id:{value}" if kind == "id" else value
         hits = await run_in_threadpool(db.search, query, k=k, filters=filter, index=index, rerank=rerank,
                                        candidates=candidates)
-        return [{**hit.to_json(), "thumbnail": str(request.url_for("thumbnail", image_id=hit.id))} for hit in hits]
+        # One route lookup per response, not one per hit (url_for walks the routes: 1.4 ms for 10 hits).
+        prefix, _, suffix = str(request.url_for("thumbnail", image_id=0)).rpartition("/0/")
+        return [{**hit.to_json(), "thumbnail": f"{prefix}/{hit.id}/{suffix}"} for hit in hits]
 
     @app.get("/images/{image_id}", name="original")
     async def original(request: Request, image_id: int) -> FileResponse:
