@@ -28,6 +28,10 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where imgdb keeps its data and how far it trusts its input."""
@@ -41,9 +45,8 @@ class Settings:
     api_token: str | None = None
     #: Query forward passes one process runs at once (the web server's concurrent searches). One
     #: pass on one image leaves cores idle, so a few in parallel serve more; dozens only share the
-    #: same cores and memory. On 2 cores, 8 clients: 1 at a time 9.5-10 queries/s, 2 at a time
-    #: 13.9-17.1, unbounded 14.0-16.8; 32 clients: 2 at a time 14.7-17.1, unbounded 12.6-15.4.
-    inference_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: same cores and memory. One per core served as much as any setting (benchmarks/inference_gate.py).
+    inference_threads: int = field(default_factory=_cores)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -57,5 +60,5 @@ class Settings:
                 allow_private=_env_bool("IMGDB_ALLOW_PRIVATE_URLS"),
             ),
             api_token=os.environ.get("IMGDB_API_TOKEN") or None,
-            inference_threads=max(1, _env_int("IMGDB_INFERENCE_THREADS", os.cpu_count() or 1)),
+            inference_threads=max(1, _env_int("IMGDB_INFERENCE_THREADS", _cores())),
         )

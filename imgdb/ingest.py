@@ -198,9 +198,9 @@ def embed_pixels(extractor: Extractor, pixels: Image.Image,
                  model_gate: AbstractContextManager[Any] = nullcontext()) -> np.ndarray:
     """The descriptor of one decoded RGB image (a query), on the same path as ingest.
 
-    ``model_gate`` is held around the model call alone: concurrent queries prepare their pixels in
-    parallel, while the forward pass, which already uses every core, runs for a bounded number of
-    them at a time instead of all of them thrashing the same cores.
+    ``model_gate`` is held around the model call alone: concurrent queries decode and prepare their
+    pixels in parallel, while forward passes run for a bounded number of them at a time instead of
+    dozens sharing the same cores and memory.
     """
     prepared = extractor.prepare(pixels)
     with model_gate:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -194,3 +195,20 @@ def test_adding_images_by_upload_and_url(client, museum: Path, http_root) -> Non
         assert fetched.status_code == 201, fetched.text
         hit = http.post("/search", params={"index": "web_adds", "k": 1}, json={"id": fetched.json()["id"]}).json()[0]
         assert hit["metadata"]["source_url"] == f"{base}/remote.jpg"
+
+
+def test_concurrent_uploads_get_the_answers_of_sequential_ones(api: TestClient, museum_sample: Path,
+                                                                queries) -> None:  # noqa: ANN001
+    """The app's worker threads share one model, one gate and two connection pools: twelve uploads
+    at once must rank exactly as one at a time."""
+    photos = [(museum_sample / q["query"]).read_bytes() for q in queries[:6]] * 2
+
+    def ranking(data: bytes) -> list[tuple[int, float]]:
+        answer = api.post("/search", params={"k": 5}, files={"file": ("q.jpg", data, "image/jpeg")})
+        assert answer.status_code == 200, answer.text
+        return [(hit["id"], round(hit["distance"], 4)) for hit in answer.json()]
+
+    one_at_a_time = [ranking(photo) for photo in photos]
+    with ThreadPoolExecutor(len(photos)) as pool:
+        together = list(pool.map(ranking, photos))
+    assert together == one_at_a_time
