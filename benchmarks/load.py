@@ -105,7 +105,7 @@ async def measure(url: str, args: argparse.Namespace, photos: list[Path]) -> lis
     ids = gallery_ids(url, photos[0])
     by_id = [{"json": {"id": image_id}} for image_id in ids]
     uploads = [{"files": {"file": (p.name, p.read_bytes(), "image/jpeg")}} for p in photos]
-    # Warm-up: connections, the search path, thumbnails are not part of it.
+    # Warm-up, not reported: connections opened, the first requests of both kinds served.
     await run_cell(url, "warm-up", 4, 40, 30, by_id + uploads[:4], rng)
     cells = []
     for mode, requests, budget in (("id", by_id, args.id_requests), ("upload", uploads, args.upload_requests)):
@@ -116,7 +116,7 @@ async def measure(url: str, args: argparse.Namespace, photos: list[Path]) -> lis
     return cells
 
 
-def serve_museum(images: Path) -> tuple[subprocess.Popen, str]:
+def serve() -> tuple[subprocess.Popen, str]:
     """``docker/start.sh`` on a free loopback port, in the current (private) IMGDB_HOME."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -158,7 +158,7 @@ def main() -> None:
             print(f"ingested {report.added} images in {report.seconds:.1f} s", file=sys.stderr)
             # The ceiling for uploads: the forward pass alone on the query photos, batched as ingest does.
             model_rate = model_only_rate(db.extractor(db.index()), photos)
-            process, url = serve_museum(museum / "images")
+            process, url = serve()
             try:
                 cells = asyncio.run(measure(url, args, photos))
             finally:
