@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import ROOT, LiveServer, tool_env
 
@@ -57,11 +58,17 @@ def test_compose_file_is_valid_and_wires_imgdb_to_postgres(tmp_path: Path) -> No
     done = subprocess.run([*_compose(), "-f", str(COMPOSE), "config"], env=env, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
-    config = done.stdout
-    assert "pgvector/pgvector:pg18" in config and "condition: service_healthy" in config
-    assert "IMGDB_DATABASE_URL: postgresql://imgdb:s3cret@db:5432/imgdb" in config
-    assert f"{tmp_path}:/images:ro" in config and "IMGDB_API_TOKEN: t0ken" in config
-    assert "dockerfile: docker/Dockerfile" in config
+    services = yaml.safe_load(done.stdout)["services"]
+    assert services["db"]["image"] == "pgvector/pgvector:pg18"
+    app = services["imgdb"]
+    assert app["depends_on"]["db"]["condition"] == "service_healthy"
+    assert app["environment"]["IMGDB_DATABASE_URL"] == "postgresql://imgdb:s3cret@db:5432/imgdb"
+    assert app["environment"]["IMGDB_API_TOKEN"] == "t0ken"
+    assert app["build"]["dockerfile"] == "docker/Dockerfile"
+    # v1 prints volumes as "source:target:mode", v2 as mappings.
+    mounts = [v if isinstance(v, str) else f"{v['source']}:{v['target']}:{'ro' if v.get('read_only') else 'rw'}"
+              for v in app["volumes"]]
+    assert f"{tmp_path}:/images:ro" in mounts
     # What the Dockerfile copies must exist, and its start-up is the script the test above runs.
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     for line in dockerfile.splitlines():
