@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MUSEUM, model_only_rate, percentile, private_imgdb  # noqa: E402
 
