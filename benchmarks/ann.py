@@ -93,7 +93,8 @@ def measure_imgdb(db, name: str, ann: str, ids: np.ndarray, base: np.ndarray, qu
 
 def raw_sql(db, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, table: str,  # noqa: ANN001
             row_of: dict[int, int]) -> tuple[list[Row], dict]:
-    """The reference statement: psycopg, ``ORDER BY embedding <-> %s LIMIT 10`` on ``table``'s HNSW index,
+    """The reference statement: psycopg, ``ORDER BY embedding <-> %s LIMIT 10`` on ``table``'s HNSW index
+    (a qualified name: this connection has the database's default search path),
     and what building such an index by hand costs with tuned settings (issue 6's reference recipe)."""
     rows = []
     with psycopg.connect(db.database.url, autocommit=True) as conn:
@@ -114,7 +115,7 @@ def raw_sql(db, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, table:
         conn.execute("DROP TABLE raw_sift")
         for ef in (40, 80):
             conn.execute(f"SET hnsw.ef_search = {ef}")
-            statement = f'SELECT image_id FROM "{table}" ORDER BY embedding <-> %s LIMIT 10'
+            statement = f'SELECT image_id FROM {table} ORDER BY embedding <-> %s LIMIT 10'
 
             def search(q: np.ndarray) -> list[int]:
                 return [row_of[r[0]] for r in conn.execute(statement, (q[0],), binary=True).fetchall()]
@@ -150,7 +151,8 @@ def sift_benchmark(out: Path) -> str:
             rows.append(Row("imgdb", "hnsw", f"m=16 ef_construction=64 ef_search={ef}", recall_at_10(found, truth),
                             *summarize(latencies), hnsw_build, nbytes))
             STDERR.print(" | ".join(rows[-1].cells()))
-        raw_rows, raw = raw_sql(db, base, queries, truth, "imgdb_vectors_sift_hnsw", row_of)
+        raw_rows, raw = raw_sql(db, base, queries, truth,
+                                  f'{db.database.schema}.{db.index("sift_hnsw").vectors_table}', row_of)
         rows += raw_rows
         db.drop_index("sift_hnsw")
         rows += measure_imgdb(db, "sift_ivfflat", "ivfflat", ids, base, queries, truth,

@@ -52,7 +52,7 @@ def main() -> None:
         ingest_rate = report.added / report.seconds
 
         with db.database.connect() as conn:
-            ids = [row[0] for row in conn.exec_driver_sql("SELECT image_id FROM imgdb_vectors_bench")]
+            ids = [row[0] for row in conn.exec_driver_sql(f"SELECT image_id FROM {db.index('bench').vectors_table}")]
         rng = random.Random(0)
         db.search(f"id:{ids[0]}", index="bench")  # warm-up
         by_id = []

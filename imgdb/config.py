@@ -1,8 +1,9 @@
 """Settings read from the environment, in one place.
 
 imgdb is configured the way CONVENTIONS.md fixes it: ``IMGDB_DATABASE_URL`` picks an external
-PostgreSQL, ``IMGDB_HOME`` the private directory of the embedded one. The remaining variables tune the
-limits on hostile input, so that a deployment can widen them without code changes.
+PostgreSQL, ``IMGDB_HOME`` the private directory of the embedded one, ``IMGDB_SCHEMA`` the one schema
+imgdb keeps everything in. The remaining variables tune the limits on hostile input, so that a
+deployment can widen them without code changes.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Settings:
     """Where imgdb keeps its data and how far it trusts its input."""
 
     database_url: str | None = None
+    #: The schema that holds everything imgdb creates (checked when a database is opened).
+    schema: str = "imgdb"
     home: Path = field(default_factory=lambda: Path(platformdirs.user_data_dir("imgdb")))
     #: Images with more decoded pixels than this are refused before decoding (decompression bombs).
     max_pixels: int = 100_000_000
@@ -53,6 +56,7 @@ class Settings:
         home = os.environ.get("IMGDB_HOME")
         return cls(
             database_url=os.environ.get("IMGDB_DATABASE_URL") or None,
+            schema=os.environ.get("IMGDB_SCHEMA") or cls.schema,
             home=Path(home).expanduser() if home else Path(platformdirs.user_data_dir("imgdb")),
             max_pixels=_env_int("IMGDB_MAX_PIXELS", cls.max_pixels),
             fetch=FetchLimits(

@@ -1,12 +1,15 @@
 """SQLAlchemy 2.0 models of imgdb's tables, for applications that already speak the ORM.
 
+Every table lives in imgdb's schema (``imgdb``; the models name it, so they work on an application's
+own engine and sessions; with another ``IMGDB_SCHEMA``, give that engine
+``execution_options(schema_translate_map={"imgdb": "<schema>"})``, as imgdb does on its own).
+
 ``images`` holds one row per distinct image (by content hash); ``indexes`` is the registry of named
 indexes, each with its extractor spec and ANN settings; ``index_state`` keeps whatever an extractor
 learned from the collection (codebooks, PCA matrices) as named arrays, so that a query months later is
 encoded exactly as the collection was. Each index's vectors live in a table of their own,
-``imgdb_vectors_<name>``, because pgvector indexes need one fixed dimension per column (``vector``, or
-``halfvec`` at half the bytes); map it with
-:func:`vectors_model`::
+``vectors_<index id>``, because pgvector indexes need one fixed dimension per column (``vector``, or
+``halfvec`` at half the bytes); map it with :func:`vectors_model`::
 
     from sqlalchemy import select
     from imgdb.orm import Image, vectors_model
@@ -17,6 +20,11 @@ encoded exactly as the collection was. Each index's vectors live in a table of t
         .where(Image.metadata_["author"].astext == "Joan Miró")
         .order_by(V.embedding.l2_distance(query_vector)).limit(10)
     )
+
+Application tables attached to an index (``imgdb attach``) are :class:`Source` rows; :class:`Ref`
+maps each of their rows' keys to the image it holds. :func:`index_model` maps an index's SQL view,
+whose ``ref`` column has the type of the application's key, for joins with the application's own
+models.
 """
 
 from __future__ import annotations
@@ -25,15 +33,20 @@ import datetime as dt
 from typing import Any
 
 from pgvector.sqlalchemy import HALFVEC, Vector
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, LargeBinary, String, Text, func, select
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Integer, LargeBinary, MetaData, String, Text,
+                        func, select)
+from sqlalchemy.dialects.postgresql import JSONB, OID
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from imgdb.db.schema import DEFAULT_SCHEMA
 from imgdb.errors import IndexNotFound
 
 
 class Base(DeclarativeBase):
-    """Declarative base of imgdb's models (its metadata is what the migrations create)."""
+    """Declarative base of imgdb's models (its metadata is what the migrations create), all in
+    imgdb's schema."""
+
+    metadata = MetaData(schema=DEFAULT_SCHEMA)
 
 
 class Image(Base):
@@ -72,14 +85,18 @@ class SearchIndex(Base):
     version: Mapped[int] = mapped_column(BigInteger, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
+    # Objects made per index are named by its id, so that no index name can make two of them
+    # collide (``a`` and ``a_ann``); only the view users query carries the name, and no other
+    # relation in the schema starts with ``images_`` (migration 0003 renamed the ones that did).
+
     @property
     def vectors_table(self) -> str:
         """The table holding this index's vectors."""
-        return f"imgdb_vectors_{self.name}"
+        return f"vectors_{self.id}"
 
     @property
     def relation(self) -> str:
-        """The view that plain SQL queries: every ``images`` column plus ``embedding``."""
+        """The view that plain SQL queries: every ``images`` column plus ``embedding``, ``ref``, ``source``."""
         return f"images_{self.name}"
 
     @property
@@ -98,6 +115,54 @@ class IndexState(Base):
     value: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class Source(Base):
+    """An application table attached to an index: which column holds its images, and its key."""
+
+    __tablename__ = "sources"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    index_id: Mapped[int] = mapped_column(ForeignKey("indexes.id", ondelete="CASCADE"))
+    #: The table's oid: it follows the table through a rename.
+    relid: Mapped[int] = mapped_column(OID)
+    #: The table's qualified name when it was attached (for messages once it is gone).
+    table_name: Mapped[str] = mapped_column(Text)
+    column_name: Mapped[str] = mapped_column(Text)
+    #: ``text`` (a path or an http(s) URL per row) or ``bytea`` (the image itself).
+    column_kind: Mapped[str] = mapped_column(Text)
+    key_column: Mapped[str] = mapped_column(Text)
+    #: The key's SQL type (``format_type``), e.g. ``integer``, ``uuid``, ``text``.
+    key_type: Mapped[str] = mapped_column(Text)
+    #: Relative paths resolve under this folder, and paths outside it are refused (None: absolute only).
+    root: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Ref(Base):
+    """One row of an attached table, by its key in text form, and the image it holds now."""
+
+    __tablename__ = "refs"
+
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id", ondelete="CASCADE"), primary_key=True)
+    ref: Mapped[str] = mapped_column(Text, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    synced_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Failure(Base):
+    """A row of an attached table that could not be embedded, with the reason, retried with back-off."""
+
+    __tablename__ = "failures"
+
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id", ondelete="CASCADE"), primary_key=True)
+    ref: Mapped[str] = mapped_column(Text, primary_key=True)
+    error: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer)
+    first_failed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    last_failed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    #: When the next sync tries the row again (None: it is back in the queue now).
+    retry_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 _vector_models: dict[tuple[str, int, str], type[Base]] = {}
 
 
@@ -111,11 +176,11 @@ def vectors_model(session: Session, name: str) -> type[Base]:
     index = session.scalar(select(SearchIndex).where(SearchIndex.name == name))
     if index is None:
         raise IndexNotFound(f"no index named {name!r}")
-    key = (index.name, index.dim, index.storage)
+    key = (index.vectors_table, index.dim, index.storage)
     if key not in _vector_models:
         column_type = HALFVEC(index.dim) if index.storage == "halfvec" else Vector(index.dim)
         _vector_models[key] = type(
-            f"Vectors_{index.name}_{index.dim}",
+            f"Vectors_{index.id}_{index.dim}",
             (Base,),
             {
                 "__tablename__": index.vectors_table,
@@ -125,7 +190,10 @@ def vectors_model(session: Session, name: str) -> type[Base]:
                 "embedding": mapped_column(column_type),
                 # The vector's PQ/LSH code, for indexes whose first stage runs in Python.
                 "ann_code": mapped_column(LargeBinary, nullable=True),
-                "__annotations__": {"image_id": Mapped[int], "embedding": Mapped[Any], "ann_code": Mapped[Any]},
+                # False where only attached tables' rows put the image in this index (imgdb sync).
+                "direct": mapped_column(Boolean, server_default="true"),
+                "__annotations__": {"image_id": Mapped[int], "embedding": Mapped[Any], "ann_code": Mapped[Any],
+                                    "direct": Mapped[bool]},
             },
         )
     return _vector_models[key]

@@ -18,8 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,34 @@ def client(imgdb_home: Path):  # noqa: ANN201
 
     with imgdb.connect() as db:
         yield db
+
+
+def database_url(url: str, name: str, user: str | None = None) -> str:
+    """``url`` pointed at another database of the same server (and optionally another role)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc if user is None else f"{user}@{parts.netloc.rpartition('@')[2]}"
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}", netloc=netloc))
+
+
+@pytest.fixture(scope="session")
+def new_database(client) -> Callable[..., str]:  # noqa: ANN001
+    """Make a fresh database on the session's embedded server (as its superuser) and return its URL:
+    the stand-in for an application's own database. ``vector``: install pgvector first, as an
+    administrator would."""
+    import psycopg
+
+    def make(name: str, *, vector: bool = True) -> str:
+        admin = database_url(client.database.url, "postgres")
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = database_url(client.database.url, name)
+        if vector:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION vector")
+        return url
+
+    return make
 
 
 @pytest.fixture(scope="session")

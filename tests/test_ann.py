@@ -128,8 +128,9 @@ def test_rows_written_by_plain_sql_are_searchable_before_they_get_codes(client, 
     client.search(queries[0], k=1, index="by_sql")
     [new_id] = placeholder_images(client, "sql", 1)
     target = queries[3] * 0.5
+    table = client.index("by_sql").vectors_table
     with client.database.engine.begin() as conn:
-        conn.exec_driver_sql("INSERT INTO imgdb_vectors_by_sql (image_id, embedding) VALUES (%s, %s)",
+        conn.exec_driver_sql(f"INSERT INTO {table} (image_id, embedding) VALUES (%s, %s)",
                              (new_id, "[" + ",".join(map(str, target.tolist())) + "]"))
     assert client.search(target, k=1, index="by_sql")[0].id == new_id
 
@@ -146,12 +147,13 @@ def test_halfvec_hnsw_and_binary_quantization(client, sift) -> None:  # noqa: AN
     base, queries = sift
     ids, truth = make_index(client, sift, "half", "hnsw", storage="halfvec")
     assert recall(client, "half", queries, truth) >= 0.95
+    half = client.index("half")
     with client.database.connect() as conn:
         plan = "\n".join(conn.exec_driver_sql(
-            "EXPLAIN SELECT image_id FROM imgdb_vectors_half ORDER BY embedding <-> %s::halfvec LIMIT 10",
+            f"EXPLAIN SELECT image_id FROM {half.vectors_table} ORDER BY embedding <-> %s::halfvec LIMIT 10",
             ("[" + ",".join(map(str, queries[0].tolist())) + "]",)).scalars())
-        size = conn.exec_driver_sql("SELECT avg(pg_column_size(embedding)) FROM imgdb_vectors_half").scalar_one()
-    assert "imgdb_vectors_half_ann" in plan and size == 8 + 2 * 128  # varlena header, dim, 2 bytes per value
+        size = conn.exec_driver_sql(f"SELECT avg(pg_column_size(embedding)) FROM {half.vectors_table}").scalar_one()
+    assert half.ann_index in plan and size == 8 + 2 * 128  # varlena header, dim, 2 bytes per value
     # Binary quantization keeps sign bits around the collection's mean (SIFT values are all >= 0: the
     # bare signs would be nearly constant), re-ranked by the full vectors in the same statement.
     make_index(client, sift, "bits", "bq")

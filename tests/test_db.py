@@ -84,7 +84,7 @@ def test_documented_sql_is_served_by_the_hnsw_index(client, synthetic, where: st
     sql = f"EXPLAIN SELECT id, uri FROM images_{name} {where} ORDER BY embedding <-> '{literal(vectors[0])}' LIMIT 10"
     with client.database.connect() as conn:
         plan = "\n".join(conn.exec_driver_sql(sql).scalars())
-    assert f"Index Scan using imgdb_vectors_{name}_ann" in plan, plan
+    assert f"Index Scan using {client.index(name).ann_index}" in plan, plan
 
 
 def test_plain_sql_with_a_filter_returns_k_rows(client, synthetic) -> None:  # noqa: ANN001
@@ -99,7 +99,7 @@ def test_plain_sql_with_a_filter_returns_k_rows(client, synthetic) -> None:  # n
         # The planner would answer this selective query exactly; make it take the graph.
         conn.exec_driver_sql("SET LOCAL enable_sort = off")
         plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + sql).scalars())
-        assert f"Index Scan using imgdb_vectors_{name}_ann" in plan, plan
+        assert f"Index Scan using {client.index(name).ann_index}" in plan, plan
         assert len(conn.exec_driver_sql(sql).all()) == 10
         conn.exec_driver_sql("SET LOCAL hnsw.iterative_scan = off")
         assert len(conn.exec_driver_sql(sql).all()) < 10

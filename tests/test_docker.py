@@ -39,7 +39,7 @@ def test_start_script_gives_up_on_a_database_that_never_answers(tmp_path: Path) 
                           timeout=120)
     assert done.returncode == 1
     [line] = done.stderr.strip().splitlines()
-    assert line.startswith("imgdb-start: database not ready after 3s: cannot migrate the database") and "refused" in line
+    assert line.startswith("imgdb-start: database not ready after 3s: cannot connect to PostgreSQL") and "refused" in line
 
 
 def _compose() -> list[str]:

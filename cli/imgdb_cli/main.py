@@ -315,7 +315,7 @@ def db_status(as_json: Json = False, debug: Debug = False) -> None:
         if settings.database_url:
             from imgdb.db.engine import Database
 
-            database = Database(settings.database_url, migrate=False)
+            database = Database(settings.database_url, schema=settings.schema, migrate=False)
             revision = database.revision()
             info = {"embedded": False, "running": True, "revision": revision}
         else:

@@ -4,6 +4,7 @@ errors on stderr; a one-line reason and a non-zero exit on failure (a traceback 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,8 +32,23 @@ def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+class _OneLine(logging.Handler):
+    """The library's warnings (``logging.getLogger("imgdb")``) as ``warning: ...`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        say(f"{record.levelname.lower()}: {record.getMessage()}")
+
+
+def _show_library_warnings() -> None:
+    log = logging.getLogger("imgdb")
+    if not any(isinstance(h, _OneLine) for h in log.handlers):
+        log.addHandler(_OneLine(logging.WARNING))
+        log.propagate = False
+
+
 def guarded(debug: bool, action: Callable[[], T]) -> T:
     """Run a command body, turning expected failures into one line on stderr and exit status 1."""
+    _show_library_warnings()
     if debug:
         return action()
     try:

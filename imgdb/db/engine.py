@@ -1,7 +1,8 @@
-"""Which PostgreSQL imgdb talks to, the SQLAlchemy engine on it, and keeping its schema current."""
+"""Which PostgreSQL imgdb talks to, the SQLAlchemy engines on it, and keeping its schema current."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
@@ -12,21 +13,21 @@ from typing import TypeVar
 import psycopg
 import sqlalchemy as sa
 from alembic import command
-from pgvector.psycopg import register_vector
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from pgvector.psycopg import register_vector
+from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from imgdb.config import Settings
 from imgdb.db.embedded import EmbeddedServer
+from imgdb.db.schema import DEFAULT_SCHEMA, check_schema, first_line, place
 from imgdb.errors import DatabaseError
 
 T = TypeVar("T")
-
-#: Serialises concurrent first-use migrations from several processes (an arbitrary, fixed key).
-_MIGRATION_LOCK = 0x1D6DB
+log = logging.getLogger("imgdb")
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -37,37 +38,52 @@ def sqlalchemy_url(url: str) -> str:
     raise DatabaseError(f"not a PostgreSQL URL: {url.split('@')[-1]!r}")
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
-    """An alembic config over the installed migrations, optionally bound to an open connection."""
+def alembic_config(connection: Connection | None = None, schema: str = DEFAULT_SCHEMA) -> Config:
+    """An alembic config over the installed migrations, optionally bound to an open connection of
+    imgdb's (whose search path starts with ``schema``)."""
     config = Config()
     config.set_main_option("script_location", str(Path(str(resources.files("imgdb_migrations")))))
     if connection is not None:
         config.attributes["connection"] = connection
+        config.attributes["schema"] = schema
     return config
 
 
-def _reason(exc: BaseException) -> str:
-    """The first line of a driver error: psycopg adds hints on further lines, and imgdb's
-    failures are one line (CONVENTIONS.md)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 class Database:
-    """An engine on imgdb's database, with its schema migrated to the current revision."""
+    """Engines on imgdb's schema in one database, migrated to the current revision.
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
+    ``migrate``: apply pending migrations now (first use). ``create``: install pgvector and the
+    schema where they are missing (default: when migrating); without it nothing is written.
+    """
+
+    def __init__(self, url: str, *, schema: str = DEFAULT_SCHEMA, migrate: bool = True,
+                 create: bool | None = None) -> None:
         self.url = url
-        self.engine: Engine = sa.create_engine(sqlalchemy_url(url), pool_pre_ping=True)
+        self.schema = check_schema(schema)
+        self.placement = place(url, self.schema, create=migrate if create is None else create)
+        self.engine: Engine = self._engine(pool_pre_ping=True)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         if migrate:
             self.upgrade(only_if_needed=True)
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None, *, migrate: bool = True) -> Database:
+    def from_settings(cls, settings: Settings | None = None, *, migrate: bool = True,
+                      create: bool | None = None) -> Database:
         """The configured database: ``IMGDB_DATABASE_URL``, else the embedded server (started on demand)."""
         settings = settings or Settings.from_env()
         url = settings.database_url or EmbeddedServer(settings.home).start()
-        return cls(url, migrate=migrate)
+        return cls(url, schema=settings.schema, migrate=migrate, create=create)
+
+    def _engine(self, **kwargs: object) -> Engine:
+        """An engine whose connections start in imgdb's schema (:mod:`imgdb.db.schema`); ORM and
+        Core statements name the models' schema, translated where ``IMGDB_SCHEMA`` is not the default."""
+        try:
+            existing = conninfo_to_dict(self.url).get("options", "")
+        except psycopg.ProgrammingError as exc:
+            raise DatabaseError(f"not a valid PostgreSQL URL: {first_line(exc)}") from exc
+        translate = {} if self.schema == DEFAULT_SCHEMA else {"schema_translate_map": {DEFAULT_SCHEMA: self.schema}}
+        return sa.create_engine(sqlalchemy_url(self.url), connect_args={"options": self.placement.connect_options(existing)},
+                                execution_options=translate, **kwargs)
 
     @cached_property
     def head(self) -> str | None:
@@ -75,32 +91,42 @@ class Database:
         return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
     def revision(self) -> str | None:
-        """The schema revision the database is at (None before the first migration)."""
+        """The revision imgdb's schema is at (None before the first migration)."""
         with self.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+            return MigrationContext.configure(conn, opts={"version_table_schema": self.schema}).get_current_revision()
 
     def upgrade(self, *, only_if_needed: bool = False) -> bool:
-        """Apply pending migrations; returns whether anything ran.
+        """Apply pending migrations; returns whether any ran here.
 
         Run automatically on first use, so checking must be cheap: one query when the schema is current.
         """
-        if only_if_needed and self.revision() == self.head:
+        before = self.revision()
+        if only_if_needed and before == self.head:
             return False
         try:
             with self.engine.begin() as conn:
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
-                if MigrationContext.configure(conn).get_current_revision() == self.head:
-                    return False
-                command.upgrade(alembic_config(conn), "head")
+                command.upgrade(alembic_config(conn, self.schema), "head")
+                if before != self.head:
+                    self._say_where_settings_hold(conn)
             # Pooled connections predate database-level settings a migration made (ALTER DATABASE).
             self.engine.dispose()
         except sa.exc.OperationalError as exc:
-            raise DatabaseError(f"cannot migrate the database: {_reason(exc.orig)}") from exc
-        except sa.exc.ProgrammingError as exc:
-            raise DatabaseError(
-                f"cannot migrate the database (does the server have pgvector?): {_reason(exc.orig)}"
-            ) from exc
-        return True
+            raise DatabaseError(f"cannot migrate the database: {first_line(exc.orig)}") from exc
+        except (sa.exc.ProgrammingError, sa.exc.InternalError, sa.exc.IntegrityError) as exc:
+            raise DatabaseError(f"cannot migrate imgdb's schema {self.schema!r}: {first_line(exc.orig)}") from exc
+        return before != self.head
+
+    @staticmethod
+    def _say_where_settings_hold(conn: Connection) -> None:
+        """Once, when the schema is made: whether pgvector's iterative scans are the database's
+        default (``ALTER DATABASE``, which needs its owner) or only set on imgdb's own sessions."""
+        database_wide = conn.execute(sa.text(
+            "SELECT EXISTS (SELECT 1 FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase"
+            " WHERE d.datname = current_database() AND s.setrole = 0"
+            " AND 'hnsw.iterative_scan=strict_order' = ANY (s.setconfig))")).scalar()
+        if not database_wide:
+            log.warning("this role cannot ALTER DATABASE, so imgdb sets hnsw.iterative_scan = strict_order on its own "
+                        "sessions only: run SET hnsw.iterative_scan = strict_order in your own filtered vector queries")
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
@@ -108,7 +134,7 @@ class Database:
         try:
             conn = self.engine.connect()
         except sa.exc.OperationalError as exc:
-            raise DatabaseError(f"cannot connect to PostgreSQL: {_reason(exc.orig)}") from exc
+            raise DatabaseError(f"cannot connect to PostgreSQL: {first_line(exc.orig)}") from exc
         with conn:
             yield conn
 
@@ -118,7 +144,7 @@ class Database:
         psycopg connections serve the search path (:mod:`imgdb.db.search`): no transaction round
         trips, no execution layer, no pre-ping (:meth:`searching` retries on a dropped connection
         instead of paying a round trip per query)."""
-        engine = sa.create_engine(sqlalchemy_url(self.url), isolation_level="AUTOCOMMIT", pool_size=8, max_overflow=24)
+        engine = self._engine(isolation_level="AUTOCOMMIT", pool_size=8, max_overflow=24)
         sa.event.listen(engine, "connect", lambda dbapi_connection, _record: register_vector(dbapi_connection))
         return engine
 
@@ -129,13 +155,13 @@ class Database:
             try:
                 pooled = self.search_engine.raw_connection()
             except sa.exc.OperationalError as exc:
-                raise DatabaseError(f"cannot connect to PostgreSQL: {_reason(exc.orig)}") from exc
+                raise DatabaseError(f"cannot connect to PostgreSQL: {first_line(exc.orig)}") from exc
             try:
                 return work(pooled.driver_connection)
             except psycopg.OperationalError as exc:
                 pooled.invalidate()
                 if attempt == 2:
-                    raise DatabaseError(f"search failed: {_reason(exc)}") from exc
+                    raise DatabaseError(f"search failed: {first_line(exc)}") from exc
             finally:
                 pooled.close()
         raise AssertionError("unreachable")

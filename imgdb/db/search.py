@@ -26,13 +26,11 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from imgdb.ann.spec import AnnSpec
 from imgdb.db import store
+from imgdb.db.schema import SESSION_SETTINGS
 from imgdb.orm import SearchIndex
 
 #: pgvector stops growing the HNSW candidate list here.
 MAX_EF_SEARCH = 1000
-#: Settings every search connection carries: filtered queries keep scanning the index until k rows
-#: pass (strict order for HNSW; IVFFlat can only do relaxed order, and results are re-sorted here).
-SESSION_SETTINGS = {"hnsw.iterative_scan": "strict_order", "ivfflat.iterative_scan": "relaxed_order"}
 
 _settings: weakref.WeakKeyDictionary[psycopg.Connection, dict[str, str]] = weakref.WeakKeyDictionary()
 _dialect = postgresql.psycopg.dialect()
@@ -65,7 +63,7 @@ class Target:
 def lookup(conn: psycopg.Connection, name: str) -> Target | None:
     """The index named ``name``, in one round trip."""
     row = conn.cursor(row_factory=dict_row).execute(
-        "SELECT *, to_regclass('imgdb_vectors_' || name || '_ann') IS NOT NULL AS has_ann,"
+        "SELECT *, to_regclass(format('%%I.vectors_%%s_ann', current_schema(), id)) IS NOT NULL AS has_ann,"
         " (SELECT value FROM index_state s WHERE s.index_id = indexes.id AND s.key = %s) AS center"
         " FROM indexes WHERE name = %s",
         ("ann." + store.CENTER_KEY, name),
@@ -84,8 +82,9 @@ def version(conn: psycopg.Connection, index: SearchIndex) -> int:
 
 def configure(conn: psycopg.Connection, wanted: dict[str, str]) -> None:
     """Bring the connection's pgvector settings to ``wanted``, in one round trip if any differ."""
-    current = _settings.setdefault(conn, {})
-    changed = {k: v for k, v in {**SESSION_SETTINGS, **wanted}.items() if current.get(k) != v}
+    # Every imgdb connection starts with the iterative-scan settings (imgdb.db.schema).
+    current = _settings.setdefault(conn, dict(SESSION_SETTINGS))
+    changed = {k: v for k, v in wanted.items() if current.get(k) != v}
     if changed:
         calls = ", ".join("set_config(%s, %s, false)" for _ in changed)
         conn.execute(f"SELECT {calls}", [x for kv in changed.items() for x in kv])

@@ -1,16 +1,18 @@
-"""All of imgdb's SQL: the index registry, per-index vector tables, bulk writes and vector search.
+"""imgdb's SQL for the index registry, per-index vector tables, bulk writes and reads.
 
-Everything else in imgdb talks to PostgreSQL through these functions. Per index ``NAME`` there are
-three objects besides its ``indexes`` row:
+Everything else in imgdb talks to PostgreSQL through these functions, on connections whose search
+path starts with imgdb's schema (:mod:`imgdb.db.schema`), so names here are unqualified. Per index
+(with id ``N`` and name ``NAME``) there are three objects besides its ``indexes`` row:
 
-* ``imgdb_vectors_NAME (image_id, embedding, ann_code)``: the vectors (``vector`` or ``halfvec``, one
-  fixed dimension per table, since a pgvector index needs one) and, for the Python-side first
-  stages, each vector's PQ/LSH code; a statement trigger bumps ``indexes.version`` on every write;
-* ``imgdb_vectors_NAME_ann``: its HNSW or IVFFlat index (L2 ops; extractors' vectors are unit length,
-  so L2 ranks like cosine), or for binary quantization an HNSW index on the vectors' sign bits;
-* ``images_NAME``: a view joining ``images`` to the vectors, the relation plain SQL queries.
+* ``vectors_N (image_id, embedding, ann_code, direct)``: the vectors (``vector`` or ``halfvec``, one
+  fixed dimension per table, since a pgvector index needs one), for the Python-side first stages
+  each vector's PQ/LSH code, and whether a direct ingest put the image there (``direct`` false:
+  only rows of attached tables hold it); a statement trigger bumps ``indexes.version`` on every write;
+* ``vectors_N_ann``: its HNSW or IVFFlat index (L2 ops; extractors' vectors are unit length, so L2
+  ranks like cosine), or for binary quantization an HNSW index on the vectors' sign bits;
+* ``images_NAME``: the view plain SQL queries (:func:`imgdb.db.derived.create_view`).
 
-The search statements live in :mod:`imgdb.db.search`.
+The search statements live in :mod:`imgdb.db.search`, attached tables in :mod:`imgdb.db.attached`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
 from imgdb.ann.spec import AnnSpec, parse_ann
+from imgdb.db import derived
 from imgdb.errors import ImgdbError, IndexExists, IndexNotFound
 from imgdb.io.reader import ImageFacts
 from imgdb.orm import Image, IndexState, SearchIndex
@@ -73,7 +76,7 @@ def list_indexes(conn: Connection) -> list[tuple[SearchIndex, int]]:
 
 def create_index(conn: Connection, name: str, extractor: str, dim: int, ann: AnnSpec,
                  storage: str = "vector") -> SearchIndex:
-    """Register an index and create its vector table, view and (empty) ANN index."""
+    """Register an index and create its vector table, trigger, view and (empty) ANN index."""
     check_name(name)
     check_ann(ann, dim, storage)
     # ON CONFLICT rather than a look-up first: two processes may create the same index at once.
@@ -89,13 +92,10 @@ def create_index(conn: Connection, name: str, extractor: str, dim: int, ann: Ann
     conn.exec_driver_sql(
         f'CREATE TABLE "{index.vectors_table}" ('
         f" image_id bigint PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,"
-        f" embedding {storage}({dim}) NOT NULL, ann_code bytea)"
+        f" embedding {storage}({dim}) NOT NULL, ann_code bytea, direct boolean NOT NULL DEFAULT true)"
     )
-    conn.exec_driver_sql(
-        f'CREATE TRIGGER imgdb_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON "{index.vectors_table}"'
-        f" FOR EACH STATEMENT EXECUTE FUNCTION imgdb_index_changed('{index.id}')"
-    )
-    create_view(conn, index)
+    derived.create_index_trigger(conn, index)
+    derived.create_view(conn, index)
     ensure_ann(conn, index)
     return index
 
@@ -118,15 +118,6 @@ def set_ann(conn: Connection, index: SearchIndex, ann: AnnSpec) -> SearchIndex:
     table = SearchIndex.__table__
     conn.execute(sa.update(table).where(table.c.id == index.id).values(ann=ann.method, ann_params=ann.params))
     return require_index(conn, index.name)
-
-
-def create_view(conn: Connection, index: SearchIndex) -> None:
-    """(Re)create the SQL-facing view; run again after a migration adds ``images`` columns."""
-    columns = ", ".join(f"i.{c.name}" for c in _images.columns)
-    conn.exec_driver_sql(
-        f'CREATE OR REPLACE VIEW "{index.relation}" AS SELECT {columns}, v.embedding'
-        f' FROM images i JOIN "{index.vectors_table}" v ON v.image_id = i.id'
-    )
 
 
 def drop_index(conn: Connection, name: str) -> None:
@@ -161,7 +152,8 @@ def load_state(conn: Connection, index: SearchIndex, owner: str = "") -> dict[st
 # ---------------------------------------------------------------- ANN index
 
 def has_ann(conn: Connection, index: SearchIndex) -> bool:
-    return conn.execute(sa.select(sa.func.to_regclass(index.ann_index))).scalar() is not None
+    return conn.execute(sa.text("SELECT to_regclass(format('%I.%I', current_schema(), CAST(:n AS text))) IS NOT NULL"),
+                        {"n": index.ann_index}).scalar()
 
 
 def drop_ann(conn: Connection, index: SearchIndex) -> None:

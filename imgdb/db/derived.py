@@ -1,0 +1,263 @@
+"""The objects imgdb derives from its tables: views, functions, triggers, grants.
+
+Migrations own the tables and their data; what is computed from them is made here, by the code
+that uses it, and remade after every migration (:func:`install`), so a migration never has to
+freeze a copy of a view's or a function's text. A change to one of these definitions ships with a
+migration (an empty one will do) so that existing databases remake them.
+
+Functions that other roles' statements run (the enqueue trigger of an attached table, fired by the
+application's INSERT; ``similar()``, called from the application's SQL) are ``SECURITY DEFINER``
+with a pinned ``search_path`` and schema-qualified names: the caller's path is never trusted.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from imgdb.db.schema import quote
+from imgdb.orm import Image, SearchIndex
+
+#: The per-index view prefix. No other relation of the schema starts with it (the test suite checks).
+VIEW_PREFIX = "images_"
+#: SQL views with no index in their name, readable by roles given ``imgdb db grant``.
+STATUS_VIEWS = ("sync_status", "sync_failures")
+#: The signature of the "more like this" function, for GRANT/REVOKE.
+SIMILAR = "similar(text, anyelement, integer, regclass)"
+
+
+def current_schema(conn: Connection) -> str:
+    """imgdb's schema: first on every imgdb connection's search path."""
+    return conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+
+
+def extension_schema(conn: Connection) -> str:
+    return conn.execute(sa.text("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
+                                " WHERE e.extname = 'vector'")).scalar_one()
+
+
+def notify_channel(schema: str) -> str:
+    """The LISTEN/NOTIFY channel attached tables' triggers wake sync workers on."""
+    return f"{schema}_sync"
+
+
+def install(conn: Connection) -> None:
+    """(Re)make every derived object of the schema, after a migration."""
+    create_index_changed(conn)
+    for row in conn.execute(sa.select(SearchIndex.__table__)).mappings().all():
+        index = SearchIndex(**row)
+        create_index_trigger(conn, index)
+        create_view(conn, index)
+    for source_id in conn.execute(sa.text("SELECT id FROM sources ORDER BY id")).scalars().all():
+        create_enqueue_function(conn, source_id)
+    create_status_views(conn)
+    create_similar(conn)
+    for role in conn.execute(sa.text("SELECT role FROM grants ORDER BY role")).scalars().all():
+        grant_read(conn, role)
+
+
+# ---------------------------------------------------------------- per index
+
+def create_index_changed(conn: Connection) -> None:
+    """The statement trigger function that bumps ``indexes.version`` on every write to an index's
+    vectors, whoever writes (cascading deletes, users' own SQL)."""
+    schema = quote(current_schema(conn))
+    conn.execute(sa.text(f"""
+        CREATE OR REPLACE FUNCTION {schema}.index_changed() RETURNS trigger LANGUAGE plpgsql
+        SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+        BEGIN
+          UPDATE {schema}.indexes SET version = version + 1 WHERE id = TG_ARGV[0]::int;
+          RETURN NULL;
+        END $$"""))
+
+
+def create_index_trigger(conn: Connection, index: SearchIndex) -> None:
+    conn.execute(sa.text(
+        f'CREATE OR REPLACE TRIGGER imgdb_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON "{index.vectors_table}"'
+        f" FOR EACH STATEMENT EXECUTE FUNCTION index_changed('{index.id}')"))
+
+
+def create_view(conn: Connection, index: SearchIndex) -> None:
+    """The view plain SQL queries for ``index``: every ``images`` column, ``embedding``, and for
+    images that rows of attached tables hold, ``ref`` (the row's key, typed as the key is; ``text``
+    when the index's tables have keys of different types) and ``source`` (the table, a
+    ``regclass``). An image held by two rows appears once per row, so that a join with the
+    application's table finds both.
+
+    Remade when tables are attached or detached, keeping the grants of :func:`grant_read`. Where
+    the type of ``ref`` changes, CREATE OR REPLACE cannot keep the view: it is dropped first (and
+    a user's view built on it makes that fail, with PostgreSQL's reason).
+    """
+    columns = ", ".join(f"i.{c.name}" for c in Image.__table__.columns)
+    key_types = set(conn.execute(sa.text("SELECT key_type FROM sources WHERE index_id = :i"), {"i": index.id}).scalars())
+    attached = bool(key_types)
+    ref_type = key_types.pop() if len(key_types) == 1 else "text"
+    body = f'SELECT {columns}, v.embedding, %s FROM "{index.vectors_table}" v JOIN images i ON i.id = v.image_id'
+    if attached:
+        body = (body % f"r.ref::{ref_type} AS ref, s.relid::regclass AS source"
+                + f" LEFT JOIN (refs r JOIN sources s ON s.id = r.source_id AND s.index_id = {index.id})"
+                  " ON r.image_id = v.image_id")
+    else:
+        # No attached table: no join for the planner to weigh against the vector index's order.
+        body = body % "NULL::text AS ref, NULL::regclass AS source"
+    view = quote(index.relation)
+    current = conn.execute(sa.text(
+        "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+        " WHERE a.attrelid = to_regclass(format('%I.%I', current_schema(), CAST(:v AS text)))"
+        " AND a.attname = 'ref' AND NOT a.attisdropped"), {"v": index.relation}).scalar()
+    if current is not None and current != ref_type:
+        conn.execute(sa.text(f"DROP VIEW {view}"))
+    conn.execute(sa.text(f"CREATE OR REPLACE VIEW {view} AS {body}"))
+    for role in conn.execute(sa.text("SELECT role FROM grants")).scalars().all():
+        conn.execute(sa.text(f"GRANT SELECT ON {view} TO {quote(role)}"))
+
+
+# ---------------------------------------------------------------- attached tables
+
+def create_enqueue_function(conn: Connection, source_id: int) -> str:
+    """The trigger function of one attached table; returns its qualified name.
+
+    Statement-level, over transition tables: one ``INSERT ... SELECT`` into the queue per
+    statement of the application, however many rows it touched, and one ``NOTIFY``. It queues keys
+    only (the worker reads the row itself, so a queued key always gets the row's latest state):
+    inserted rows, rows whose image column or key changed, deleted rows, and on TRUNCATE every row
+    the index holds. The queue has no index and no foreign key, so the application's writes never
+    wait on imgdb's. Whatever goes wrong in here (a renamed column, say) becomes a WARNING, never an
+    error: imgdb must not be the reason an application's write fails.
+    """
+    source = conn.execute(sa.text("SELECT * FROM sources WHERE id = :i"), {"i": source_id}).mappings().one()
+    schema = quote(current_schema(conn))
+    key, column = quote(source["key_column"]), quote(source["column_name"])
+    queue = f"INSERT INTO {schema}.queue (source_id, ref) SELECT {source_id},"
+    name = f"{schema}.enqueue_{source_id}"
+    conn.execute(sa.text(f"""
+        CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql
+        SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+        BEGIN
+          IF TG_OP = 'INSERT' THEN
+            {queue} n.{key}::text FROM new_rows n WHERE n.{key} IS NOT NULL;
+          ELSIF TG_OP = 'UPDATE' THEN
+            {queue} n.{key}::text FROM new_rows n LEFT JOIN old_rows o ON o.{key} = n.{key}
+              WHERE n.{key} IS NOT NULL AND (o.{key} IS NULL OR o.{column} IS DISTINCT FROM n.{column})
+            UNION ALL
+            SELECT {source_id}, o.{key}::text FROM old_rows o LEFT JOIN new_rows n ON n.{key} = o.{key}
+              WHERE o.{key} IS NOT NULL AND n.{key} IS NULL;
+          ELSIF TG_OP = 'DELETE' THEN
+            {queue} o.{key}::text FROM old_rows o WHERE o.{key} IS NOT NULL;
+          ELSE
+            {queue} ref FROM {schema}.refs WHERE source_id = {source_id};
+          END IF;
+          PERFORM pg_notify({_literal(notify_channel(current_schema(conn)))}, '{source_id}');
+          RETURN NULL;
+        EXCEPTION WHEN OTHERS THEN
+          RAISE WARNING 'imgdb: changes to % were not queued for image search (%); run imgdb attach again',
+            TG_TABLE_NAME, SQLERRM;
+          RETURN NULL;
+        END $fn$"""))
+    return name
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def create_status_views(conn: Connection) -> None:
+    """``sync_status`` (per attached table: queued, failed and embedded rows, the oldest queued
+    change) and ``sync_failures`` (each row that could not be embedded, with its reason), for
+    people and monitors alike."""
+    conn.execute(sa.text("""
+        CREATE OR REPLACE VIEW sync_status AS
+        SELECT s.relid::regclass AS source, x.name AS index, s.column_name AS image_column,
+               (SELECT count(DISTINCT q.ref) FROM queue q WHERE q.source_id = s.id) AS queued,
+               (SELECT count(*) FROM failures f WHERE f.source_id = s.id) AS failed,
+               (SELECT count(*) FROM refs r WHERE r.source_id = s.id) AS done,
+               (SELECT min(q.queued_at) FROM queue q WHERE q.source_id = s.id) AS oldest_queued,
+               (SELECT max(r.synced_at) FROM refs r WHERE r.source_id = s.id) AS last_synced
+        FROM sources s JOIN indexes x ON x.id = s.index_id"""))
+    conn.execute(sa.text("""
+        CREATE OR REPLACE VIEW sync_failures AS
+        SELECT s.relid::regclass AS source, x.name AS index, f.ref, f.error, f.attempts,
+               f.first_failed_at, f.last_failed_at, f.retry_at
+        FROM failures f JOIN sources s ON s.id = f.source_id JOIN indexes x ON x.id = s.index_id"""))
+
+
+def create_similar(conn: Connection) -> None:
+    """``similar(index, ref, k, source)``: the ``k`` rows of an attached table whose images are
+    nearest to the image of row ``ref`` (its key, of the key's own type, which the result's ``ref``
+    has too), with their distances; "more like this" from SQL alone. ``source`` names the table
+    where several are attached to the index. No rows while ``ref`` is not embedded yet.
+
+    The query vector is read first and passed as a parameter, so that the index's HNSW graph
+    serves the ordering; an iterative scan keeps going past images that no row of the table holds.
+    """
+    schema, extension = current_schema(conn), extension_schema(conn)
+    path = ", ".join(quote(p) for p in dict.fromkeys([schema, extension])) + ", pg_temp"
+    conn.execute(sa.text(f"""
+        CREATE OR REPLACE FUNCTION {quote(schema)}.similar(index_name text, key anyelement, k integer DEFAULT 10,
+                                                         source regclass DEFAULT NULL)
+        RETURNS TABLE (ref anyelement, distance double precision)
+        LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = {path}
+        SET hnsw.iterative_scan = strict_order AS $fn$
+        DECLARE
+          ix record;
+          src record;
+          matches integer;
+          query_image bigint;
+          query_vector text;
+        BEGIN
+          SELECT * INTO ix FROM indexes WHERE name = index_name;
+          IF NOT FOUND THEN
+            RAISE EXCEPTION 'imgdb: no index named %', index_name USING ERRCODE = 'undefined_object';
+          END IF;
+          SELECT count(*) INTO matches FROM sources s WHERE s.index_id = ix.id AND (source IS NULL OR s.relid = source);
+          IF matches = 0 THEN
+            RAISE EXCEPTION 'imgdb: no table % is attached to index %', coalesce(source::text, ''), index_name
+              USING ERRCODE = 'undefined_object';
+          ELSIF matches > 1 THEN
+            RAISE EXCEPTION 'imgdb: several tables are attached to index %: name one, similar(%, key, k, ''table'')',
+              index_name, quote_literal(index_name) USING ERRCODE = 'ambiguous_parameter';
+          END IF;
+          SELECT * INTO src FROM sources s WHERE s.index_id = ix.id AND (source IS NULL OR s.relid = source);
+          SELECT r.image_id INTO query_image FROM refs r WHERE r.source_id = src.id AND r.ref = key::text;
+          IF NOT FOUND THEN
+            RETURN;
+          END IF;
+          EXECUTE format('SELECT embedding::text FROM vectors_%s WHERE image_id = $1', ix.id)
+            INTO query_vector USING query_image;
+          RETURN QUERY EXECUTE format(
+            'SELECT r.ref::%s, (v.embedding <-> $1::%s)::float8 FROM vectors_%s v'
+            ' JOIN refs r ON r.image_id = v.image_id AND r.source_id = $2'
+            ' WHERE r.ref <> $3 ORDER BY v.embedding <-> $1::%s LIMIT $4',
+            pg_typeof(key), ix.storage, ix.id, ix.storage)
+            USING query_vector, src.id, key::text, k;
+        END $fn$"""))
+    conn.execute(sa.text(f"REVOKE ALL ON FUNCTION {quote(schema)}.{SIMILAR} FROM PUBLIC"))
+
+
+# ---------------------------------------------------------------- read access for application roles
+
+def grant_read(conn: Connection, role: str) -> None:
+    """What ``imgdb db grant ROLE`` gives: USAGE on the schema, SELECT on every view (per index and
+    sync status), EXECUTE on ``similar()``; nothing on the tables behind them (a view reads them
+    with its owner's rights). Views made later are granted as they are made (:func:`create_view`)."""
+    schema = quote(current_schema(conn))
+    who = quote(role)
+    conn.execute(sa.text(f"GRANT USAGE ON SCHEMA {schema} TO {who}"))
+    for view in _views(conn):
+        conn.execute(sa.text(f"GRANT SELECT ON {schema}.{quote(view)} TO {who}"))
+    conn.execute(sa.text(f"GRANT EXECUTE ON FUNCTION {schema}.{SIMILAR} TO {who}"))
+
+
+def revoke_read(conn: Connection, role: str) -> None:
+    schema = quote(current_schema(conn))
+    who = quote(role)
+    for view in _views(conn):
+        conn.execute(sa.text(f"REVOKE SELECT ON {schema}.{quote(view)} FROM {who}"))
+    conn.execute(sa.text(f"REVOKE EXECUTE ON FUNCTION {schema}.{SIMILAR} FROM {who}"))
+    conn.execute(sa.text(f"REVOKE USAGE ON SCHEMA {schema} FROM {who}"))
+
+
+def _views(conn: Connection) -> list[str]:
+    return list(conn.execute(sa.text(
+        "SELECT c.relname FROM pg_class c WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'v'"
+        " ORDER BY c.relname")).scalars())
