@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Union
@@ -26,8 +26,8 @@ from PIL import Image
 from imgdb.ann.layer import AnnLayer
 from imgdb.ann.spec import AnnSpec, parse_ann
 from imgdb.config import Settings
+from imgdb.db import attached, derived, store
 from imgdb.db import search as sql
-from imgdb.db import store
 from imgdb.db.engine import Database
 from imgdb.db.filters import parse_filters
 from imgdb.errors import ImgdbError, IndexExists
@@ -45,6 +45,7 @@ from imgdb.ingest import (
 )
 from imgdb.io import sources
 from imgdb.orm import SearchIndex
+from imgdb.sync import AttachReport, Syncer, SyncReport
 
 #: What a query can be: a path, an http(s) URL, ``"id:N"``, image bytes, a Pillow image, or a vector.
 Query = Union[str, Path, bytes, Image.Image, np.ndarray]
@@ -104,8 +105,11 @@ class Imgdb:
             return [IndexInfo.of(i, n) for i, n in store.list_indexes(conn)]
 
     def drop_index(self, name: str) -> None:
+        """Delete an index and its vectors (the images stay), detaching its tables first."""
         with self.database.engine.begin() as conn:
             index = store.require_index(conn, name)
+            for source in attached.sources(conn, index):
+                attached.detach(conn, source, index)
             store.drop_index(conn, name)
         self.layer.forget(index)
 
@@ -185,18 +189,24 @@ class Imgdb:
             raise ImgdbError(f"index {target.name!r} ({target.extractor}) has nothing to train")
         with self.database.connect() as conn:
             stored = store.index_uris(conn, target)
+            follows_tables = attached.has_sources(conn, target)
         todo = list(sources.expand(paths)) or stored
         if not todo:
             raise ImgdbError(f"nothing to train {target.name!r} on: give images, or ingest some first")
         ingester = Ingester(self.database, target, extractor, self.settings, self.layer)
         ingester.train(todo, on_status)
-        if not stored:
+        if not stored and not follows_tables:
             return None
         with self.database.engine.begin() as conn:
             store.clear_vectors(conn, target)
+            # Rows of attached tables are read again from the tables themselves.
+            attached.requeue_rows(conn, target)
         if on_status:
             on_status(f"re-encoding the {len(stored)} images of {target.name!r}")
-        return ingester.run(stored, on_progress=on_progress)
+        report = ingester.run(stored, on_progress=on_progress)
+        if follows_tables:
+            self.sync(target.name, on_status=on_status)
+        return report
 
     def add_vectors(self, ids: Sequence[int], vectors: np.ndarray, *, index: str) -> int:
         """Store vectors computed elsewhere for images already in the database (an ``external``
@@ -229,6 +239,73 @@ class Imgdb:
         """Remove images and their vectors from every index; returns how many existed."""
         with self.database.engine.begin() as conn:
             return store.delete_images(conn, ids)
+
+    # ------------------------------------------------------------ application tables
+
+    def attach(self, table: str, column: str, *, key: str | None = None, index: str = DEFAULT_INDEX,
+               root: str | Path | None = None) -> AttachReport:
+        """Index an application's table where it stands: ``column`` holds each row's image (a file
+        path or an http(s) URL, or the image as ``bytea``), ``key`` identifies the row (default: the
+        primary key). Installs triggers that queue every change and queues every row there is now;
+        :meth:`sync` embeds them. Relative paths resolve under ``root`` (and nothing outside it is read)."""
+        target = self.index(index)
+        root_text = None
+        if root is not None:
+            root_text = sources.absolute(root)
+            if not Path(root_text).is_dir():
+                raise ImgdbError(f"--root {root_text} is not a folder")
+        with self.database.engine.begin() as conn:
+            source, queued = attached.attach(conn, target, table, column, key, root_text)
+        self.layer.forget(target)
+        return AttachReport(source.table, target.name, queued)
+
+    def detach(self, table: str, *, index: str | None = None) -> AttachReport:
+        """Stop following a table (in ``index``, or in every index it is attached to): its triggers
+        go, and so does everything imgdb kept of its rows. The table itself is left as it was."""
+        with self.database.engine.begin() as conn:
+            target = store.require_index(conn, index) if index else None
+            found = attached.find(conn, table, target)
+            if not found:
+                where = f" to index {index!r}" if index else ""
+                raise ImgdbError(f"{table} is not attached{where}")
+            dropped = removed = 0
+            for source in found:
+                one_dropped, one_removed = attached.detach(conn, source, store.require_index(conn, source.index_name))
+                dropped, removed = dropped + one_dropped, removed + one_removed
+        self.layer.forget()
+        return AttachReport(found[0].table, ",".join(s.index_name for s in found), dropped, removed)
+
+    def sync(self, index: str | None = None, *, watch: bool = False, retry_failed: bool = False,
+             stop: threading.Event | None = None, on_progress: ProgressCallback | None = None,
+             on_status: StatusCallback | None = None,
+             on_round: Callable[[SyncReport], None] | None = None) -> SyncReport:
+        """Embed what attached tables queued (those of ``index``, or every one); with ``watch``, keep
+        doing it as changes come, until ``stop`` is set. See :mod:`imgdb.sync`."""
+        syncer = Syncer(self)
+        if watch:
+            return syncer.watch(index, stop=stop, on_round=on_round, on_status=on_status)
+        return syncer.run(index, retry_failed=retry_failed, on_progress=on_progress, on_status=on_status)
+
+    def sync_status(self, index: str | None = None) -> list[dict[str, Any]]:
+        """Per attached table: rows queued, failed and embedded (the ``sync_status`` view)."""
+        with self.database.connect() as conn:
+            return attached.status(conn, store.require_index(conn, index) if index else None)
+
+    def sync_failures(self, index: str | None = None) -> list[dict[str, Any]]:
+        """Every row that could not be embedded, with its reason (the ``sync_failures`` view)."""
+        with self.database.connect() as conn:
+            return attached.failures(conn, store.require_index(conn, index) if index else None)
+
+    def grant(self, role: str) -> None:
+        """Give an application role read access: the views (per index, sync status) and
+        ``similar()``, nothing else; views made later are granted too."""
+        with self.database.engine.begin() as conn:
+            derived.grant(conn, role)
+
+    def revoke(self, role: str) -> None:
+        """Take back what :meth:`grant` gave."""
+        with self.database.engine.begin() as conn:
+            derived.revoke(conn, role)
 
     # ------------------------------------------------------------ online stage
 

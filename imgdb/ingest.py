@@ -14,18 +14,19 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image
+from sqlalchemy.engine import Connection
 
 from imgdb.ann.layer import AnnLayer
 from imgdb.config import Settings
-from imgdb.db import store
+from imgdb.db import attached, store
 from imgdb.db.engine import Database
 from imgdb.errors import ImgdbError
 from imgdb.features.base import Extractor
@@ -65,14 +66,31 @@ class IngestReport:
 
 
 @dataclass(frozen=True)
-class _Prepared:
+class Blob:
+    """An image whose bytes are at hand already (a ``bytea`` column of an attached table), with the
+    uri it is recorded under."""
+
+    uri: str
+    data: bytes
+
+
+#: What ingest reads: a file path, an http(s) URL, or bytes at hand.
+Item = Union[str, Blob]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An image read, decoded and prepared for the extractor."""
+
     uri: str
     facts: ImageFacts
     prepared: Any
 
 
 @dataclass(frozen=True)
-class _Known:
+class Known:
+    """An image whose content the index holds already."""
+
     uri: str
     sha256: str
 
@@ -105,13 +123,14 @@ class Ingester:
         #: The index's Python-side first stage, if it has one: new vectors are written with their codes.
         self.codes = layer.code_index(index)
 
-    def train(self, todo: Sequence[str], on_status: StatusCallback | None = None) -> None:
-        """Fit a trainable extractor on a random sample of ``todo`` and store what it learned."""
-        sample = random.Random(0).sample(list(todo), self.extractor.sample_size(len(todo)))
+    def train(self, todo: Sequence[Item], on_status: StatusCallback | None = None, *,
+              sampled: bool = False) -> None:
+        """Fit a trainable extractor on a random sample of ``todo`` (all of it, when ``sampled``
+        already) and store what it learned."""
+        sample = list(todo) if sampled else random.Random(0).sample(list(todo), self.extractor.sample_size(len(todo)))
         if on_status and sample:
             on_status(f"training {self.extractor.spec} on {len(sample)} images")
-        items = ordered_map(lambda source: self._load(source, set()), sample)
-        self.extractor.fit([item.prepared for item in items if isinstance(item, _Prepared)])
+        self.extractor.fit([item.prepared for item in self.load(sample) if isinstance(item, Prepared)])
         with self.db.engine.begin() as conn:
             store.save_state(conn, self.index, self.extractor.state())
 
@@ -131,18 +150,21 @@ class Ingester:
             known = store.hashes_in_index(conn, self.index)
             if len(todo) > len(known):
                 store.drop_ann(conn, self.index)
+            follows_tables = attached.has_sources(conn, self.index)
         seen: set[str] = set()
-        batch: list[_Prepared] = []
+        batch: list[Prepared] = []
         relabel: dict[str, dict[str, Any]] = {}  # known content given metadata now: sha256 -> metadata
+        given: list[str] = []  # known content given again: it is now in the index by direct ingest too
         try:
-            results = ordered_map(lambda source: self._load(source, known), todo, ahead=4 * self.extractor.batch_size)
-            for done, item in enumerate(results, start=1):
+            for done, item in enumerate(self.load(todo, known), start=1):
                 if isinstance(item, Failure):
                     report.failed.append(item)
-                elif isinstance(item, _Known) or item.facts.sha256 in seen:
+                elif isinstance(item, Known) or item.facts.sha256 in seen:
                     report.duplicates += 1
-                    if isinstance(item, _Known) and (labels := {**meta, **metadata.get(item.uri, {})}):
+                    if isinstance(item, Known) and (labels := {**meta, **metadata.get(item.uri, {})}):
                         relabel[item.sha256] = labels
+                    if isinstance(item, Known) and follows_tables:
+                        given.append(item.sha256)
                 else:
                     seen.add(item.facts.sha256)
                     batch.append(item)
@@ -152,46 +174,64 @@ class Ingester:
                 if on_progress:
                     on_progress(done, len(todo))
             self._write(batch, meta, metadata, report)
-            if relabel:
+            if relabel or given:
                 with self.db.engine.begin() as conn:
                     store.merge_metadata(conn, relabel)
+                    store.mark_direct(conn, self.index, given)
         finally:
             self.layer.sync(self.index)
         report.seconds = time.perf_counter() - started
         return report
 
-    def _load(self, source: str, known: set[str]) -> _Prepared | _Known | Failure:
+    def load(self, items: Iterable[Item], known: set[str] | None = None) -> Iterator[Prepared | Known | Failure]:
+        """Read, hash and prepare ``items`` in worker threads, in order, a few batches ahead;
+        content in ``known`` (sha256) is not decoded."""
+        known = known if known is not None else set()
+        return ordered_map(lambda item: self._load(item, known), items, ahead=4 * self.extractor.batch_size)
+
+    def _load(self, item: Item, known: set[str]) -> Prepared | Known | Failure:
         """Worker-thread part: read, hash, skip known content, decode, prepare."""
+        uri = item.uri if isinstance(item, Blob) else item
         try:
-            data = sources.load(source, self.settings.fetch)
+            data = item.data if isinstance(item, Blob) else sources.load(item, self.settings.fetch)
             sha = sha256_hex(data)
             if sha in known:
-                return _Known(source, sha)
+                return Known(uri, sha)
             image = decode(data, max_pixels=self.settings.max_pixels,
                            scale_hint=self.extractor.scale_hint, sha256=sha)
-            return _Prepared(source, image.facts, self.extractor.prepare(image.pixels))
+            return Prepared(uri, image.facts, self.extractor.prepare(image.pixels))
         except ImgdbError as exc:
-            return Failure(source, str(exc).removeprefix(f"{source}: "))
+            return Failure(uri, str(exc).removeprefix(f"{uri}: "))
         except Exception as exc:  # noqa: BLE001 - one odd file must not abort a long ingest
-            return Failure(source, f"unexpected {type(exc).__name__}: {exc}")
+            return Failure(uri, f"unexpected {type(exc).__name__}: {exc}")
 
-    def _write(self, batch: Sequence[_Prepared], meta: dict[str, Any],
+    def _write(self, batch: Sequence[Prepared], meta: dict[str, Any],
                metadata: dict[str, dict[str, Any]], report: IngestReport) -> None:
         """Embed one batch and commit it: images and vectors land together or not at all."""
         if not batch:
             return
+        with self.db.engine.begin() as conn:
+            ids, added = self.write(conn, batch, [{**meta, **metadata.get(item.uri, {})} for item in batch])
+        report.added += added
+        report.duplicates += len(ids) - added
+
+    def write(self, conn: Connection, batch: Sequence[Prepared], metas: Sequence[dict[str, Any]] | None = None, *,
+              direct: bool = True) -> tuple[list[int], int]:
+        """Embed ``batch`` and write its images and vectors in ``conn``'s transaction; returns the
+        images' ids in order and how many vectors were new. ``direct`` false: the vectors are there
+        only for attached tables' rows (:mod:`imgdb.sync`)."""
         vectors = self.extractor.embed([item.prepared for item in batch])
         codes = self.codes.codes_for(vectors) if self.codes is not None else None
-        rows = [(item.uri, item.facts, {**meta, **metadata.get(item.uri, {})}) for item in batch]
-        with self.db.engine.begin() as conn:
-            ids = store.upsert_images(conn, rows)
-            # Another process may have indexed the same content meanwhile: count it, don't collide.
-            present = store.ids_with_vectors(conn, self.index, ids)
-            keep = [i for i, image_id in enumerate(ids) if image_id not in present]
-            store.copy_vectors(conn, self.index, [ids[i] for i in keep], vectors[keep],
-                               None if codes is None else codes[keep])
-        report.added += len(keep)
-        report.duplicates += len(ids) - len(keep)
+        metas = metas or [{} for _ in batch]
+        ids = store.upsert_images(conn, [(item.uri, item.facts, m) for item, m in zip(batch, metas)])
+        # Another process may have indexed the same content meanwhile: count it, don't collide.
+        present = store.ids_with_vectors(conn, self.index, ids)
+        keep = [i for i, image_id in enumerate(ids) if image_id not in present]
+        store.copy_vectors(conn, self.index, [ids[i] for i in keep], vectors[keep],
+                           None if codes is None else codes[keep], direct=direct)
+        if direct and present:
+            store.mark_direct(conn, self.index, ids=sorted(present))
+        return ids, len(keep)
 
 
 def embed_pixels(extractor: Extractor, pixels: Image.Image,

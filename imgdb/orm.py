@@ -33,10 +33,10 @@ import datetime as dt
 from typing import Any
 
 from pgvector.sqlalchemy import HALFVEC, Vector
-from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Integer, LargeBinary, MetaData, String, Text,
-                        func, select)
+from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Integer, LargeBinary, MetaData, String, Table,
+                        Text, func, select)
 from sqlalchemy.dialects.postgresql import JSONB, OID
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, registry
 
 from imgdb.db.schema import DEFAULT_SCHEMA
 from imgdb.errors import IndexNotFound
@@ -197,3 +197,32 @@ def vectors_model(session: Session, name: str) -> type[Base]:
             },
         )
     return _vector_models[key]
+
+
+_index_models: dict[tuple[str, str, str], type] = {}
+
+
+def index_model(session: Session, name: str) -> type:
+    """A read-only class mapped onto index ``name``'s SQL view (``images_<name>``): the columns of
+    :class:`Image`, ``embedding``, and ``ref`` (the key of the attached table's row that holds the
+    image, typed as that key) and ``source`` (the table), for joins with the application's own models::
+
+        Hit = index_model(session, "default")
+        session.execute(select(Photo, Hit.embedding.l2_distance(q).label("distance"))
+                        .join(Hit, Hit.ref == Photo.id).where(Photo.owner == "alice")
+                        .order_by("distance").limit(10))
+
+    The view is reflected (``ref`` takes whatever type the key has), once per process and type.
+    """
+    index = session.scalar(select(SearchIndex).where(SearchIndex.name == name))
+    if index is None:
+        raise IndexNotFound(f"no index named {name!r}")
+    connection = session.connection()
+    schema = connection.get_execution_options().get("schema_translate_map", {}).get(DEFAULT_SCHEMA, DEFAULT_SCHEMA)
+    view = Table(index.relation, MetaData(), schema=schema, autoload_with=connection)
+    key = (schema, index.relation, f"{view.c.ref.type!r}/{view.c.embedding.type!r}")
+    if key not in _index_models:
+        cls = type(f"Index_{index.name}", (), {"__doc__": f"A row of {schema}.{index.relation} (read-only)."})
+        registry().map_imperatively(cls, view, primary_key=[view.c.id, view.c.ref])
+        _index_models[key] = cls
+    return _index_models[key]

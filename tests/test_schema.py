@@ -23,7 +23,7 @@ from tests import legacy
 
 #: Objects of the database that are neither the system's nor an extension's, outside a schema.
 FOREIGN_OBJECTS = """
-    SELECT 'relation ' || c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    SELECT 'relation ' || c.oid::regclass AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast', %(schema)s)
       AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
       AND c.relkind <> 't'
@@ -36,14 +36,28 @@ FOREIGN_OBJECTS = """
 
 def foreign_objects(url: str, schema: str = "imgdb") -> list[str]:
     with psycopg.connect(url) as conn:
-        return [row[0] for row in conn.execute(FOREIGN_OBJECTS, {"schema": schema})]
+        return sorted(row[0] for row in conn.execute(FOREIGN_OBJECTS, {"schema": schema}))
 
 
-def test_everything_imgdb_made_is_in_its_schema(client, sample_index: str) -> None:  # noqa: ANN001
-    assert foreign_objects(client.database.url) == []
-    with client.database.connect() as conn:
-        tables = conn.execute(sa.text("SELECT table_schema FROM information_schema.tables"
-                                      " WHERE table_name = 'alembic_version'")).scalars().all()
+def test_everything_imgdb_made_is_in_its_schema(new_database, museum: Path, client) -> None:  # noqa: ANN001
+    """Ingest, an attached table, sync, an ANN rebuild: outside its schema, the database has exactly
+    the objects the application had (its table gained triggers, whose functions are imgdb's)."""
+    url = new_database("tidy")
+    photos = sorted((museum / "images").glob("*.jpg"))[:3]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE photos (id int PRIMARY KEY, path text)")
+        conn.execute("INSERT INTO photos VALUES (1, %s), (2, %s)", (str(photos[0]), str(photos[1])))
+    before = foreign_objects(url)
+    with imgdb.connect(url, settings=client.settings) as db:
+        db.create_index("colors", "color:hsv/bins=4x4x4", ann="ivfflat")
+        db.ingest(photos[2:], index="colors")
+        db.attach("photos", "path", index="colors")
+        assert db.sync("colors").embedded == 2
+        db.rebuild_index("colors", "hnsw")
+        with db.database.connect() as conn:
+            tables = conn.execute(sa.text("SELECT table_schema FROM information_schema.tables"
+                                          " WHERE table_name = 'alembic_version'")).scalars().all()
+    assert foreign_objects(url) == before == ["relation photos", "relation photos_pkey"]
     assert tables == ["imgdb"]
 
 

@@ -175,6 +175,103 @@ def extractors(as_json: Json = False, debug: Debug = False) -> None:
     guarded(debug, run)
 
 
+@app.command()
+def attach(
+    table: Annotated[str, typer.Argument(help="The application's table: TABLE or SCHEMA.TABLE.")],
+    column: Annotated[str, typer.Option("--column", "-c", help="Column holding each row's image: a file path or "
+                                        "http(s) URL (text), or the image itself (bytea).")],
+    key: Annotated[Optional[str], typer.Option("--key", help="Column identifying a row (default: the primary key).")] = None,
+    index: IndexName = "default",
+    root: Annotated[Optional[Path], typer.Option("--root", help="Folder relative paths resolve under; "
+                                                 "nothing outside it is read.")] = None,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Index an application's table where it stands, and follow its changes (then run `imgdb sync`)."""
+
+    def run() -> None:
+        report = _client().attach(table, column, key=key, index=index, root=root)
+        emit_json(report.to_json()) if as_json else stdout.print(
+            f"attached {report.table} to {report.index}: {report.queued} rows queued; `imgdb sync` embeds them",
+            markup=False)
+
+    guarded(debug, run)
+
+
+@app.command()
+def detach(
+    table: Annotated[str, typer.Argument(help="An attached table.")],
+    index: Annotated[Optional[str], typer.Option("--index", "-i", help="Detach from this index only "
+                                                 "(default: from every index it is attached to).")] = None,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Stop following a table: its triggers go, and everything imgdb kept of its rows."""
+
+    def run() -> None:
+        report = _client().detach(table, index=index)
+        emit_json(report.to_json()) if as_json else stdout.print(
+            f"detached {report.table} from {report.index}: {report.removed} embedded rows and "
+            f"{report.queued} queued changes forgotten", markup=False)
+
+    guarded(debug, run)
+
+
+@app.command()
+def sync(
+    index: Annotated[Optional[str], typer.Option("--index", "-i", help="Only the tables attached to this index "
+                                                 "(default: every attached table).")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Keep going: wait for changes (LISTEN) until stopped.")] = False,
+    status: Annotated[bool, typer.Option("--status", help="Print queued, failed and embedded rows per table; "
+                                         "change nothing.")] = False,
+    failures: Annotated[bool, typer.Option("--failures", help="Print the rows that failed, with their reasons.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try every failed row again now.")] = False,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Embed what attached tables queued: new rows, changed images; forget deleted rows."""
+
+    def run() -> None:
+        client = _client()
+        if status or failures:
+            rows = client.sync_failures(index) if failures else client.sync_status(index)
+            if as_json:
+                emit_json(rows)
+                return
+            table = Table(*(rows[0].keys() if rows else ["table", "index"]))
+            for row in rows:
+                table.add_row(*(str(v) for v in row.values()))
+            stdout.print(table)
+            return
+        if watch:
+            report = _watch(client, index)
+        else:
+            with progress_bar("syncing") as on_progress:
+                report = client.sync(index, retry_failed=retry_failed, on_progress=on_progress, on_status=say)
+        if as_json:
+            emit_json(report.to_json())
+            return
+        for failure in report.failed:
+            say(f"failed: {failure.table} {failure.ref}: {failure.error}")
+        stdout.print(f"embedded {report.embedded}, removed {report.removed}, failed {len(report.failed)}, "
+                     f"still queued {report.queued} in {report.seconds:.1f} s", markup=False)
+
+    guarded(debug, run)
+
+
+def _watch(client, index: str | None):  # noqa: ANN001, ANN202
+    """Sync until SIGTERM or Ctrl-C, a line per round on stderr; the totals at the end."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+    def round_done(report) -> None:  # noqa: ANN001
+        say(f"sync: embedded {report.embedded}, removed {report.removed}, failed {len(report.failed)}")
+
+    say("sync: watching for changes (Ctrl-C to stop)")
+    return client.sync(index, watch=True, stop=stop, on_round=round_done, on_status=say)
+
+
 @index_app.command("create")
 def index_create(
     name: Annotated[str, typer.Argument(help="Index name: lower-case letters, digits, _.")],
@@ -348,6 +445,23 @@ def db_stop(as_json: Json = False, debug: Debug = False) -> None:
         _, server = _server()
         stopped = server.stop()
         emit_json({"stopped": stopped}) if as_json else stdout.print("stopped" if stopped else "not running")
+
+    guarded(debug, run)
+
+
+@db_app.command("grant")
+def db_grant(
+    role: Annotated[str, typer.Argument(help="An application role.")],
+    revoke: Annotated[bool, typer.Option("--revoke", help="Take the access back instead.")] = False,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Give a role read access: SELECT on imgdb's views, EXECUTE on its SQL functions, nothing else."""
+
+    def run() -> None:
+        client = _client()
+        client.revoke(role) if revoke else client.grant(role)
+        emit_json({"role": role, "granted": not revoke}) if as_json else stdout.print(
+            f"{'revoked' if revoke else 'granted'} read access {'from' if revoke else 'to'} {role}", markup=False)
 
     guarded(debug, run)
 

@@ -186,7 +186,7 @@ class AnnLayer:
         n = max(candidates or (k * CANDIDATES_PER_RESULT if approximate and rerank == "exact" else k), k)
         if searcher is not None:
             ids, distances = searcher.search(vector, n)
-            hits = sql.by_ids(conn, index, vector, ids, None if rerank == "exact" else distances, k, filters)
+            hits = sql.by_ids(conn, target, vector, ids, None if rerank == "exact" else distances, k, filters)
         elif ann.python_side or ann.method == "none":
             return sql.nearest(conn, target, ann, vector, k, k, filters, exact=True)
         else:

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from imgdb.db.schema import quote
+from imgdb.errors import ImgdbError
 from imgdb.orm import Image, SearchIndex
 
 #: The per-index view prefix. No other relation of the schema starts with it (the test suite checks).
@@ -53,7 +54,7 @@ def install(conn: Connection) -> None:
     create_status_views(conn)
     create_similar(conn)
     for role in conn.execute(sa.text("SELECT role FROM grants ORDER BY role")).scalars().all():
-        grant_read(conn, role)
+        _grant_read(conn, role)
 
 
 # ---------------------------------------------------------------- per index
@@ -84,7 +85,7 @@ def create_view(conn: Connection, index: SearchIndex) -> None:
     ``regclass``). An image held by two rows appears once per row, so that a join with the
     application's table finds both.
 
-    Remade when tables are attached or detached, keeping the grants of :func:`grant_read`. Where
+    Remade when tables are attached or detached, keeping the grants of :func:`grant`. Where
     the type of ``ref`` changes, CREATE OR REPLACE cannot keep the view: it is dropped first (and
     a user's view built on it makes that fail, with PostgreSQL's reason).
     """
@@ -236,25 +237,37 @@ def create_similar(conn: Connection) -> None:
 
 # ---------------------------------------------------------------- read access for application roles
 
-def grant_read(conn: Connection, role: str) -> None:
+def grant(conn: Connection, role: str) -> None:
     """What ``imgdb db grant ROLE`` gives: USAGE on the schema, SELECT on every view (per index and
     sync status), EXECUTE on ``similar()``; nothing on the tables behind them (a view reads them
-    with its owner's rights). Views made later are granted as they are made (:func:`create_view`)."""
-    schema = quote(current_schema(conn))
-    who = quote(role)
-    conn.execute(sa.text(f"GRANT USAGE ON SCHEMA {schema} TO {who}"))
-    for view in _views(conn):
-        conn.execute(sa.text(f"GRANT SELECT ON {schema}.{quote(view)} TO {who}"))
-    conn.execute(sa.text(f"GRANT EXECUTE ON FUNCTION {schema}.{SIMILAR} TO {who}"))
+    with its owner's rights). The role is remembered, so views made later are granted too."""
+    _check_role(conn, role)
+    conn.execute(sa.text("INSERT INTO grants (role) VALUES (:r) ON CONFLICT DO NOTHING"), {"r": role})
+    _grant_read(conn, role)
 
 
-def revoke_read(conn: Connection, role: str) -> None:
-    schema = quote(current_schema(conn))
-    who = quote(role)
+def revoke(conn: Connection, role: str) -> None:
+    """Take back what :func:`grant` gave."""
+    _check_role(conn, role)
+    conn.execute(sa.text("DELETE FROM grants WHERE role = :r"), {"r": role})
+    schema, who = quote(current_schema(conn)), quote(role)
     for view in _views(conn):
         conn.execute(sa.text(f"REVOKE SELECT ON {schema}.{quote(view)} FROM {who}"))
     conn.execute(sa.text(f"REVOKE EXECUTE ON FUNCTION {schema}.{SIMILAR} FROM {who}"))
     conn.execute(sa.text(f"REVOKE USAGE ON SCHEMA {schema} FROM {who}"))
+
+
+def _check_role(conn: Connection, role: str) -> None:
+    if not conn.execute(sa.text("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :r)"), {"r": role}).scalar():
+        raise ImgdbError(f"no role {role!r} in this PostgreSQL server")
+
+
+def _grant_read(conn: Connection, role: str) -> None:
+    schema, who = quote(current_schema(conn)), quote(role)
+    conn.execute(sa.text(f"GRANT USAGE ON SCHEMA {schema} TO {who}"))
+    for view in _views(conn):
+        conn.execute(sa.text(f"GRANT SELECT ON {schema}.{quote(view)} TO {who}"))
+    conn.execute(sa.text(f"GRANT EXECUTE ON FUNCTION {schema}.{SIMILAR} TO {who}"))
 
 
 def _views(conn: Connection) -> list[str]:

@@ -271,18 +271,32 @@ def merge_metadata(conn: Connection, labels: dict[str, dict[str, Any]]) -> None:
 
 
 def copy_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int], vectors: np.ndarray,
-                 codes: np.ndarray | None = None) -> None:
-    """Write vectors (and their first-stage codes) with binary COPY, the bulk of an ingest's bytes."""
+                 codes: np.ndarray | None = None, *, direct: bool = True) -> None:
+    """Write vectors (and their first-stage codes) with binary COPY, the bulk of an ingest's bytes.
+    ``direct`` false marks vectors that only attached tables' rows hold (imgdb sync)."""
     raw = conn.connection.driver_connection
     register_vector(raw)
     half = index.storage == "halfvec"
     with raw.cursor().copy(
-        f'COPY "{index.vectors_table}" (image_id, embedding, ann_code) FROM STDIN WITH (FORMAT BINARY)'
+        f'COPY "{index.vectors_table}" (image_id, embedding, ann_code, direct) FROM STDIN WITH (FORMAT BINARY)'
     ) as copy:
-        copy.set_types(["int8", index.storage, "bytea"])
+        copy.set_types(["int8", index.storage, "bytea", "bool"])
         for i, (image_id, vector) in enumerate(zip(ids, vectors)):
             copy.write_row((image_id, HalfVector(vector) if half else vector,
-                            None if codes is None else codes[i].tobytes()))
+                            None if codes is None else codes[i].tobytes(), direct))
+
+
+def mark_direct(conn: Connection, index: SearchIndex, hashes: Sequence[str] = (), *,
+                ids: Sequence[int] = ()) -> None:
+    """Images given to a direct ingest that only attached tables' rows held so far: they now stay
+    when those rows go."""
+    raw = conn.connection.driver_connection
+    if hashes:
+        raw.execute(f'UPDATE "{index.vectors_table}" v SET direct = true FROM images i'
+                    " WHERE i.id = v.image_id AND NOT v.direct AND i.sha256 = ANY(%s)", (list(hashes),))
+    if ids:
+        raw.execute(f'UPDATE "{index.vectors_table}" SET direct = true WHERE NOT direct AND image_id = ANY(%s)',
+                    (list(ids),))
 
 
 def write_codes(conn: Connection, index: SearchIndex, ids: np.ndarray, codes: np.ndarray) -> None:
@@ -303,9 +317,10 @@ def clear_codes(conn: Connection, index: SearchIndex) -> None:
 
 
 def index_uris(conn: Connection, index: SearchIndex) -> list[str]:
-    """Where the images of an index came from, in id order (to re-encode them)."""
+    """Where the images a direct ingest put in an index came from, in id order (to re-encode them;
+    rows of attached tables are read again from their tables)."""
     return list(conn.exec_driver_sql(
-        f'SELECT i.uri FROM images i JOIN "{index.vectors_table}" v ON v.image_id = i.id ORDER BY i.id'
+        f'SELECT i.uri FROM images i JOIN "{index.vectors_table}" v ON v.image_id = i.id WHERE v.direct ORDER BY i.id'
     ).scalars())
 
 

@@ -1,0 +1,267 @@
+"""``imgdb sync``: embed what attached application tables queued, through the ingest pipeline.
+
+A worker goes through every attached table (of one index, or of all), claims queued keys in
+batches (:func:`imgdb.db.attached.claim`: no two workers ever hold one key) and, in the claim's
+transaction, reads each row's image as it is now, embeds it with the same safe decoding, batching
+and COPY as ``imgdb ingest``, points the row's ref at its image, and forgets what rows no longer
+hold (deleted rows, images replaced). A row that fails (a missing file, not an image, a refused
+URL, a path outside the attached root) is kept in ``failures`` with its reason and queued again
+with back-off; it never holds up the rest. Killing a worker rolls its batch back: the keys are
+queued again, and the next worker takes them.
+
+``watch`` keeps at it: it waits on ``LISTEN`` for the triggers' ``NOTIFY`` (or the next retry
+that falls due) instead of polling.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from imgdb.db import attached, derived, store
+from imgdb.db.attached import Claimed, Source
+from imgdb.errors import ImgdbError
+from imgdb.ingest import Blob, Failure, Ingester, Item, Known, Prepared, ProgressCallback, StatusCallback
+from imgdb.io.fetch import is_url
+
+if TYPE_CHECKING:
+    from imgdb.client import Imgdb
+
+#: Keys claimed per transaction, in extractor batches: enough for decoding to run ahead of the
+#: model as it does in ingest, few enough that a claim holds its keys for seconds, not minutes.
+CLAIM_BATCHES = 4
+#: Longest wait on LISTEN before looking again (a notification can be missed while reconnecting).
+WATCH_POLL_S = 60.0
+
+
+@dataclass(frozen=True)
+class SyncFailure:
+    table: str
+    ref: Any
+    error: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"table": self.table, "ref": self.ref, "error": self.error}
+
+
+@dataclass
+class SyncReport:
+    """The CONVENTIONS.md sync summary."""
+
+    embedded: int = 0
+    removed: int = 0
+    failed: list[SyncFailure] = field(default_factory=list)
+    queued: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: SyncReport) -> None:
+        self.embedded += other.embedded
+        self.removed += other.removed
+        self.failed += other.failed
+        self.queued = other.queued
+        self.seconds += other.seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {"embedded": self.embedded, "removed": self.removed, "failed": [f.to_json() for f in self.failed],
+                "queued": self.queued, "seconds": round(self.seconds, 3)}
+
+
+@dataclass(frozen=True)
+class AttachReport:
+    """What ``imgdb attach`` and ``imgdb detach`` print: the table, the index (indexes, comma-separated,
+    for a table detached from several), the rows queued (attach) or queue entries dropped (detach),
+    and for detach how many embedded rows were forgotten."""
+
+    table: str
+    index: str
+    queued: int
+    removed: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {"table": self.table, "index": self.index, "queued": self.queued}
+        if self.removed is not None:
+            document["removed"] = self.removed
+        return document
+
+
+def locate(value: str, root: str | None) -> str:
+    """Where a text column's value points: an http(s) URL as it is, or an absolute file path. A
+    relative path resolves under ``root`` (and is refused without one); with a root, anything whose
+    real path falls outside it is refused, symlinks included."""
+    text = value.strip()
+    if is_url(text):
+        return text
+    if "\x00" in text or not text:
+        raise ImgdbError("not a file path or an http(s) URL")
+    if "://" in text:
+        raise ImgdbError(f"{text[:200]!r} is not an http(s) URL")
+    if not os.path.isabs(text):
+        if root is None:
+            raise ImgdbError(f"relative path {text[:200]!r}: attach the table with --root DIR to resolve it")
+        text = os.path.join(root, text)
+    path = os.path.abspath(text)
+    if root is not None:
+        base = os.path.realpath(root)
+        if os.path.commonpath([base, os.path.realpath(path)]) != base:
+            raise ImgdbError(f"{text[:200]!r} is outside the attached root {root}")
+    return path
+
+
+class Syncer:
+    """One sync worker over a client's database (any number may run at once)."""
+
+    def __init__(self, db: Imgdb) -> None:
+        self.db = db
+        self.database = db.database
+
+    def run(self, index: str | None = None, *, retry_failed: bool = False,
+            on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None) -> SyncReport:
+        """Work through the queue of every attached table (of ``index``) until it is empty.
+        ``retry_failed``: queue every failed row again now, whatever its back-off."""
+        started = time.perf_counter()
+        report = SyncReport()
+        with self.database.connect() as conn:
+            todo = attached.sources(conn, store.require_index(conn, index) if index else None)
+        if index is not None and not todo:
+            raise ImgdbError(f"no table is attached to index {index!r} (attach one with `imgdb attach TABLE --column COLUMN`)")
+        with self.database.engine.begin() as conn:
+            for source in todo:
+                attached.requeue_failures(conn, source, all_of_them=retry_failed)
+            total = attached.queued(conn, todo)
+        done = 0
+        for index_id in dict.fromkeys(s.index_id for s in todo):
+            sources = [s for s in todo if s.index_id == index_id]
+            target = self.db.index(sources[0].index_name)
+            ingester = Ingester(self.database, target, self.db.extractor(target), self.db.settings, self.db.layer)
+            try:
+                if not ingester.extractor.trained:
+                    self._train(ingester, sources, on_status)
+                with self.database.connect() as conn:
+                    known = store.hashes_in_index(conn, target)
+                for source in sources:
+                    while claimed := self._batch(ingester, source, known, report):
+                        done += claimed
+                        if on_progress:
+                            on_progress(done, max(total, done))
+            finally:
+                self.db.layer.sync(target)
+        with self.database.connect() as conn:
+            report.queued = attached.queued(conn, todo)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def watch(self, index: str | None = None, *, stop: threading.Event | None = None,
+              on_round: Callable[[SyncReport], None] | None = None,
+              on_status: StatusCallback | None = None) -> SyncReport:
+        """Sync, then wait for the next change (LISTEN) or retry due, and again, until ``stop`` is set
+        (or Ctrl-C). ``on_round(report)`` hears of every round that did something."""
+        stop = stop or threading.Event()
+        total = SyncReport()
+        channel = derived.notify_channel(self.database.schema)
+        with psycopg.connect(self.database.url, autocommit=True) as listener:
+            listener.execute(f'LISTEN "{channel}"')
+            while not stop.is_set():
+                report = self.run(index, on_status=on_status)
+                total.add(report)
+                if on_round and (report.embedded or report.removed or report.failed):
+                    on_round(report)
+                with self.database.connect() as conn:
+                    sources = attached.sources(conn, store.require_index(conn, index) if index else None)
+                    due = attached.next_retry(conn, sources) if sources else None
+                wait = WATCH_POLL_S if due is None else min(WATCH_POLL_S, max(float(due), 0.05))
+                deadline = time.monotonic() + wait
+                # Short waits, so that `stop` is seen within a second.
+                while not stop.is_set() and time.monotonic() < deadline:
+                    if any(True for _ in listener.notifies(timeout=min(1.0, deadline - time.monotonic()), stop_after=1)):
+                        break
+        return total
+
+    # ------------------------------------------------------------ one claim
+
+    def _batch(self, ingester: Ingester, source: Source, known: set[str], report: SyncReport) -> int:
+        """Claim, embed and commit one batch of ``source``'s queue; returns how many keys it took."""
+        max_bytes = self.db.settings.fetch.max_bytes
+        with self.database.engine.begin() as conn:
+            claimed = attached.claim(conn, source, CLAIM_BATCHES * ingester.extractor.batch_size, max_bytes)
+            if not claimed:
+                return 0
+            gone: list[Claimed] = []  # rows deleted, or without an image now
+            failed: list[tuple[Claimed, str]] = []
+            items: list[tuple[Claimed, Item]] = []
+            for row in claimed:
+                if not row.found or row.size is None:
+                    gone.append(row)
+                elif row.value is None:
+                    failed.append((row, f"image of {row.size} bytes is over the {max_bytes}-byte limit"))
+                else:
+                    try:
+                        items.append((row, self._item(source, row)))
+                    except ImgdbError as exc:
+                        failed.append((row, str(exc)))
+            linked: list[tuple[Claimed, str]] = []  # row -> content hash of its image now
+            pending: list[tuple[Claimed, Prepared]] = []
+            for (row, item), loaded in zip(items, ingester.load([item for _, item in items], known)):
+                if isinstance(loaded, Failure):
+                    failed.append((row, loaded.error if isinstance(item, Blob) else f"{loaded.path}: {loaded.error}"))
+                elif isinstance(loaded, Known):
+                    linked.append((row, loaded.sha256))
+                else:
+                    pending.append((row, loaded))
+                    if len(pending) >= ingester.extractor.batch_size:
+                        linked += self._embed(conn, ingester, pending, known)
+                        pending = []
+            linked += self._embed(conn, ingester, pending, known)
+            ids = store.image_ids_by_hash(conn, sorted({sha for _, sha in linked}))
+            changed = [(row, ids[sha]) for row, sha in linked if ids[sha] != row.image_id]
+            attached.set_refs(conn, source, [row.ref for row, _ in changed], [image_id for _, image_id in changed])
+            attached.remove_refs(conn, source, [row.ref for row in gone if row.image_id is not None])
+            before = [row.image_id for row, _ in changed] + [row.image_id for row in gone]
+            attached.remove_orphans(conn, ingester.index, [image_id for image_id in before if image_id is not None])
+            attached.record_failures(conn, source, [(row.ref, error) for row, error in failed])
+            attached.clear_failures(conn, source, [row.ref for row, _ in linked] + [row.ref for row in gone])
+        report.embedded += len(linked)
+        report.removed += sum(row.image_id is not None for row in gone)
+        report.failed += [SyncFailure(source.table, source.ref_json(row.ref), error) for row, error in failed]
+        return len(claimed)
+
+    @staticmethod
+    def _embed(conn: Any, ingester: Ingester, pending: Sequence[tuple[Claimed, Prepared]],
+               known: set[str]) -> list[tuple[Claimed, str]]:
+        """Embed and write one extractor batch; its rows with their images' content hashes."""
+        if not pending:
+            return []
+        ingester.write(conn, [prepared for _, prepared in pending], direct=False)
+        known.update(prepared.facts.sha256 for _, prepared in pending)
+        return [(row, prepared.facts.sha256) for row, prepared in pending]
+
+    @staticmethod
+    def _item(source: Source, row: Claimed) -> Item:
+        """What ingest reads for a claimed row: its bytes (bytea), or the file or URL it names."""
+        if isinstance(row.value, bytes):
+            return Blob(f"table:{source.table}/{row.ref}", row.value)
+        return locate(row.value, source.root)
+
+    def _train(self, ingester: Ingester, sources: Sequence[Source], on_status: StatusCallback | None) -> None:
+        """An index whose extractor learns from the collection (a codebook, a whitening) and has not
+        yet: learn it from a sample of its attached tables' rows first, as ingest does from its files."""
+        max_bytes = self.db.settings.fetch.max_bytes
+        with self.database.connect() as conn:
+            wanted = ingester.extractor.sample_size(attached.queued(conn, sources))
+            rows = [(source, ref, value) for source in sources if wanted
+                    for ref, value in attached.sample_values(conn, source, wanted, max_bytes)]
+        items: list[Item] = []
+        for source, ref, value in rows:
+            try:
+                items.append(self._item(source, Claimed(ref, True, len(value), value, None, None)))
+            except ImgdbError:
+                continue  # a row it cannot read: the sync proper reports it
+        if wanted and not items:
+            raise ImgdbError(f"index {ingester.index.name!r} must learn from its images first, and its attached "
+                             "tables have no readable image yet")
+        ingester.train(items[:wanted], on_status, sampled=True)
