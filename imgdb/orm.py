@@ -36,10 +36,20 @@ from pgvector.sqlalchemy import HALFVEC, Vector
 from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Integer, LargeBinary, MetaData, String, Table,
                         Text, func, select)
 from sqlalchemy.dialects.postgresql import JSONB, OID
+from sqlalchemy.exc import NoSuchTableError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, registry
 
 from imgdb.db.schema import DEFAULT_SCHEMA
 from imgdb.errors import IndexNotFound
+
+
+#: Prefix of the per-index view users query. No other relation of the schema starts with it.
+VIEW_PREFIX = "images_"
+
+
+def view_name(index_name: str) -> str:
+    """The view plain SQL queries for index ``index_name``."""
+    return VIEW_PREFIX + index_name
 
 
 class Base(DeclarativeBase):
@@ -97,7 +107,7 @@ class SearchIndex(Base):
     @property
     def relation(self) -> str:
         """The view that plain SQL queries: every ``images`` column plus ``embedding``, ``ref``, ``source``."""
-        return f"images_{self.name}"
+        return view_name(self.name)
 
     @property
     def ann_index(self) -> str:
@@ -212,17 +222,19 @@ def index_model(session: Session, name: str) -> type:
                         .join(Hit, Hit.ref == Photo.id).where(Photo.owner == "alice")
                         .order_by("distance").limit(10))
 
-    The view is reflected (``ref`` takes whatever type the key has), once per process and type.
+    Needs nothing but SELECT on the view (what ``imgdb db grant`` gives an application role). The
+    view is reflected (``ref`` takes whatever type the key has), once per process and type.
     """
-    index = session.scalar(select(SearchIndex).where(SearchIndex.name == name))
-    if index is None:
-        raise IndexNotFound(f"no index named {name!r}")
     connection = session.connection()
     schema = connection.get_execution_options().get("schema_translate_map", {}).get(DEFAULT_SCHEMA, DEFAULT_SCHEMA)
-    view = Table(index.relation, MetaData(), schema=schema, autoload_with=connection)
-    key = (schema, index.relation, f"{view.c.ref.type!r}/{view.c.embedding.type!r}")
+    relation = view_name(name)
+    try:
+        view = Table(relation, MetaData(), schema=schema, autoload_with=connection)
+    except NoSuchTableError:
+        raise IndexNotFound(f"no index named {name!r} (no view {schema}.{relation})") from None
+    key = (schema, relation, f"{view.c.ref.type!r}/{view.c.embedding.type!r}")
     if key not in _index_models:
-        cls = type(f"Index_{index.name}", (), {"__doc__": f"A row of {schema}.{index.relation} (read-only)."})
+        cls = type(f"Index_{name}", (), {"__doc__": f"A row of {schema}.{relation} (read-only)."})
         registry().map_imperatively(cls, view, primary_key=[view.c.id, view.c.ref])
         _index_models[key] = cls
     return _index_models[key]

@@ -16,9 +16,8 @@ from sqlalchemy.orm import Session
 
 import imgdb
 from imgdb.db import store
-from imgdb.db.derived import VIEW_PREFIX
 from imgdb.errors import ImgdbError
-from imgdb.orm import Image, IndexState, SearchIndex
+from imgdb.orm import VIEW_PREFIX, Image, IndexState, SearchIndex
 from tests import legacy
 
 #: Objects of the database that are neither the system's nor an extension's, outside a schema.

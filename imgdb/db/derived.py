@@ -18,9 +18,6 @@ from sqlalchemy.engine import Connection
 from imgdb.db.schema import quote
 from imgdb.errors import ImgdbError
 from imgdb.orm import Image, SearchIndex
-
-#: The per-index view prefix. No other relation of the schema starts with it (the test suite checks).
-VIEW_PREFIX = "images_"
 #: SQL views with no index in their name, readable by roles given ``imgdb db grant``.
 STATUS_VIEWS = ("sync_status", "sync_failures")
 #: The signature of the "more like this" function, for GRANT/REVOKE.
@@ -193,6 +190,9 @@ def create_similar(conn: Connection) -> None:
     """
     schema, extension = current_schema(conn), extension_schema(conn)
     path = ", ".join(quote(p) for p in dict.fromkeys([schema, extension])) + ", pg_temp"
+    # The function's SET names a setting of pgvector's: load the library first, or PostgreSQL
+    # takes it for an unknown placeholder that only a superuser may set.
+    conn.execute(sa.text("SELECT CAST('[0]' AS vector)"))
     conn.execute(sa.text(f"""
         CREATE OR REPLACE FUNCTION {quote(schema)}.similar(index_name text, key anyelement, k integer DEFAULT 10,
                                                          source regclass DEFAULT NULL)
