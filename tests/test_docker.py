@@ -63,7 +63,13 @@ def test_compose_file_is_valid_and_wires_imgdb_to_postgres(tmp_path: Path) -> No
     app = services["imgdb"]
     assert app["depends_on"]["db"]["condition"] == "service_healthy"
     assert app["environment"]["IMGDB_DATABASE_URL"] == "postgresql://imgdb:s3cret@db:5432/imgdb"
-    assert app["environment"]["IMGDB_API_TOKEN"] == "t0ken"
+    assert app["environment"]["IMGDB_API_TOKEN"] == "t0ken" and app["environment"]["IMGDB_SCHEMA"] == "imgdb"
+    # The sync worker: same database and schema, started once imgdb has migrated it.
+    worker = services["sync"]
+    assert worker["entrypoint"] == ["imgdb", "sync", "--watch"]
+    assert worker["depends_on"]["imgdb"]["condition"] == "service_healthy"
+    assert {k: worker["environment"][k] for k in ("IMGDB_DATABASE_URL", "IMGDB_SCHEMA")} == {
+        k: app["environment"][k] for k in ("IMGDB_DATABASE_URL", "IMGDB_SCHEMA")}
     assert app["build"]["dockerfile"] == "docker/Dockerfile"
     # v1 prints volumes as "source:target:mode", v2 as mappings.
     mounts = [v if isinstance(v, str) else f"{v['source']}:{v['target']}:{'ro' if v.get('read_only') else 'rw'}"
