@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,13 +183,12 @@ class Ingester:
         report.seconds = time.perf_counter() - started
         return report
 
-    def load(self, items: Iterable[Item], known: set[str] | None = None) -> Iterator[Prepared | Known | Failure]:
+    def load(self, items: Iterable[Item], known: Container[str] = frozenset()) -> Iterator[Prepared | Known | Failure]:
         """Read, hash and prepare ``items`` in worker threads, in order, a few batches ahead;
         content in ``known`` (sha256) is not decoded."""
-        known = known if known is not None else set()
         return ordered_map(lambda item: self._load(item, known), items, ahead=4 * self.extractor.batch_size)
 
-    def _load(self, item: Item, known: set[str]) -> Prepared | Known | Failure:
+    def _load(self, item: Item, known: Container[str]) -> Prepared | Known | Failure:
         """Worker-thread part: read, hash, skip known content, decode, prepare."""
         uri = item.uri if isinstance(item, Blob) else item
         try:

@@ -23,12 +23,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from imgdb.db import attached, derived, store
 from imgdb.db.attached import Claimed, Source
+from imgdb.db.engine import Database
+from imgdb.db.schema import first_line
 from imgdb.errors import ImgdbError
 from imgdb.ingest import Blob, Failure, Ingester, Item, Known, Prepared, ProgressCallback, StatusCallback
 from imgdb.io.fetch import is_url
+from imgdb.orm import SearchIndex
 
 if TYPE_CHECKING:
     from imgdb.client import Imgdb
@@ -113,6 +118,19 @@ def locate(value: str, root: str | None) -> str:
     return path
 
 
+class _InIndex:
+    """``sha256 in known`` for a sync worker, asked of PostgreSQL per image (an index probe, next
+    to a decode that it may save): never stale, whatever other workers and ingests do meanwhile."""
+
+    def __init__(self, database: Database, index: SearchIndex) -> None:
+        self.database = database
+        self.index = index
+
+    def __contains__(self, sha256: object) -> bool:
+        with self.database.connect() as conn:
+            return store.has_content(conn, self.index, str(sha256))
+
+
 class Syncer:
     """One sync worker over a client's database (any number may run at once)."""
 
@@ -139,16 +157,23 @@ class Syncer:
             sources = [s for s in todo if s.index_id == index_id]
             target = self.db.index(sources[0].index_name)
             ingester = Ingester(self.database, target, self.db.extractor(target), self.db.settings, self.db.layer)
+            known = _InIndex(self.database, target)
             try:
                 if not ingester.extractor.trained:
                     self._train(ingester, sources, on_status)
-                with self.database.connect() as conn:
-                    known = store.hashes_in_index(conn, target)
                 for source in sources:
-                    while claimed := self._batch(ingester, source, known, report):
-                        done += claimed
-                        if on_progress:
-                            on_progress(done, max(total, done))
+                    try:
+                        while claimed := self._batch(ingester, source, known, report):
+                            done += claimed
+                            if on_progress:
+                                on_progress(done, max(total, done))
+                    except sa.exc.ProgrammingError as exc:
+                        # The table itself is in the way (dropped, a column renamed): say so, go on
+                        # with the other tables. Its rows stay queued.
+                        reason = f"cannot read {source.table}: {first_line(exc.orig)} (detach it, then attach it again)"
+                        report.failed.append(SyncFailure(source.table, None, reason))
+                        if on_status:
+                            on_status(reason)
             finally:
                 self.db.layer.sync(target)
         with self.database.connect() as conn:
@@ -184,7 +209,7 @@ class Syncer:
 
     # ------------------------------------------------------------ one claim
 
-    def _batch(self, ingester: Ingester, source: Source, known: set[str], report: SyncReport) -> int:
+    def _batch(self, ingester: Ingester, source: Source, known: _InIndex, report: SyncReport) -> int:
         """Claim, embed and commit one batch of ``source``'s queue; returns how many keys it took."""
         max_bytes = self.db.settings.fetch.max_bytes
         with self.database.engine.begin() as conn:
@@ -214,10 +239,15 @@ class Syncer:
                 else:
                     pending.append((row, loaded))
                     if len(pending) >= ingester.extractor.batch_size:
-                        linked += self._embed(conn, ingester, pending, known)
+                        linked += self._embed(conn, ingester, pending)
                         pending = []
-            linked += self._embed(conn, ingester, pending, known)
+            linked += self._embed(conn, ingester, pending)
             ids = store.image_ids_by_hash(conn, sorted({sha for _, sha in linked}))
+            held = store.ids_with_vectors(conn, ingester.index, sorted(ids.values()))
+            # Content another worker dropped from the index between our look-up and now: next time.
+            failed += [(row, "its image left the index meanwhile (another worker); tried again later")
+                       for row, sha in linked if ids.get(sha) not in held]
+            linked = [(row, sha) for row, sha in linked if ids.get(sha) in held]
             changed = [(row, ids[sha]) for row, sha in linked if ids[sha] != row.image_id]
             attached.set_refs(conn, source, [row.ref for row, _ in changed], [image_id for _, image_id in changed])
             attached.remove_refs(conn, source, [row.ref for row in gone if row.image_id is not None])
@@ -231,13 +261,12 @@ class Syncer:
         return len(claimed)
 
     @staticmethod
-    def _embed(conn: Any, ingester: Ingester, pending: Sequence[tuple[Claimed, Prepared]],
-               known: set[str]) -> list[tuple[Claimed, str]]:
+    def _embed(conn: Connection, ingester: Ingester,
+               pending: Sequence[tuple[Claimed, Prepared]]) -> list[tuple[Claimed, str]]:
         """Embed and write one extractor batch; its rows with their images' content hashes."""
         if not pending:
             return []
         ingester.write(conn, [prepared for _, prepared in pending], direct=False)
-        known.update(prepared.facts.sha256 for _, prepared in pending)
         return [(row, prepared.facts.sha256) for row, prepared in pending]
 
     @staticmethod

@@ -140,6 +140,19 @@ def test_bytes_uuid_keys_urls_and_failures_with_back_off(client, app_sql, galler
     hit = client.search(gallery[51], index="blobs", k=1)[0]
     assert hit.refs == (("scans", str(keys[1])),) and hit.uri == f"table:scans/{keys[1]}"
 
+    # The web page's thumbnails and originals come from the table, while it still holds that image.
+    from fastapi.testclient import TestClient
+
+    from imgdb.web.app import create_app
+
+    with TestClient(create_app(client)) as http:
+        assert http.get(f"/images/{hit.id}/thumbnail").headers["content-type"] == "image/jpeg"
+        original = http.get(f"/images/{hit.id}")
+        assert original.status_code == 200 and original.content == rows[1][1]
+        app_sql.execute("UPDATE scans SET image = %s WHERE id = %s", (gallery[59].read_bytes(), keys[1]))
+        assert http.get(f"/images/{hit.id}").status_code == 404  # changed, not synced yet: not served
+    client.sync("blobs")
+
     # The failure is listed with its reason, and waits out its back-off.
     [failure] = client.sync_failures("blobs")
     assert failure["ref"] == str(keys[3]) and failure["attempts"] == 1 and failure["retry_at"]
@@ -408,3 +421,32 @@ def test_cli_attach_sync_status_and_hits(client, app_sql, gallery: list[Path]) -
     assert run("detach", "cli_photos") == {"table": "cli_photos", "index": "cli_attach", "queued": 0, "removed": 1}
     result = runner.invoke(app, ["attach", "cli_photos", "--column", "nope", "--index", "cli_attach"])
     assert result.exit_code == 1 and result.stderr.strip() == "error: public.cli_photos has no column 'nope'"
+
+
+def test_a_broken_table_never_holds_up_the_others_nor_the_application(client, app_sql, gallery: list[Path]) -> None:  # noqa: ANN001
+    """Columns renamed under imgdb: the application's writes still succeed (the trigger only warns
+    where it cannot read the key), the other attached table still syncs, and sync says what is
+    wrong; a dropped table is detached by the name it had."""
+    client.create_index("sturdy", COLOR)
+    make_table(app_sql, "fine", "id int PRIMARY KEY, path text")
+    make_table(app_sql, "broken", "id int PRIMARY KEY, path text")
+    client.attach("fine", "path", index="sturdy")
+    client.attach("broken", "path", index="sturdy")
+    app_sql.execute("INSERT INTO broken VALUES (1, %s)", (str(gallery[160]),))
+    app_sql.execute("ALTER TABLE broken RENAME COLUMN path TO picture")
+    app_sql.execute("INSERT INTO fine VALUES (1, %s)", (str(gallery[161]),))
+    report = client.sync("sturdy")
+    assert report.embedded == 1
+    assert [(f.table, f.ref) for f in report.failed] == [("broken", None)]
+    assert 'column a.path does not exist' in report.failed[0].error, report.failed[0].error
+    app_sql.execute("ALTER TABLE broken RENAME COLUMN id TO key")
+    notices: list[str] = []
+    app_sql.add_notice_handler(lambda diagnostic: notices.append(diagnostic.message_primary or ""))
+    app_sql.execute("INSERT INTO broken VALUES (2, %s)", (str(gallery[162]),))  # still succeeds
+    assert any("were not queued" in n for n in notices), notices
+    app_sql.execute("DROP TABLE broken")
+    with pytest.raises(ImgdbError, match="not attached"):
+        client.detach("nowhere")
+    assert client.detach("public.broken").index == "sturdy"
+    assert client.sync("sturdy").failed == []
+    client.detach("fine")

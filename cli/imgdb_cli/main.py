@@ -414,11 +414,11 @@ def db_status(as_json: Json = False, debug: Debug = False) -> None:
 
             database = Database(settings.database_url, schema=settings.schema, migrate=False)
             revision = database.revision()
-            info = {"embedded": False, "running": True, "revision": revision}
+            info = {"embedded": False, "running": True, "schema": settings.schema, "revision": revision}
         else:
             status = server.status()
             info = {"embedded": True, "running": status.running, "pgdata": str(status.pgdata),
-                    "pid": status.pid, "url": status.url}
+                    "pid": status.pid, "url": status.url, "schema": settings.schema}
         emit_json(info) if as_json else stdout.print("\n".join(f"{k}: {v}" for k, v in info.items()), markup=False)
 
     guarded(debug, run)
@@ -476,7 +476,8 @@ def db_upgrade(as_json: Json = False, debug: Debug = False) -> None:
         database = Database.from_settings(migrate=False)
         ran = database.upgrade()
         revision = database.revision()
-        emit_json({"upgraded": ran, "revision": revision}) if as_json else stdout.print(f"schema at revision {revision}")
+        emit_json({"upgraded": ran, "schema": database.schema, "revision": revision}) if as_json else stdout.print(
+            f"schema {database.schema} at revision {revision}", markup=False)
 
     guarded(debug, run)
 

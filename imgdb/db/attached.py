@@ -91,7 +91,10 @@ class Claimed:
     sha256: str | None
 
 
-_SOURCE_COLUMNS = ("SELECT s.id, s.index_id, x.name AS index_name, s.relid::regclass::text AS table,"
+#: A source's table as SQL names it now (it follows renames), or, once dropped, as it was attached.
+TABLE_NAME = ("CASE WHEN EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = s.relid) THEN s.relid::regclass::text"
+              " ELSE s.table_name END")
+_SOURCE_COLUMNS = (f"SELECT s.id, s.index_id, x.name AS index_name, {TABLE_NAME} AS table,"
                    " s.column_name AS column, s.column_kind, s.key_column AS key, s.key_type, s.root"
                    " FROM sources s JOIN indexes x ON x.id = s.index_id")
 
@@ -347,6 +350,24 @@ def sample_values(conn: Connection, source: Source, n: int, max_bytes: int) -> l
         f"SELECT {key}::text, {column} FROM {source.table} WHERE {column} IS NOT NULL AND octet_length({column}) <= :max"
         f" ORDER BY hashtext({key}::text) LIMIT :n"), {"n": n, "max": max_bytes}).all()
     return [(ref, bytes(value) if isinstance(value, memoryview) else value) for ref, value in rows]
+
+
+def image_bytes(conn: Connection, image_id: int, max_bytes: int) -> bytes | None:
+    """The bytes of an image as a ``bytea`` column of an attached table holds it now (for
+    thumbnails and originals of images that have no file), or None."""
+    by_id = {s.id: s for s in sources(conn)}
+    holders = conn.execute(sa.text("SELECT r.source_id, r.ref FROM refs r JOIN sources s ON s.id = r.source_id"
+                                   " WHERE r.image_id = :i AND s.column_kind = 'bytea' ORDER BY r.source_id, r.ref"),
+                           {"i": image_id}).all()
+    for source_id, ref in holders:
+        source = by_id[source_id]
+        column, key = quote(source.column), quote(source.key)
+        value = conn.execute(sa.text(
+            f"SELECT {column} FROM {source.table} WHERE {key} = CAST(:r AS {source.key_type})"
+            f" AND octet_length({column}) <= :max"), {"r": ref, "max": max_bytes}).scalar()
+        if value is not None:
+            return bytes(value)
+    return None
 
 
 # ---------------------------------------------------------------- refs and failures

@@ -26,7 +26,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from imgdb.ann.spec import AnnSpec
 from imgdb.db import store
-from imgdb.db.attached import Source
+from imgdb.db.attached import TABLE_NAME, Source
 from imgdb.db.schema import SESSION_SETTINGS
 from imgdb.orm import SearchIndex
 
@@ -75,7 +75,7 @@ def lookup(conn: psycopg.Connection, name: str) -> Target | None:
         "SELECT *, to_regclass(format('%%I.vectors_%%s_ann', current_schema(), id)) IS NOT NULL AS has_ann,"
         " (SELECT value FROM index_state s WHERE s.index_id = indexes.id AND s.key = %s) AS center,"
         " (SELECT jsonb_agg(jsonb_build_object('id', s.id, 'index_id', s.index_id, 'index_name', indexes.name,"
-        "   'table', s.relid::regclass::text, 'column', s.column_name, 'column_kind', s.column_kind,"
+        f"   'table', {TABLE_NAME}, 'column', s.column_name, 'column_kind', s.column_kind,"
         "   'key', s.key_column, 'key_type', s.key_type, 'root', s.root) ORDER BY s.id)"
         "  FROM sources s WHERE s.index_id = indexes.id) AS sources"
         " FROM indexes WHERE name = %s",

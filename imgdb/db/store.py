@@ -234,6 +234,13 @@ def hashes_in_index(conn: Connection, index: SearchIndex) -> set[str]:
     ).scalars())
 
 
+def has_content(conn: Connection, index: SearchIndex, sha256: str) -> bool:
+    """Whether ``index`` holds a vector of the image with this content hash."""
+    return bool(conn.exec_driver_sql(
+        f'SELECT EXISTS (SELECT 1 FROM images i JOIN "{index.vectors_table}" v ON v.image_id = i.id'
+        " WHERE i.sha256 = %s)", (sha256,)).scalar())
+
+
 def upsert_images(conn: Connection, rows: Sequence[tuple[str, ImageFacts, dict[str, Any]]]) -> list[int]:
     """Insert images (uri, facts, user metadata) unless their content is known; return their ids in order.
 

@@ -20,15 +20,15 @@ from typing import Any
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from imgdb.client import DEFAULT_INDEX, Imgdb, connect
-from imgdb.db import store
+from imgdb.db import attached, store
 from imgdb.errors import DatabaseError, FetchError, ImgdbError, IndexNotFound
 from imgdb.io import sources
 from imgdb.io.fetch import is_url
-from imgdb.io.reader import decode
+from imgdb.io.reader import decode, sha256_hex
 from imgdb.web.thumbnails import original_path, thumbnail
 
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -184,20 +184,26 @@ def _routes(app: FastAPI) -> None:
         return [{**hit.to_json(), "thumbnail": f"{prefix}/{hit.id}/{suffix}"} for hit in hits]
 
     @app.get("/images/{image_id}", name="original")
-    async def original(request: Request, image_id: int) -> FileResponse:
-        """The original file, while it is still where it was ingested from."""
-        row = await run_in_threadpool(_image_row, _db(request), image_id)
+    async def original(request: Request, image_id: int) -> Response:
+        """The original file, while it is still where it was ingested from (or, for an image of an
+        attached table's bytea column, as the table holds it, while it is still the same image)."""
+        db = _db(request)
+        row = await run_in_threadpool(_image_row, db, image_id)
+        media_type = f"image/{(row['format'] or 'octet-stream').lower()}"
         path = original_path(row["uri"])
-        if path is None:
+        if path is not None:
+            return FileResponse(path, media_type=media_type)
+        data = await run_in_threadpool(_table_bytes, db, row)
+        if data is None:
             raise ApiError(404, f"the original of image {image_id} is not available")
-        return FileResponse(path, media_type=f"image/{(row['format'] or 'octet-stream').lower()}")
+        return Response(data, media_type=media_type)
 
     @app.get("/images/{image_id}/thumbnail", name="thumbnail")
     async def thumb(request: Request, image_id: int) -> FileResponse:
         """A JPEG of at most 256 px a side, made once and cached."""
         db = _db(request)
         row = await run_in_threadpool(_image_row, db, image_id)
-        path = await run_in_threadpool(thumbnail, db.settings, row["sha256"], row["uri"])
+        path = await run_in_threadpool(thumbnail, db.settings, row["sha256"], row["uri"], lambda: _table_bytes(db, row))
         if path is None:
             raise ApiError(404, f"no thumbnail for image {image_id}: its original is not available")
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
@@ -248,6 +254,13 @@ def _add(db: Imgdb, kind: str, value: Any, meta: dict[str, Any], index: str) -> 
     with db.database.connect() as conn:
         image_id = store.image_ids_by_hash(conn, [sha])[sha]
     return {"id": image_id, "added": report.added == 1, "uri": str(path)}
+
+
+def _table_bytes(db: Imgdb, row: dict[str, Any]) -> bytes | None:
+    """The image as an attached table's bytea column holds it, if it still is this image."""
+    with db.database.connect() as conn:
+        data = attached.image_bytes(conn, row["id"], db.settings.fetch.max_bytes)
+    return data if data is not None and sha256_hex(data) == row["sha256"] else None
 
 
 def _image_row(db: Imgdb, image_id: int) -> dict[str, Any]:

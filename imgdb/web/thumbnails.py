@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from imgdb.config import Settings
@@ -26,15 +27,18 @@ def original_path(uri: str) -> Path | None:
     return path if path.is_file() and os.access(path, os.R_OK) else None
 
 
-def thumbnail(settings: Settings, sha256: str, uri: str) -> Path | None:
-    """The cached JPEG thumbnail of an image, made now if needed; None when the original is gone."""
+def thumbnail(settings: Settings, sha256: str, uri: str,
+              stored: Callable[[], bytes | None] = lambda: None) -> Path | None:
+    """The cached JPEG thumbnail of an image, made now if needed from its file, or else from
+    ``stored()`` (the image as an attached table holds it); None when neither has it."""
     target = settings.home / "thumbnails" / sha256[:2] / f"{sha256}.jpg"
     if target.is_file():
         return target
     source = original_path(uri)
-    if source is None:
+    data = read_file(source) if source is not None else stored()
+    if data is None:
         return None
-    image = decode(read_file(source), max_pixels=settings.max_pixels, scale_hint=lambda w, h: SIDE / max(w, h))
+    image = decode(data, max_pixels=settings.max_pixels, scale_hint=lambda w, h: SIDE / max(w, h))
     small = image.pixels.copy()
     small.thumbnail((SIDE, SIDE))
     target.parent.mkdir(parents=True, exist_ok=True)
