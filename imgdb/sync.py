@@ -250,9 +250,12 @@ class Syncer:
             linked = [(row, sha) for row, sha in linked if ids.get(sha) in held]
             changed = [(row, ids[sha]) for row, sha in linked if ids[sha] != row.image_id]
             attached.set_refs(conn, source, [row.ref for row, _ in changed], [image_id for _, image_id in changed])
-            attached.remove_refs(conn, source, [row.ref for row in gone if row.image_id is not None])
-            before = [row.image_id for row, _ in changed] + [row.image_id for row in gone]
-            attached.remove_orphans(conn, ingester.index, [image_id for image_id in before if image_id is not None])
+            # A row whose image cannot be read now no longer shows the one it had: the index holds
+            # what the table holds, and sync_failures says why the row is missing.
+            dropped = [row for row in gone + [row for row, _ in failed] if row.image_id is not None]
+            attached.remove_refs(conn, source, [row.ref for row in dropped])
+            previous = [row.image_id for row, _ in changed if row.image_id is not None]
+            attached.remove_orphans(conn, ingester.index, previous + [row.image_id for row in dropped])
             attached.record_failures(conn, source, [(row.ref, error) for row, error in failed])
             attached.clear_failures(conn, source, [row.ref for row, _ in linked] + [row.ref for row in gone])
         report.embedded += len(linked)

@@ -159,6 +159,10 @@ def test_bytes_uuid_keys_urls_and_failures_with_back_off(client, app_sql, galler
     assert client.sync("blobs").embedded == 0
     app_sql.execute("UPDATE scans SET image = %s WHERE id = %s", (gallery[60].read_bytes(), keys[3]))
     assert client.sync("blobs").embedded == 1 and client.sync_failures("blobs") == []
+    # A row whose new image cannot be read leaves the index, rather than showing its old image.
+    app_sql.execute("UPDATE scans SET image = 'broken'::bytea WHERE id = %s", (keys[0],))
+    assert [f.ref for f in client.sync("blobs").failed] == [str(keys[0])]
+    assert all(("scans", str(keys[0])) not in h.refs for h in client.search(gallery[50], index="blobs", k=5))
 
     # URLs go through the guarded fetcher: loopback is refused, per row, unless allowed.
     client.create_index("linked", COLOR)

@@ -69,10 +69,6 @@ class Source:
             return ref == "true"
         return ref
 
-    def to_json(self) -> dict[str, Any]:
-        return {"table": self.table, "index": self.index_name, "column": self.column, "key": self.key,
-                "key_type": self.key_type, "kind": self.column_kind, "root": self.root}
-
 
 @dataclass(frozen=True)
 class Claimed:

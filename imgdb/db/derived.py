@@ -18,8 +18,7 @@ from sqlalchemy.engine import Connection
 from imgdb.db.schema import quote
 from imgdb.errors import ImgdbError
 from imgdb.orm import Image, SearchIndex
-#: SQL views with no index in their name, readable by roles given ``imgdb db grant``.
-STATUS_VIEWS = ("sync_status", "sync_failures")
+
 #: The signature of the "more like this" function, for GRANT/REVOKE.
 SIMILAR = "similar(text, anyelement, integer, regclass)"
 
@@ -30,6 +29,7 @@ def current_schema(conn: Connection) -> str:
 
 
 def extension_schema(conn: Connection) -> str:
+    """The schema pgvector is installed in (its types and operators, on the functions' paths)."""
     return conn.execute(sa.text("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
                                 " WHERE e.extname = 'vector'")).scalar_one()
 
