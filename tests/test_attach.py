@@ -269,6 +269,10 @@ def test_application_sql_joins_its_table_and_the_hnsw_index_serves_it(client, ap
     assert f"Index Scan using {client.index(name).ann_index}" in plan, plan
     rows = app_sql.execute(sql).fetchall()
     assert len(rows) == 10 and all(row[1] == "alice" for row in rows)
+    # The view alone, as CONVENTIONS' SQL contract queries it, is served by the index too.
+    plain = "\n".join(row[0] for row in app_sql.execute(
+        f"EXPLAIN SELECT id, uri FROM imgdb.{view} ORDER BY embedding <-> '{query}' LIMIT 10"))
+    assert f"Index Scan using {client.index(name).ann_index}" in plain, plain
     # Nearly the same ten as brute force in numpy over every alice row (HNSW is approximate).
     with client.database.connect() as conn:
         ids, vectors = store.read_vectors(conn, client.index(name))
