@@ -107,6 +107,12 @@ def test_imgdb_lives_in_the_application_database_as_a_guest(shop_db: Shop, as_im
     assert Path(hits[0]["uri"]).name == Path(queries[0]["relevant"][0]).name
     assert "ALTER DATABASE" not in stderr
 
+    # A table the application did not open to imgdb is refused with what to grant; its own
+    # `images` is told apart from imgdb's.
+    refused = as_imgdb.invoke(app, ["attach", "images", "--column", "filename", "--key", "id", "--json"])
+    assert refused.exit_code == 1
+    assert "GRANT SELECT, TRIGGER ON public.images TO \"shop_imgdb\"" in refused.stderr, refused.stderr
+
     # The application's photos, indexed where they stand; hits carry its keys.
     attached, _ = run(as_imgdb, "attach", "photos", "--column", "path")
     assert attached == {"table": "photos", "index": "default", "queued": 10}

@@ -387,17 +387,20 @@ def test_watch_follows_changes_as_they_come(client, app_sql, gallery: list[Path]
 
 def test_direct_ingest_and_attached_rows_share_images_without_losing_them(client, app_sql, gallery: list[Path],
                                                                            tmp_path: Path) -> None:  # noqa: ANN001
-    """An image both ingested and held by a row stays when the row goes; one only the row held goes."""
+    """An image both ingested and held by a row stays when the row goes (whichever came first);
+    one only the row held goes."""
     client.create_index("shared", COLOR)
-    both, only_row = gallery[140], gallery[141]
+    both, later, only_row = gallery[140], gallery[142], gallery[141]
     client.ingest([both], index="shared")
     make_table(app_sql, "mixed", "id int PRIMARY KEY, path text")
-    app_sql.execute("INSERT INTO mixed VALUES (1, %s), (2, %s)", (str(both), str(only_row)))
+    app_sql.execute("INSERT INTO mixed VALUES (1, %s), (2, %s), (3, %s)", (str(both), str(only_row), str(later)))
     client.attach("mixed", "path", index="shared")
     client.sync("shared")
+    assert client.ingest([later], index="shared").duplicates == 1  # held by row 3 already; now ingested too
     app_sql.execute("DELETE FROM mixed")
-    assert client.sync("shared").removed == 2
+    assert client.sync("shared").removed == 3
     assert client.search(both, index="shared", k=1)[0].distance < 1e-6
+    assert client.search(later, index="shared", k=1)[0].distance < 1e-6
     assert client.search(only_row, index="shared", k=1)[0].distance > 1e-6
     client.detach("mixed")
 

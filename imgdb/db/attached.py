@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from imgdb.db import derived
-from imgdb.db.schema import quote
+from imgdb.db.schema import first_line, quote
 from imgdb.errors import ImgdbError
 from imgdb.orm import SearchIndex
 
@@ -216,26 +216,21 @@ def attach(conn: Connection, index: SearchIndex, table_name: str, column: str, k
         {"i": index.id, "r": table.relid, "t": table.name, "c": column_name, "k": kind, "key": key_name,
          "kt": key_type, "root": root}).scalar_one()
     function = derived.create_enqueue_function(conn, source_id)
+    # Asked now: after a refused statement, the transaction answers nothing more.
+    user = conn.execute(sa.text("SELECT current_user")).scalar_one()
     try:
         for suffix, event, transition in _EVENTS:
             conn.execute(sa.text(
                 f"CREATE TRIGGER {quote(trigger_name(conn, source_id, suffix))} AFTER {event} ON {table.name}"
                 f" {transition} FOR EACH STATEMENT EXECUTE FUNCTION {function}()"))
-    except sa.exc.ProgrammingError as exc:
-        if isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
-            user = conn.execute(sa.text("SELECT current_user")).scalar_one()
-            raise ImgdbError(f"imgdb's role may not add triggers to {table.name}: its owner can run "
-                             f"GRANT SELECT, TRIGGER ON {table.name} TO {quote(user)}") from None
-        raise
-    try:
         queued = conn.execute(sa.text(
             f"INSERT INTO queue (source_id, ref) SELECT :s, {quote(key_name)}::text FROM {table.name}"
             f" WHERE {quote(key_name)} IS NOT NULL"), {"s": source_id}).rowcount
     except sa.exc.ProgrammingError as exc:
-        if isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
-            raise ImgdbError(f"imgdb's role may not read {table.name}: its owner can run GRANT SELECT, TRIGGER ON "
-                             f"{table.name} TO {quote(conn.execute(sa.text('SELECT current_user')).scalar_one())}") from None
-        raise
+        if not isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
+            raise
+        raise ImgdbError(f"imgdb's role may not follow {table.name} ({first_line(exc.orig)}): the table's owner can "
+                         f"run GRANT SELECT, TRIGGER ON {table.name} TO {quote(user)}") from None
     derived.create_view(conn, index)
     return _source(conn, index, table.relid), int(queued)
 
