@@ -194,7 +194,7 @@ class Imgdb:
         if not todo:
             raise ImgdbError(f"nothing to train {target.name!r} on: give images, or ingest some first")
         ingester = Ingester(self.database, target, extractor, self.settings, self.layer)
-        ingester.train(todo, on_status)
+        ingester.train(todo, on_status, again=True)
         if not stored and not follows_tables:
             return None
         with self.database.engine.begin() as conn:
@@ -329,7 +329,8 @@ class Imgdb:
         for attempt in (1, 2):
             target = self.layer.target(index)
             if target is None:
-                target = sql.Target(self.index(index), has_ann=False)  # creates `default`, or says what is missing
+                self.index(index)  # creates `default`, or says what is missing
+                target = self.layer.target(index) or sql.Target(self.index(index), has_ann=False)
             vector = self._query_vector(target.index, query)
             try:
                 return self.database.searching(lambda conn: self.layer.search(

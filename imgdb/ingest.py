@@ -4,14 +4,14 @@ Per image, in worker threads: read (or fetch) the bytes, hash them, skip content
 holds, decode safely, and let the extractor prepare the pixels. In the main thread, in order: batch
 the prepared images through the extractor and write each batch in its own transaction (images upserted
 by content hash, vectors and their first-stage codes by binary COPY). A crash or Ctrl-C therefore
-loses at most the batch in flight, and a rerun skips everything committed. When a load at least
-doubles an index, its ANN index is dropped first and built once at the end, instead of growing the
-graph vector by vector; a Python-side first stage is trained at the end of the first load.
+loses at most the batch in flight, and a rerun skips everything committed. When a load of
+BULK_LOAD images or more at least doubles an index, its ANN index is dropped first and built once at
+the end, instead of growing the graph vector by vector; a Python-side first stage is trained at the
+end of the first load.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 
 from imgdb.ann.layer import AnnLayer
 from imgdb.config import Settings
-from imgdb.db import attached, store
+from imgdb.db import attached, store, values
 from imgdb.db.engine import Database
 from imgdb.errors import ImgdbError
 from imgdb.features.base import Extractor
@@ -35,6 +35,9 @@ from imgdb.io.reader import ImageFacts, decode, sha256_hex
 from imgdb.orm import SearchIndex
 from imgdb.parallel import ordered_map
 
+#: Loads of at least this many images that at least double an index build its ANN index once at
+#: the end instead of growing it image by image; smaller ones never touch it (no DDL, no lock).
+BULK_LOAD = 1000
 #: ``(done, total)``: called as images are processed, for progress bars.
 ProgressCallback = Callable[[int, int], None]
 #: One line on what a long step is doing (training a codebook...), for the user.
@@ -99,11 +102,9 @@ def load_metadata_file(path: Path) -> dict[str, dict[str, Any]]:
     """Read a ``--metadata`` file: image paths relative to its folder → metadata objects, keyed here
     by absolute path."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = values.loads(path.read_bytes(), f"metadata file {path}")
     except OSError as exc:
         raise ImgdbError(f"cannot read metadata file {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise ImgdbError(f"metadata file {path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ImgdbError(f"metadata file {path} must be a JSON object mapping image paths to objects")
     base = Path(sources.absolute(path)).parent
@@ -124,14 +125,23 @@ class Ingester:
         self.codes = layer.code_index(index)
 
     def train(self, todo: Sequence[Item], on_status: StatusCallback | None = None, *,
-              sampled: bool = False) -> None:
+              sampled: bool = False, again: bool = False) -> None:
         """Fit a trainable extractor on a random sample of ``todo`` (all of it, when ``sampled``
-        already) and store what it learned."""
-        sample = list(todo) if sampled else random.Random(0).sample(list(todo), self.extractor.sample_size(len(todo)))
-        if on_status and sample:
-            on_status(f"training {self.extractor.spec} on {len(sample)} images")
-        self.extractor.fit([item.prepared for item in self.load(sample) if isinstance(item, Prepared)])
+        already) and store what it learned.
+
+        Processes take the index's training lock in turn; one that finds the state learned
+        meanwhile takes it instead of learning its own (every vector of an index must come from
+        one state), unless it is told to learn ``again`` (``imgdb index train``)."""
         with self.db.engine.begin() as conn:
+            store.lock_training(conn, self.index)
+            learned = store.load_state(conn, self.index)
+            if learned and not again:
+                self.extractor.load_state(learned)
+                return
+            sample = list(todo) if sampled else random.Random(0).sample(list(todo), self.extractor.sample_size(len(todo)))
+            if on_status and sample:
+                on_status(f"training {self.extractor.spec} on {len(sample)} images")
+            self.extractor.fit([item.prepared for item in self.load(sample) if isinstance(item, Prepared)])
             store.save_state(conn, self.index, self.extractor.state())
 
     def run(self, paths: Iterable[str | Path], *, meta: dict[str, Any] | None = None,
@@ -142,13 +152,13 @@ class Ingester:
         learned its codebook yet learns it first, from a sample of these images."""
         started = time.perf_counter()
         report = IngestReport()
-        meta, metadata = meta or {}, metadata or {}
+        meta, metadata = values.check_metadata(meta or {}, "--meta"), metadata or {}
         todo = list(sources.expand(paths))
         if not self.extractor.trained:
             self.train(todo, on_status)
         with self.db.engine.begin() as conn:
             known = store.hashes_in_index(conn, self.index)
-            if len(todo) > len(known):
+            if len(todo) >= BULK_LOAD and len(todo) > len(known):
                 store.drop_ann(conn, self.index)
             follows_tables = attached.has_sources(conn, self.index)
         seen: set[str] = set()
@@ -157,6 +167,8 @@ class Ingester:
         given: list[str] = []  # known content given again: it is now in the index by direct ingest too
         try:
             for done, item in enumerate(self.load(todo, known), start=1):
+                if not isinstance(item, Failure) and (refused := self._unstorable(item, meta, metadata)):
+                    item = refused
                 if isinstance(item, Failure):
                     report.failed.append(item)
                 elif isinstance(item, Known) or item.facts.sha256 in seen:
@@ -183,6 +195,16 @@ class Ingester:
         report.seconds = time.perf_counter() - started
         return report
 
+    @staticmethod
+    def _unstorable(item: Prepared | Known, meta: dict[str, Any],
+                    metadata: dict[str, dict[str, Any]]) -> Failure | None:
+        """The refusal of an image whose own metadata jsonb cannot hold (NaN, NUL, too deep), if so."""
+        try:
+            values.check_metadata({**meta, **metadata.get(item.uri, {})})
+        except values.UnstorableValue as exc:
+            return Failure(item.uri, str(exc))
+        return None
+
     def load(self, items: Iterable[Item], known: Container[str] = frozenset()) -> Iterator[Prepared | Known | Failure]:
         """Read, hash and prepare ``items`` in worker threads, in order, a few batches ahead;
         content in ``known`` (sha256) is not decoded."""
@@ -192,6 +214,7 @@ class Ingester:
         """Worker-thread part: read, hash, skip known content, decode, prepare."""
         uri = item.uri if isinstance(item, Blob) else item
         try:
+            values.check_name(uri)
             data = item.data if isinstance(item, Blob) else sources.load(item, self.settings.fetch)
             sha = sha256_hex(data)
             if sha in known:
@@ -200,27 +223,34 @@ class Ingester:
                            scale_hint=self.extractor.scale_hint, sha256=sha)
             return Prepared(uri, image.facts, self.extractor.prepare(image.pixels))
         except ImgdbError as exc:
-            return Failure(uri, str(exc).removeprefix(f"{uri}: "))
+            return Failure(values.printable(uri), str(exc).removeprefix(f"{uri}: "))
         except Exception as exc:  # noqa: BLE001 - one odd file must not abort a long ingest
-            return Failure(uri, f"unexpected {type(exc).__name__}: {exc}")
+            return Failure(values.printable(uri), f"unexpected {type(exc).__name__}: {exc}")
 
     def _write(self, batch: Sequence[Prepared], meta: dict[str, Any],
                metadata: dict[str, dict[str, Any]], report: IngestReport) -> None:
         """Embed one batch and commit it: images and vectors land together or not at all."""
         if not batch:
             return
-        with self.db.engine.begin() as conn:
-            ids, added = self.write(conn, batch, [{**meta, **metadata.get(item.uri, {})} for item in batch])
+        vectors, codes = self.embed(batch)
+        metas = [{**meta, **metadata.get(item.uri, {})} for item in batch]
+        ids, added = self.db.writing(lambda conn: self.write(conn, batch, vectors, codes, metas))
         report.added += added
         report.duplicates += len(ids) - added
 
-    def write(self, conn: Connection, batch: Sequence[Prepared], metas: Sequence[dict[str, Any]] | None = None, *,
-              direct: bool = True) -> tuple[list[int], int]:
-        """Embed ``batch`` and write its images and vectors in ``conn``'s transaction; returns the
-        images' ids in order and how many vectors were new. ``direct`` false: the vectors are there
-        only for attached tables' rows (:mod:`imgdb.sync`)."""
+    def embed(self, batch: Sequence[Prepared]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The batch's vectors, and their first-stage codes where the index has a Python-side one."""
         vectors = self.extractor.embed([item.prepared for item in batch])
-        codes = self.codes.codes_for(vectors) if self.codes is not None else None
+        return vectors, self.codes.codes_for(vectors) if self.codes is not None else None
+
+    def write(self, conn: Connection, batch: Sequence[Prepared], vectors: np.ndarray, codes: np.ndarray | None,
+              metas: Sequence[dict[str, Any]] | None = None, *, direct: bool = True) -> tuple[list[int], int]:
+        """Write a batch's images and vectors in ``conn``'s transaction; returns the images' ids in
+        order and how many vectors were new. ``direct`` false: the vectors are there only for
+        attached tables' rows (:mod:`imgdb.sync`).
+
+        Images first, then vectors (whose trigger locks the index's registry row): every writer
+        takes its locks in that order."""
         metas = metas or [{} for _ in batch]
         ids = store.upsert_images(conn, [(item.uri, item.facts, m) for item, m in zip(batch, metas)])
         # Another process may have indexed the same content meanwhile: count it, don't collide.

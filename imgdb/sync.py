@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import psycopg
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
 from imgdb.db import attached, derived, store
 from imgdb.db.attached import Claimed, Source
@@ -118,6 +118,18 @@ def locate(value: str, root: str | None) -> str:
     return path
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """What one committed claim did: keys taken, rows now embedded (with their images' hashes),
+    rows gone, rows failed (with reasons), and images whose last vector went."""
+
+    claimed: int
+    linked: list[tuple[Claimed, str]]
+    gone: list[Claimed]
+    failed: list[tuple[Claimed, str]]
+    orphans: list[int]
+
+
 class _InIndex:
     """``sha256 in known`` for a sync worker, asked of PostgreSQL per image (an index probe, next
     to a decode that it may save): never stale, whatever other workers and ingests do meanwhile."""
@@ -164,7 +176,7 @@ class Syncer:
                 for source in sources:
                     try:
                         while claimed := self._batch(ingester, source, known, report):
-                            done += claimed
+                            done += max(claimed, 0)
                             if on_progress:
                                 on_progress(done, max(total, done))
                     except sa.exc.ProgrammingError as exc:
@@ -210,12 +222,33 @@ class Syncer:
     # ------------------------------------------------------------ one claim
 
     def _batch(self, ingester: Ingester, source: Source, known: _InIndex, report: SyncReport) -> int:
-        """Claim, embed and commit one batch of ``source``'s queue; returns how many keys it took."""
+        """Claim, embed and commit one batch of ``source``'s queue; returns how many keys it took
+        (0: the queue is empty; -1: PostgreSQL broke a deadlock by aborting this batch, which rolled
+        back whole, its keys queued again for the next claim)."""
+        try:
+            outcome = self._claim_and_embed(ingester, source, known)
+        except sa.exc.OperationalError as exc:
+            if isinstance(exc.orig, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)):
+                return -1
+            raise
+        if outcome is None:
+            return 0
+        with self.database.engine.begin() as conn:
+            attached.remove_orphan_images(conn, outcome.orphans)
+        report.embedded += len(outcome.linked)
+        report.removed += sum(row.image_id is not None for row in outcome.gone)
+        report.failed += [SyncFailure(source.table, source.ref_json(row.ref), error) for row, error in outcome.failed]
+        return outcome.claimed
+
+    def _claim_and_embed(self, ingester: Ingester, source: Source, known: _InIndex) -> _Outcome | None:
+        """One claim's transaction: take the keys, read and embed their images (no writes yet: the
+        transaction holds only its queue rows and key locks while the model runs), then write
+        images, vectors, refs and failures together."""
         max_bytes = self.db.settings.fetch.max_bytes
         with self.database.engine.begin() as conn:
             claimed = attached.claim(conn, source, CLAIM_BATCHES * ingester.extractor.batch_size, max_bytes)
             if not claimed:
-                return 0
+                return None
             gone: list[Claimed] = []  # rows deleted, or without an image now
             failed: list[tuple[Claimed, str]] = []
             items: list[tuple[Claimed, Item]] = []
@@ -230,18 +263,30 @@ class Syncer:
                     except ImgdbError as exc:
                         failed.append((row, str(exc)))
             linked: list[tuple[Claimed, str]] = []  # row -> content hash of its image now
-            pending: list[tuple[Claimed, Prepared]] = []
+            seen: set[str] = set()  # content embedded once, however many rows hold it
+            pending: list[Prepared] = []
+            embedded: list[tuple[list[Prepared], np.ndarray, np.ndarray | None]] = []
             for (row, item), loaded in zip(items, ingester.load([item for _, item in items], known)):
                 if isinstance(loaded, Failure):
                     failed.append((row, loaded.error if isinstance(item, Blob) else f"{loaded.path}: {loaded.error}"))
-                elif isinstance(loaded, Known):
-                    linked.append((row, loaded.sha256))
-                else:
-                    pending.append((row, loaded))
-                    if len(pending) >= ingester.extractor.batch_size:
-                        linked += self._embed(conn, ingester, pending)
-                        pending = []
-            linked += self._embed(conn, ingester, pending)
+                    continue
+                sha = loaded.sha256 if isinstance(loaded, Known) else loaded.facts.sha256
+                linked.append((row, sha))
+                if isinstance(loaded, Prepared) and sha not in seen:
+                    seen.add(sha)
+                    pending.append(loaded)
+                if len(pending) >= ingester.extractor.batch_size:  # the model runs while decoding goes on
+                    embedded.append((pending, *ingester.embed(pending)))
+                    pending = []
+            if pending:
+                embedded.append((pending, *ingester.embed(pending)))
+            if embedded:
+                # One write for the whole claim: all its images, then all its vectors (whose trigger
+                # locks the index's registry row) - the order every writer takes its locks in.
+                codes = [c for _, _, c in embedded]
+                ingester.write(conn, [p for batch, _, _ in embedded for p in batch],
+                               np.concatenate([v for _, v, _ in embedded]),
+                               None if codes[0] is None else np.concatenate(codes), direct=False)
             ids = store.image_ids_by_hash(conn, sorted({sha for _, sha in linked}))
             held = store.ids_with_vectors(conn, ingester.index, sorted(ids.values()))
             # Content another worker dropped from the index between our look-up and now: next time.
@@ -255,22 +300,10 @@ class Syncer:
             dropped = [row for row in gone + [row for row, _ in failed] if row.image_id is not None]
             attached.remove_refs(conn, source, [row.ref for row in dropped])
             previous = [row.image_id for row, _ in changed if row.image_id is not None]
-            attached.remove_orphans(conn, ingester.index, previous + [row.image_id for row in dropped])
+            orphans = attached.remove_orphan_vectors(conn, ingester.index, previous + [row.image_id for row in dropped])
             attached.record_failures(conn, source, [(row.ref, error) for row, error in failed])
             attached.clear_failures(conn, source, [row.ref for row, _ in linked] + [row.ref for row in gone])
-        report.embedded += len(linked)
-        report.removed += sum(row.image_id is not None for row in gone)
-        report.failed += [SyncFailure(source.table, source.ref_json(row.ref), error) for row, error in failed]
-        return len(claimed)
-
-    @staticmethod
-    def _embed(conn: Connection, ingester: Ingester,
-               pending: Sequence[tuple[Claimed, Prepared]]) -> list[tuple[Claimed, str]]:
-        """Embed and write one extractor batch; its rows with their images' content hashes."""
-        if not pending:
-            return []
-        ingester.write(conn, [prepared for _, prepared in pending], direct=False)
-        return [(row, prepared.facts.sha256) for row, prepared in pending]
+        return _Outcome(len(claimed), linked, gone, failed, orphans)
 
     @staticmethod
     def _item(source: Source, row: Claimed) -> Item:

@@ -177,10 +177,10 @@ class AnnLayer:
         ann = parse_ann(index.ann, index.ann_params)
         check_rerank(ann, rerank)
         if ann.in_sql and not target.has_ann:
-            # An interrupted bulk load dropped it; building it here heals the index for every client.
-            self.sync(index)
-            self.forget(index)
-            target = sql.lookup(conn, index.name) or target
+            # A bulk load dropped it (and builds it when it ends), or one was interrupted. A query
+            # never builds it (that would run DDL behind the load's locks, for as long as a build
+            # takes): it answers by exact scan until a writer does (ingest, sync, index rebuild).
+            return sql.nearest(conn, target, ann, vector, k, k, filters, exact=True)
         searcher = self.searcher(index, sql.version(conn, index)) if ann.python_side else None
         approximate = ann.method in ("bq", "pq", "ivfpq", "lsh")
         n = max(candidates or (k * CANDIDATES_PER_RESULT if approximate and rerank == "exact" else k), k)

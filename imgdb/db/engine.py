@@ -166,6 +166,20 @@ class Database:
                 pooled.close()
         raise AssertionError("unreachable")
 
+    def writing(self, work: Callable[[Connection], T], attempts: int = 3) -> T:
+        """Run ``work`` in a transaction of its own, again (on a fresh transaction) when PostgreSQL
+        broke a deadlock or a serialisation conflict by aborting it: concurrent writers of the same
+        images may meet that way, and the retry is what the server asks of the loser."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.engine.begin() as conn:
+                    return work(conn)
+            except sa.exc.OperationalError as exc:
+                retriable = isinstance(exc.orig, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure))
+                if not retriable or attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """An ORM session that commits on success and rolls back on error."""

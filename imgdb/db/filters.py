@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.sql.elements import ColumnElement
 
+from imgdb.db.values import check_text, printable
 from imgdb.errors import FilterError
 from imgdb.orm import Image
 
@@ -78,6 +79,7 @@ def _meta_clause(key: str, op: str, raw: str) -> ColumnElement[bool]:
 
 def parse_filter(expr: str) -> ColumnElement[bool]:
     """Compile one filter expression to a SQLAlchemy clause on :class:`~imgdb.orm.Image`."""
+    check_text(expr, f"filter {printable(expr)[:100]!r}")
     match = _EXPR.match(expr)
     if not match:
         raise FilterError(f"cannot parse filter {expr!r}: expected FIELD OP VALUE with OP one of = != < <= > >=")

@@ -44,6 +44,8 @@ STORAGES = ("vector", "halfvec")
 INDEXED_DIM_LIMIT = {"vector": 2000, "halfvec": 4000, "bit": 64000}
 #: Rows per page when reading a whole index's vectors or codes back.
 READ_PAGE = 65_536
+#: First key of the advisory lock that serialises training an index (the second is its id).
+TRAINING_LOCK = 0x7EA1
 
 _images = Image.__table__
 
@@ -135,11 +137,20 @@ def save_state(conn: Connection, index: SearchIndex, arrays: dict[str, np.ndarra
     """
     table = IndexState.__table__
     mine = table.c.key.startswith(owner) if owner else ~table.c.key.contains(".")
-    conn.execute(sa.delete(table).where(table.c.index_id == index.id, mine))
+    keys = [owner + key for key in arrays]
+    conn.execute(sa.delete(table).where(table.c.index_id == index.id, mine, table.c.key.not_in(keys)))
     for key, array in arrays.items():
         buffer = io.BytesIO()
         np.save(buffer, np.asarray(array), allow_pickle=False)
-        conn.execute(sa.insert(table).values(index_id=index.id, key=owner + key, value=buffer.getvalue()))
+        # An upsert: two processes that learned the same state at once must not collide.
+        statement = pg_insert(table).values(index_id=index.id, key=owner + key, value=buffer.getvalue())
+        conn.execute(statement.on_conflict_do_update(index_elements=["index_id", "key"],
+                                                     set_={"value": statement.excluded.value}))
+
+
+def lock_training(conn: Connection, index: SearchIndex) -> None:
+    """Serialise learning an index's extractor state across processes (until the transaction ends)."""
+    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(TRAINING_LOCK, index.id)))
 
 
 def load_state(conn: Connection, index: SearchIndex, owner: str = "") -> dict[str, np.ndarray]:

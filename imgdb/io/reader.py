@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ _EXIF_MODEL = 0x0110
 _EXIF_DATETIME = 0x0132
 _EXIF_IFD = 0x8769
 _EXIF_DATETIME_ORIGINAL = 0x9003
+#: EXIF text kept for information (the camera) is cut to this many characters.
+EXIF_TEXT_CHARS = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # imgdb checks the pixel count itself, against its own limit, before decoding.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -88,6 +92,8 @@ def read_file(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise ImageReadError(exc.strerror or str(exc)) from exc
+    except ValueError as exc:  # a NUL in the name: no such file can exist
+        raise ImageReadError(f"not a valid file name ({exc})") from None
 
 
 def sha256_hex(data: bytes) -> str:
@@ -139,11 +145,19 @@ def decode(data: bytes, *, max_pixels: int, scale_hint: ScaleHint | None = None,
 
 
 def _camera(exif: Image.Exif) -> str | None:
-    make = str(exif.get(_EXIF_MAKE, "")).strip("\x00 ")
-    model = str(exif.get(_EXIF_MODEL, "")).strip("\x00 ")
+    # EXIF text is whatever the file says: NULs and control characters inside, bytes that are not
+    # UTF-8. The camera is only informative, so it is cleaned rather than refused.
+    make, model = (_clean(exif.get(tag, "")) for tag in (_EXIF_MAKE, _EXIF_MODEL))
     if model.lower().startswith(make.lower()):
         make = ""  # many cameras repeat the make in the model ("Canon" + "Canon EOS 5D")
     return " ".join(part for part in (make, model) if part) or None
+
+
+def _clean(value: object) -> str:
+    """EXIF text made storable: control characters (NUL among them) dropped, what UTF-8 cannot
+    encode replaced, cut to EXIF_TEXT_CHARS."""
+    text = _CONTROL.sub("", str(value)).encode("utf-8", "replace").decode("utf-8")
+    return text.strip()[:EXIF_TEXT_CHARS]
 
 
 def _taken_at(exif: Image.Exif) -> dt.datetime | None:

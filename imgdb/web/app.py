@@ -11,7 +11,8 @@ recorded at ingest, by integer id.
 from __future__ import annotations
 
 import hmac
-import json
+import os
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,12 +25,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from imgdb.client import DEFAULT_INDEX, Imgdb, connect
-from imgdb.db import attached, store
-from imgdb.errors import DatabaseError, FetchError, ImgdbError, IndexNotFound
+from imgdb.db import attached, store, values
+from imgdb.errors import DatabaseError, FetchError, ImageReadError, ImgdbError, IndexNotFound
 from imgdb.io import sources
 from imgdb.io.fetch import is_url
-from imgdb.io.reader import decode, sha256_hex
-from imgdb.web.thumbnails import original_path, thumbnail
+from imgdb.io.reader import decode
+from imgdb.web.thumbnails import original, thumbnail
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 #: Room for multipart framing around an image of the fetch byte limit.
@@ -125,10 +126,7 @@ async def _query(request: Request) -> tuple[str, Any]:
             raise ApiError(413, f"upload of {len(data)} bytes is over the {db.settings.fetch.max_bytes}-byte limit")
         return "file", (data, {k: v for k, v in form.items() if k != "file"})
     if kind.startswith("application/json"):
-        try:
-            document = json.loads(await request.body())
-        except ValueError:
-            raise ApiError(400, "body is not valid JSON") from None
+        document = values.loads(await request.body(), "the JSON body")
         if isinstance(document, dict) and isinstance(document.get("url"), str):
             # Never a server-side path: `{"url": "/home/..."}` must not read this machine's files.
             if not is_url(document["url"]):
@@ -184,28 +182,26 @@ def _routes(app: FastAPI) -> None:
         return [{**hit.to_json(), "thumbnail": f"{prefix}/{hit.id}/{suffix}"} for hit in hits]
 
     @app.get("/images/{image_id}", name="original")
-    async def original(request: Request, image_id: int) -> Response:
-        """The original file, while it is still where it was ingested from (or, for an image of an
-        attached table's bytea column, as the table holds it, while it is still the same image)."""
+    async def original_image(request: Request, image_id: int) -> Response:
+        """The original, while it is still the image that was ingested (its file, or for an image of
+        an attached table's bytea column, the table's bytes, hashing to the stored sha256)."""
         db = _db(request)
         row = await run_in_threadpool(_image_row, db, image_id)
-        media_type = f"image/{(row['format'] or 'octet-stream').lower()}"
-        path = original_path(row["uri"])
-        if path is not None:
-            return FileResponse(path, media_type=media_type)
-        data = await run_in_threadpool(_table_bytes, db, row)
-        if data is None:
-            raise ApiError(404, f"the original of image {image_id} is not available")
-        return Response(data, media_type=media_type)
+        try:
+            data = await run_in_threadpool(original, row["uri"], row["sha256"], lambda: _table_bytes(db, row))
+        except ImageReadError as exc:
+            raise ApiError(404, f"image {image_id}: {exc}") from None
+        return Response(data, media_type=f"image/{(row['format'] or 'octet-stream').lower()}")
 
     @app.get("/images/{image_id}/thumbnail", name="thumbnail")
     async def thumb(request: Request, image_id: int) -> FileResponse:
         """A JPEG of at most 256 px a side, made once and cached."""
         db = _db(request)
         row = await run_in_threadpool(_image_row, db, image_id)
-        path = await run_in_threadpool(thumbnail, db.settings, row["sha256"], row["uri"], lambda: _table_bytes(db, row))
-        if path is None:
-            raise ApiError(404, f"no thumbnail for image {image_id}: its original is not available")
+        try:
+            path = await run_in_threadpool(thumbnail, db.settings, row["sha256"], row["uri"], lambda: _table_bytes(db, row))
+        except ImageReadError as exc:
+            raise ApiError(404, f"no thumbnail for image {image_id}: {exc}") from None
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
 
     @app.post("/images", status_code=201, dependencies=[Depends(_require_token)])
@@ -217,12 +213,8 @@ def _routes(app: FastAPI) -> None:
             raise ApiError(400, "an image to add is an upload or a URL, not an id")
         meta = extra.get("meta") or {}
         if isinstance(meta, str):
-            try:
-                meta = json.loads(meta)
-            except ValueError:
-                raise ApiError(400, "meta must be a JSON object") from None
-        if not isinstance(meta, dict):
-            raise ApiError(400, "meta must be a JSON object")
+            meta = values.loads(meta, "meta")
+        meta = values.check_metadata(meta, "meta")
         if kind == "url":
             meta = {"source_url": value, **meta}
         return await run_in_threadpool(_add, db, kind, value, meta, index)
@@ -243,13 +235,20 @@ def _add(db: Imgdb, kind: str, value: Any, meta: dict[str, Any], index: str) -> 
     image = decode(data, max_pixels=db.settings.max_pixels)
     sha = image.facts.sha256
     path = db.settings.home / "uploads" / sha[:2] / f"{sha}.{image.facts.format.lower()}"
-    if not path.exists():
+    created = not path.exists()
+    if created:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".part")
-        partial.write_bytes(data)
-        partial.replace(path)
+        # A temporary name of its own: concurrent uploads of the same image each write theirs, and
+        # the renames (the same bytes) replace one another atomically.
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{sha}.", suffix=".part", delete=False) as part:
+            part.write(data)
+        os.replace(part.name, path)
     report = db.ingest([path], index=index, meta=meta)
     if report.failed:
+        with db.database.connect() as conn:
+            unused = not store.image_ids_by_hash(conn, [sha])
+        if created and unused:
+            path.unlink(missing_ok=True)  # nothing refers to it: no orphan left under uploads/
         raise ApiError(400, report.failed[0].error)
     with db.database.connect() as conn:
         image_id = store.image_ids_by_hash(conn, [sha])[sha]
@@ -257,10 +256,9 @@ def _add(db: Imgdb, kind: str, value: Any, meta: dict[str, Any], index: str) -> 
 
 
 def _table_bytes(db: Imgdb, row: dict[str, Any]) -> bytes | None:
-    """The image as an attached table's bytea column holds it, if it still is this image."""
+    """The image as an attached table's bytea column holds it now (checked by the caller)."""
     with db.database.connect() as conn:
-        data = attached.image_bytes(conn, row["id"], db.settings.fetch.max_bytes)
-    return data if data is not None and sha256_hex(data) == row["sha256"] else None
+        return attached.image_bytes(conn, row["id"], db.settings.fetch.max_bytes)
 
 
 def _image_row(db: Imgdb, image_id: int) -> dict[str, Any]:

@@ -1,0 +1,51 @@
+"""A corpus of hostile inputs, made by code (no binary blobs in the repository): text that
+PostgreSQL's ``text`` and ``jsonb`` cannot hold, in every place that reaches the database."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+#: Strings PostgreSQL cannot store as text: a NUL; a lone surrogate (what an undecodable file
+#: name becomes in Python), which has no UTF-8 form.
+UNSTORABLE_TEXT = {"nul": "Can\x00on", "surrogate": "caf\udce9"}
+
+
+def jpeg_with_exif(seed: int, **tags: str) -> bytes:
+    """A small real JPEG whose EXIF carries ``tags`` (by name: make, model, datetime)."""
+    codes = {"make": 0x010F, "model": 0x0110, "datetime": 0x0132}
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    for name, value in tags.items():
+        exif[codes[name]] = value
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def nested_json(depth: int) -> str:
+    """JSON text of objects nested ``depth`` deep (written out: json.dumps would recurse)."""
+    return '{"down": ' * depth + '"bottom"' + "}" * depth
+
+
+#: Metadata JSON (and jsonb) cannot hold, as the JSON text a file or request would carry, each
+#: with the words its refusal must contain.
+UNSTORABLE_METADATA = {
+    "nan": ('{"score": NaN}', "not a finite number"),
+    "infinity": ('{"score": Infinity}', "not a finite number"),
+    "nul value": ('{"title": "a\\u0000b"}', "NUL"),
+    "nul key": ('{"ti\\u0000tle": "x"}', "NUL"),
+    "surrogate": ('{"title": "caf\\udce9"}', "not valid Unicode"),
+    "deep": (nested_json(2000), "nested deeper than"),
+}

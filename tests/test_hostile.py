@@ -1,0 +1,175 @@
+"""Hostile input never costs other items, never gets a 500, never reaches PostgreSQL unescaped.
+
+Each test drives one class of fault (issue 13) through the Python API, the CLI and HTTP, with
+cases made by code in :mod:`tests.hostile`, and asserts the exact outcome: the bad item refused
+with its reason, every other item committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from imgdb.client import Imgdb
+from imgdb.web.app import create_app
+from imgdb_cli.main import app
+from tests.hostile import UNSTORABLE_METADATA, jpeg_with_exif, png
+from tests.images import write
+
+COLOR = "color:hsv/bins=4x4x4"
+TOKEN = "hostile-token"
+
+
+def test_text_postgres_cannot_hold_costs_only_its_own_item(client, tmp_path: Path) -> None:  # noqa: ANN001
+    """NUL in EXIF is cleaned (the camera is informative); a file name that is not valid UTF-8 and
+    metadata JSON cannot hold are refused per image, with the reason; the other images commit."""
+    client.create_index("texts", COLOR)
+    good = [write(tmp_path / "batch" / f"good_{i}.png", png(i)) for i in range(10)]
+    exif = write(tmp_path / "batch" / "exif.jpg", jpeg_with_exif(100, make="Can\x00on", model="EOS\x00 5D"))
+    raw_dir = os.fsencode(tmp_path / "batch")
+    with open(raw_dir + b"/\xff\xfe.png", "wb") as handle:  # a name with bytes that are not UTF-8
+        handle.write(png(101))
+    entries = ['"good_0.png": {"ok": true}']
+    for i, (text, _) in enumerate(UNSTORABLE_METADATA.values()):
+        write(tmp_path / "batch" / f"meta_{i}.png", png(200 + i))
+        entries.append(f'"meta_{i}.png": {text}')
+    metadata_file = tmp_path / "batch" / "metadata.json"
+    metadata_file.write_text("{" + ", ".join(entries) + "}", encoding="utf-8")
+
+    report = client.ingest([tmp_path / "batch"], index="texts", metadata_file=metadata_file)
+    failed = {Path(f.path).name: f.error for f in report.failed}
+    assert report.added == 11, report.to_json()  # ten good ones and the cleaned EXIF
+    assert "not valid UTF-8" in failed.pop("\\xff\\xfe.png")
+    for i, (case, (_, words)) in enumerate(UNSTORABLE_METADATA.items()):
+        assert words in failed.pop(f"meta_{i}.png"), case
+    assert failed == {}
+    json.dumps(report.to_json(), ensure_ascii=False).encode("utf-8")  # the report itself prints
+    hit = client.search(exif, index="texts", k=1)[0]
+    assert hit.distance < 1e-6
+    with client.database.connect() as conn:
+        camera = conn.exec_driver_sql("SELECT camera FROM images WHERE id = %s", (hit.id,)).scalar()
+    assert camera == "Canon EOS 5D"
+    assert client.search(good[0], index="texts", k=1)[0].metadata == {"ok": True}
+
+
+def test_unstorable_meta_for_every_image_is_refused_up_front(client, tmp_path: Path) -> None:  # noqa: ANN001
+    runner = CliRunner()
+    write(tmp_path / "one.png", png(300))
+    client.create_index("refused_meta", COLOR)
+    result = runner.invoke(app, ["ingest", str(tmp_path / "one.png"), "--index", "refused_meta", "--meta", "k=a\x00b"])
+    assert result.exit_code == 1 and "NUL" in result.stderr and "internal error" not in result.stderr
+
+
+def test_uploads_with_unstorable_metadata_are_refused_and_leave_no_file(client, tmp_path: Path) -> None:  # noqa: ANN001
+    db = Imgdb(client.database, replace(client.settings, api_token=TOKEN))
+    client.create_index("uploaded", COLOR)
+    uploads = client.settings.home / "uploads"
+    before = set(uploads.rglob("*")) if uploads.exists() else set()
+    with TestClient(create_app(db)) as http:
+        for i, (case, (text, words)) in enumerate(UNSTORABLE_METADATA.items()):
+            answer = http.post("/images", headers={"Authorization": f"Bearer {TOKEN}"}, params={"index": "uploaded"},
+                               files={"file": ("x.png", png(400 + i), "image/png")}, data={"meta": text})
+            assert answer.status_code == 400 and words in answer.json()["error"], (case, answer.text)
+        answer = http.post("/images", headers={"Authorization": f"Bearer {TOKEN}"}, params={"index": "uploaded"},
+                           files={"file": ("y.jpg", jpeg_with_exif(450, make="Ni\x00kon"), "image/jpeg")})
+        assert answer.status_code == 201, answer.text
+    after = set(uploads.rglob("*"))
+    assert {p.name for p in after - before if p.is_file()} == {Path(answer.json()["uri"]).name}
+
+
+@pytest.mark.parametrize("query", ["a\x00b", "caf\udce9.jpg"])
+def test_search_and_ingest_of_unstorable_names_are_one_line_refusals(client, query: str) -> None:  # noqa: ANN001
+    with pytest.raises(Exception) as caught:
+        client.search(query, index="default", k=1)
+    assert type(caught.value).__name__ in ("ImageReadError", "ImgdbError"), caught.value
+
+
+def test_a_replaced_file_is_never_served_as_the_image(client, tmp_path: Path) -> None:  # noqa: ANN001
+    """Ingest swap/s.jpg, then replace it by a symlink to a secret, or by another picture: the
+    original and the thumbnail are refused with the reason, the secret never leaves."""
+    client.create_index("swaps", COLOR)
+    secret = write(tmp_path / "secret.txt", b"root:x:0:0:the secret\n")
+    first = write(tmp_path / "swap" / "s.jpg", jpeg_with_exif(500))
+    second = write(tmp_path / "swap" / "t.png", png(501))
+    client.ingest([first, second], index="swaps")
+    ids = {Path(h.uri).name: h.id for p in (first, second) for h in client.search(p, index="swaps", k=1)}
+    with TestClient(create_app(client)) as http:
+        assert http.get(f"/images/{ids['s.jpg']}").content == first.read_bytes()
+        first.unlink()
+        first.symlink_to(secret)
+        second.write_bytes(png(502))  # another picture under the same name
+        for image_id in ids.values():
+            for path in (f"/images/{image_id}", f"/images/{image_id}/thumbnail"):
+                answer = http.get(path)
+                assert answer.status_code == 404 and b"secret" not in answer.content, (path, answer.content)
+                assert "changed since it was ingested" in answer.json()["error"]
+
+
+def test_a_search_never_builds_an_index(client, museum: Path) -> None:  # noqa: ANN001
+    """While a bulk load has the HNSW index dropped, searches answer by exact scan and run no DDL;
+    the writer builds it again."""
+    from imgdb.db import store
+
+    client.create_index("nobuild", COLOR)
+    gallery = sorted((museum / "images").glob("*.jpg"))[:30]
+    client.ingest(gallery[:29], index="nobuild")
+    with client.database.engine.begin() as conn:
+        store.drop_ann(conn, client.index("nobuild"))  # as a bulk load does
+    client.layer.forget()
+    hits = client.search(gallery[3], index="nobuild", k=3)
+    assert hits[0].distance < 1e-6 and len(hits) == 3
+    with client.database.connect() as conn:
+        assert not store.has_ann(conn, client.index("nobuild"))
+    client.ingest(gallery[29:], index="nobuild")  # a writer: builds it
+    with client.database.connect() as conn:
+        assert store.has_ann(conn, client.index("nobuild"))
+
+
+def test_commands_racing_on_a_new_home_all_succeed(tmp_path: Path) -> None:
+    """Three imgdb commands at once on a fresh IMGDB_HOME: one makes the server, the others wait
+    for it (a file lock), and every one succeeds."""
+    import subprocess
+    import sys
+
+    from imgdb.db.embedded import EmbeddedServer
+    from tests.conftest import tool_env
+
+    home = tmp_path / "fresh"
+    env = tool_env(IMGDB_HOME=str(home))
+    env.pop("IMGDB_DATABASE_URL", None)
+    command = str(Path(sys.executable).parent / "imgdb")
+    runs = [subprocess.Popen([command, *args, "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for args in (["db", "url"], ["db", "start"], ["index", "list"])]
+    try:
+        outcomes = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+    finally:
+        EmbeddedServer(home).stop()
+    assert [rc for rc, _, _ in outcomes] == [0, 0, 0], outcomes
+    urls = {json.loads(out)["url"] for _, out, _ in outcomes[:2]}
+    assert len(urls) == 1 and json.loads(outcomes[2][1]) == []
+
+
+def test_concurrent_adds_of_the_same_new_image_all_succeed_with_one_row(client) -> None:  # noqa: ANN001
+    from concurrent.futures import ThreadPoolExecutor
+
+    db = Imgdb(client.database, replace(client.settings, api_token=TOKEN))
+    client.create_index("raced", COLOR)
+    data = png(600)
+    with TestClient(create_app(db)) as http:
+        def add(_: int):  # noqa: ANN202
+            return http.post("/images", headers={"Authorization": f"Bearer {TOKEN}"}, params={"index": "raced"},
+                             files={"file": ("same.png", data, "image/png")})
+
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(add, range(20)))
+    assert [a.status_code for a in answers] == [201] * 20, [a.text for a in answers if a.status_code != 201]
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert sum(a.json()["added"] for a in answers) == 1
+    uploads = client.settings.home / "uploads"
+    assert not list(uploads.rglob("*.part"))
