@@ -50,7 +50,10 @@ from imgdb.sync import AttachReport, Syncer, SyncReport
 #: What a query can be: a path, an http(s) URL, ``"id:N"``, image bytes, a Pillow image, or a vector.
 Query = Union[str, Path, bytes, Image.Image, np.ndarray]
 DEFAULT_INDEX = "default"
-_ID_QUERY = re.compile(r"^id:(\d+)$")
+#: Largest k and first-stage candidate count a search takes (pgvector's HNSW stops at 1,000 anyway).
+MAX_K = 1000
+MAX_CANDIDATES = 100_000
+_ID_QUERY = re.compile(r"^id:([0-9]+)$")
 
 
 @dataclass(frozen=True)
@@ -323,8 +326,11 @@ class Imgdb:
         """
         if k < 1:
             raise ImgdbError(f"k must be at least 1, not {k}")
-        if candidates is not None and candidates < 1:
-            raise ImgdbError(f"candidates must be at least 1, not {candidates}")
+        if k > MAX_K:
+            raise ImgdbError(f"k must be at most {MAX_K}, not {k}")
+        if candidates is not None and not 1 <= candidates <= MAX_CANDIDATES:
+            raise ImgdbError(f"candidates must be between 1 and {MAX_CANDIDATES}, not {candidates}")
+        store.check_name(index)
         clauses = parse_filters(filters)
         for attempt in (1, 2):
             target = self.layer.target(index)
@@ -348,11 +354,12 @@ class Imgdb:
                 raise ImgdbError(f"query vector has shape {query.shape}, index {index.name!r} needs ({index.dim},)")
             return query.astype(np.float32)
         if isinstance(query, str) and (match := _ID_QUERY.match(query.strip())):
-            image_id = int(match.group(1))
+            digits = match.group(1)
+            image_id = int(digits) if len(digits) <= 19 else store.MAX_ID + 1  # (longer: no such image)
             with self.database.connect() as conn:
-                found = store.stored_vectors(conn, index, [image_id])
+                found = store.stored_vectors(conn, index, [image_id]) if 0 < image_id <= store.MAX_ID else {}
             if image_id not in found:
-                raise ImgdbError(f"image {image_id} is not in index {index.name!r}")
+                raise ImgdbError(f"image {digits[:30]} is not in index {index.name!r}")
             return found[image_id]
         extractor = self.extractor(index)
         if isinstance(query, Image.Image):

@@ -35,8 +35,10 @@ from imgdb.io.reader import ImageFacts, decode, sha256_hex
 from imgdb.orm import SearchIndex
 from imgdb.parallel import ordered_map
 
-#: Loads of at least this many images that at least double an index build its ANN index once at
-#: the end instead of growing it image by image; smaller ones never touch it (no DDL, no lock).
+#: Loads of at least this many images read every content hash of the index up front (smaller ones
+#: ask per image: an upload must not cost a read of the whole collection), and when they at least
+#: double it, build its ANN index once at the end instead of growing it image by image; smaller ones
+#: never touch the ANN index (no DDL, no lock).
 BULK_LOAD = 1000
 #: ``(done, total)``: called as images are processed, for progress bars.
 ProgressCallback = Callable[[int, int], None]
@@ -98,6 +100,20 @@ class Known:
     sha256: str
 
 
+class ContentInIndex:
+    """``sha256 in known``, asked of PostgreSQL per image (an index probe, next to a decode it may
+    save): for loads too small to read every hash of the index for (a web upload, a sync claim),
+    and never stale, whatever other processes do meanwhile."""
+
+    def __init__(self, database: Database, index: SearchIndex) -> None:
+        self.database = database
+        self.index = index
+
+    def __contains__(self, sha256: object) -> bool:
+        with self.database.connect() as conn:
+            return store.has_content(conn, self.index, str(sha256))
+
+
 def load_metadata_file(path: Path) -> dict[str, dict[str, Any]]:
     """Read a ``--metadata`` file: image paths relative to its folder → metadata objects, keyed here
     by absolute path."""
@@ -156,10 +172,13 @@ class Ingester:
         todo = list(sources.expand(paths))
         if not self.extractor.trained:
             self.train(todo, on_status)
+        known: Container[str] = ContentInIndex(self.db, self.index)
         with self.db.engine.begin() as conn:
-            known = store.hashes_in_index(conn, self.index)
-            if len(todo) >= BULK_LOAD and len(todo) > len(known):
-                store.drop_ann(conn, self.index)
+            if len(todo) >= BULK_LOAD:
+                # Many images: every hash of the index at once beats a look-up per image.
+                known = store.hashes_in_index(conn, self.index)
+                if len(todo) > len(known):
+                    store.drop_ann(conn, self.index)
             follows_tables = attached.has_sources(conn, self.index)
         seen: set[str] = set()
         batch: list[Prepared] = []

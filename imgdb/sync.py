@@ -31,7 +31,8 @@ from imgdb.db.attached import Claimed, Source
 from imgdb.db.engine import Database
 from imgdb.db.schema import first_line
 from imgdb.errors import ImgdbError
-from imgdb.ingest import Blob, Failure, Ingester, Item, Known, Prepared, ProgressCallback, StatusCallback
+from imgdb.ingest import (Blob, ContentInIndex, Failure, Ingester, Item, Known, Prepared, ProgressCallback,
+                          StatusCallback)
 from imgdb.io.fetch import is_url
 from imgdb.orm import SearchIndex
 
@@ -130,19 +131,6 @@ class _Outcome:
     orphans: list[int]
 
 
-class _InIndex:
-    """``sha256 in known`` for a sync worker, asked of PostgreSQL per image (an index probe, next
-    to a decode that it may save): never stale, whatever other workers and ingests do meanwhile."""
-
-    def __init__(self, database: Database, index: SearchIndex) -> None:
-        self.database = database
-        self.index = index
-
-    def __contains__(self, sha256: object) -> bool:
-        with self.database.connect() as conn:
-            return store.has_content(conn, self.index, str(sha256))
-
-
 class Syncer:
     """One sync worker over a client's database (any number may run at once)."""
 
@@ -169,7 +157,7 @@ class Syncer:
             sources = [s for s in todo if s.index_id == index_id]
             target = self.db.index(sources[0].index_name)
             ingester = Ingester(self.database, target, self.db.extractor(target), self.db.settings, self.db.layer)
-            known = _InIndex(self.database, target)
+            known = ContentInIndex(self.database, target)
             try:
                 if not ingester.extractor.trained:
                     self._train(ingester, sources, on_status)
@@ -221,7 +209,7 @@ class Syncer:
 
     # ------------------------------------------------------------ one claim
 
-    def _batch(self, ingester: Ingester, source: Source, known: _InIndex, report: SyncReport) -> int:
+    def _batch(self, ingester: Ingester, source: Source, known: ContentInIndex, report: SyncReport) -> int:
         """Claim, embed and commit one batch of ``source``'s queue; returns how many keys it took
         (0: the queue is empty; -1: PostgreSQL broke a deadlock by aborting this batch, which rolled
         back whole, its keys queued again for the next claim)."""
@@ -240,7 +228,7 @@ class Syncer:
         report.failed += [SyncFailure(source.table, source.ref_json(row.ref), error) for row, error in outcome.failed]
         return outcome.claimed
 
-    def _claim_and_embed(self, ingester: Ingester, source: Source, known: _InIndex) -> _Outcome | None:
+    def _claim_and_embed(self, ingester: Ingester, source: Source, known: ContentInIndex) -> _Outcome | None:
         """One claim's transaction: take the keys, read and embed their images (no writes yet: the
         transaction holds only its queue rows and key locks while the model runs), then write
         images, vectors, refs and failures together."""

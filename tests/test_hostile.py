@@ -173,3 +173,143 @@ def test_concurrent_adds_of_the_same_new_image_all_succeed_with_one_row(client) 
     assert sum(a.json()["added"] for a in answers) == 1
     uploads = client.settings.home / "uploads"
     assert not list(uploads.rglob("*.part"))
+
+
+def test_a_small_ingest_reads_only_its_own_hashes(client, museum: Path, monkeypatch) -> None:  # noqa: ANN001
+    """An upload or a one-file ingest asks PostgreSQL about its own images' hashes, not for every
+    hash of the collection."""
+    from imgdb.db import store
+
+    client.create_index("lookups", COLOR)
+    gallery = sorted((museum / "images").glob("*.jpg"))
+    assert client.ingest(gallery[:40], index="lookups").added == 40
+    read_all = []
+    monkeypatch.setattr(store, "hashes_in_index", lambda *args: read_all.append(args) or set())
+    report = client.ingest([gallery[0], gallery[40]], index="lookups")
+    assert (report.added, report.duplicates, read_all) == (1, 1, [])
+
+
+def test_only_a_lost_connection_is_retried(client) -> None:  # noqa: ANN001
+    """A search cancelled by statement_timeout fails once, with its reason, on a connection that
+    stays usable; it is not run a second time."""
+    import psycopg
+
+    from imgdb.errors import DatabaseError
+
+    calls = []
+
+    def slow(conn: psycopg.Connection) -> None:
+        calls.append(conn)
+        conn.execute("SET statement_timeout = '50ms'")
+        try:
+            conn.execute("SELECT pg_sleep(2)")
+        finally:
+            conn.execute("RESET statement_timeout")
+
+    with pytest.raises(DatabaseError, match="statement timeout"):
+        client.database.searching(slow)
+    assert len(calls) == 1 and not calls[0].broken
+    assert client.database.searching(lambda conn: conn.execute("SELECT 1").fetchone()[0]) == 1
+
+
+def truncated_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 40).convert("RGB").save(buffer, "PNG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+HUGE = "99999999999999999999"
+#: (method, path, request options, status, words of the reason): every input a client controls.
+REQUESTS = [
+    ("post", "/search", {"json": {"id": int(HUGE)}}, 400, "not in index"),
+    ("get", f"/images/{HUGE}", {}, 422, "less than or equal"),
+    ("get", f"/images/{HUGE}/thumbnail", {}, 422, "less than or equal"),
+    ("get", "/images/0", {}, 422, "greater than or equal"),
+    ("post", "/search", {"json": {"id": 1}, "params": {"candidates": HUGE}}, 422, "less than or equal"),
+    ("post", "/search", {"json": {"id": 1}, "params": {"k": HUGE}}, 422, "less than or equal"),
+    ("post", "/search", {"json": {"id": 1}, "params": {"filter": f"width={HUGE}"}}, 400, "out of range"),
+    ("post", "/search", {"json": {"id": 1}, "params": {"filter": f"id>{HUGE}"}}, 400, "out of range"),
+    ("post", "/search", {"json": {"id": 1}, "params": {"filter": "file_size<" + "9" * 5000}}, 400, "not a valid int"),
+    ("post", "/search", {"json": {"id": 1}, "params": {"index": "a\x00b"}}, 400, "bad index name"),
+    ("post", "/search", {"json": {"id": 1}, "params": {"index": "a" * 500}}, 400, "bad index name"),
+    ("post", "/search", {"json": {"id": 1}, "params": {"filter": "meta.a=b\x00"}}, 400, "NUL"),
+    ("post", "/search", {"json": {"id": 1}, "params": {"filter": "meta.\x00=b"}}, 400, "NUL"),
+    ("post", "/search", {"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}},
+     400, "nested deeper"),
+    ("post", "/search", {"content": b'{"id": 1', "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("post", "/search", {"files": {"file": ("t.png", truncated_png(), "image/png")}}, 400, "truncated"),
+    ("post", "/search", {"json": {"url": "http://[::1"}}, 422, ""),
+    ("delete", f"/images/{HUGE}", {"headers": {"Authorization": f"Bearer {TOKEN}"}}, 422, "less than or equal"),
+]
+
+
+@pytest.mark.parametrize("method, path, options, status, words", REQUESTS,
+                         ids=[f"{m} {p[:30]} {sorted(o.get('params', {}).items())!s:.40}" for m, p, o, *_ in REQUESTS])
+def test_every_bad_request_is_a_4xx_with_a_one_line_reason(client, sample_index: str, method: str, path: str,  # noqa: ANN001
+                                                          options: dict, status: int, words: str) -> None:
+    db = Imgdb(client.database, replace(client.settings, api_token=TOKEN))
+    with TestClient(create_app(db), raise_server_exceptions=False) as http:
+        answer = getattr(http, method)(path, **options)
+    assert answer.status_code == status, answer.text
+    reason = answer.json()["error"]
+    assert words in reason and "\n" not in reason and "Traceback" not in reason
+
+
+@pytest.mark.parametrize("args, words", [
+    (["search", f"id:{HUGE}"], "not in index"),
+    (["search", "id:1", "--filter", f"height<{HUGE}"], "out of range"),
+    (["search", "id:1", "--index", "Bad\x00"], "bad index name"),
+    (["search", "id:1", "--filter", "sha256=\x00"], "NUL"),
+    (["delete", HUGE], ""),
+])
+def test_the_cli_gives_the_same_inputs_one_line_reasons(sample_index: str, args: list[str], words: str) -> None:
+    result = CliRunner().invoke(app, args)
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    if words:
+        assert result.exit_code == 1 and words in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    else:
+        assert result.exit_code == 0 and "deleted 0" in result.stdout
+
+
+def test_a_stopped_database_is_a_503_and_healthz_says_so(tmp_path: Path, museum: Path) -> None:
+    """With its PostgreSQL stopped, the server answers 503 with a reason (never a 500), and
+    /healthz stops saying ok."""
+    import imgdb
+    from imgdb.db.embedded import EmbeddedServer
+
+    server = EmbeddedServer(tmp_path / "home")
+    url = server.start()
+    try:
+        with imgdb.connect(url, settings=replace(imgdb.connect(url).settings, api_token=TOKEN)) as db:
+            db.create_index("colors", COLOR)
+            db.ingest([museum / "images" / "bbdd_00004.jpg"], index="colors")
+            with TestClient(create_app(db), raise_server_exceptions=False) as http:
+                assert http.get("/healthz").status_code == 200
+                server.stop()
+                answers = [http.get("/healthz"), http.post("/search", json={"id": 1}, params={"index": "colors"}),
+                           http.delete("/images/1", headers={"Authorization": f"Bearer {TOKEN}"}),
+                           http.get("/images/1"), http.get("/indexes")]
+    finally:
+        server.stop()
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert "\n" not in answer.json()["error"]
+
+
+def test_every_documented_field_filters_in_any_case(client, sample_ids: list[int], museum_sample: Path) -> None:  # noqa: ANN001
+    """`sha256` (a name with digits) filters, and `META.` and `Width` are the same fields as
+    `meta.` and `width`."""
+    from imgdb.io.reader import sha256_hex
+
+    path = museum_sample / "images" / "bbdd_00007.jpg"
+    sha = sha256_hex(path.read_bytes())
+    [hit] = client.search(path, k=5, filters=[f"sha256={sha}"])
+    assert hit.distance < 1e-5
+    author = hit.metadata.get("author")
+    assert author, "the sample's bbdd_00007 has an author"
+    for expr in (f"META.author={author}", f"Meta.author={author}", "WIDTH>=1", "File_Size>0"):
+        assert hit.id in {h.id for h in client.search(path, k=50, filters=[expr])}, expr

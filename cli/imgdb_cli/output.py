@@ -55,13 +55,37 @@ def guarded(debug: bool, action: Callable[[], T]) -> T:
         return action()
     except ImgdbError as exc:
         say(f"error: {exc}")
+
     except KeyboardInterrupt:
         say("interrupted: work committed so far is kept")
         raise typer.Exit(130) from None
     except Exception as exc:  # noqa: BLE001 - the contract wants one line, not a traceback
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        say(f"internal error: {type(exc).__name__}: {message} (rerun with --debug for details)")
+        known = _database_failure(exc)
+        say(f"error: {known}" if known else
+            f"internal error: {type(exc).__name__}: {message} (rerun with --debug for details)")
     raise typer.Exit(1)
+
+
+def _database_failure(exc: Exception) -> str | None:
+    """The reason of a failure that is the database's (unreachable) or the input's (a value
+    PostgreSQL refused), not imgdb's; None for anything else. The drivers are only looked at
+    when they are loaded already (``imgdb --help`` does not pay for them)."""
+    import sys
+
+    if "sqlalchemy" not in sys.modules:
+        return None
+    import psycopg
+    import sqlalchemy as sa
+
+    from imgdb.db.schema import first_line
+
+    cause = getattr(exc, "orig", None) or exc
+    if isinstance(exc, (sa.exc.OperationalError, psycopg.OperationalError)):
+        return f"database unavailable: {first_line(cause)}"
+    if isinstance(exc, (sa.exc.DataError, psycopg.DataError)):
+        return f"refused by PostgreSQL: {first_line(cause)}"
+    return None
 
 
 @contextmanager

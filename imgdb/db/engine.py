@@ -150,7 +150,7 @@ class Database:
 
     def searching(self, work: Callable[[psycopg.Connection], T]) -> T:
         """Run ``work`` on a pooled search connection. A connection the server dropped (a restart)
-        is discarded and the work runs once more on a fresh one."""
+        is discarded and the work runs once more on a fresh one; any other failure is final."""
         for attempt in (1, 2):
             try:
                 pooled = self.search_engine.raw_connection()
@@ -159,6 +159,10 @@ class Database:
             try:
                 return work(pooled.driver_connection)
             except psycopg.OperationalError as exc:
+                # Only a lost connection (a server restart) is worth a second try on a fresh one; a
+                # statement that was cancelled (statement_timeout) or refused would fail again.
+                if not pooled.driver_connection.broken and not pooled.driver_connection.closed:
+                    raise DatabaseError(f"search failed: {first_line(exc)}") from exc
                 pooled.invalidate()
                 if attempt == 2:
                     raise DatabaseError(f"search failed: {first_line(exc)}") from exc

@@ -21,18 +21,24 @@ from imgdb.db.values import check_text, printable
 from imgdb.errors import FilterError
 from imgdb.orm import Image
 
-_EXPR = re.compile(r"^\s*(meta\.[^=<>!]+?|[A-Za-z_]+)\s*(<=|>=|!=|=|<|>)\s*(.*?)\s*$", re.DOTALL)
+_EXPR = re.compile(r"^\s*((?i:meta)\.[^=<>!]+?|[A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|!=|=|<|>)\s*(.*?)\s*$", re.DOTALL)
 
 _COLUMNS: dict[str, type] = {
     "id": int, "uri": str, "sha256": str, "width": int, "height": int, "format": str,
     "file_size": int, "taken_at": dt.datetime, "camera": str, "added_at": dt.datetime,
 }
+#: The range of each integer column's SQL type (a value outside can match nothing, or everything,
+#: and PostgreSQL would refuse the statement rather than say so).
+_INT_RANGE = {"width": 2**31 - 1, "height": 2**31 - 1, "id": 2**63 - 1, "file_size": 2**63 - 1}
 
 
 def _typed(field: str, kind: type, raw: str) -> Any:
     try:
         if kind is int:
-            return int(raw)
+            value = int(raw)
+            if abs(value) > _INT_RANGE[field]:
+                raise FilterError(f"filter on {field}: {raw[:40]} is out of range (at most {_INT_RANGE[field]:,})")
+            return value
         if kind is dt.datetime:
             return dt.datetime.fromisoformat(raw)
         return raw
@@ -84,7 +90,7 @@ def parse_filter(expr: str) -> ColumnElement[bool]:
     if not match:
         raise FilterError(f"cannot parse filter {expr!r}: expected FIELD OP VALUE with OP one of = != < <= > >=")
     field, op, raw = match.groups()
-    if field.startswith("meta."):
+    if field.lower().startswith("meta."):
         key = field[len("meta."):].strip()
         if not key:
             raise FilterError(f"filter {expr!r}: empty metadata key")
@@ -95,7 +101,7 @@ def parse_filter(expr: str) -> ColumnElement[bool]:
             f"unknown filter field {field!r}: use meta.KEY or one of {', '.join(_COLUMNS)}"
         )
     column = getattr(Image, field.lower())
-    return _compare(column, op, _typed(field, kind, raw))
+    return _compare(column, op, _typed(field.lower(), kind, raw))
 
 
 def parse_filters(exprs: Iterable[str]) -> list[ColumnElement[bool]]:

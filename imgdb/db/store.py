@@ -34,6 +34,7 @@ from sqlalchemy.engine import Connection
 
 from imgdb.ann.spec import AnnSpec, parse_ann
 from imgdb.db import derived
+from imgdb.db.values import printable
 from imgdb.errors import ImgdbError, IndexExists, IndexNotFound
 from imgdb.io.reader import ImageFacts
 from imgdb.orm import Image, IndexState, SearchIndex
@@ -44,6 +45,8 @@ STORAGES = ("vector", "halfvec")
 INDEXED_DIM_LIMIT = {"vector": 2000, "halfvec": 4000, "bit": 64000}
 #: Rows per page when reading a whole index's vectors or codes back.
 READ_PAGE = 65_536
+#: Image ids are ``bigint``: nothing larger can name an image (and PostgreSQL would refuse it).
+MAX_ID = 2**63 - 1
 #: First key of the advisory lock that serialises training an index (the second is its id).
 TRAINING_LOCK = 0x7EA1
 
@@ -51,14 +54,16 @@ _images = Image.__table__
 
 
 def check_name(name: str) -> str:
-    if not NAME.match(name):
-        raise ImgdbError(f"bad index name {name!r}: use lower-case letters, digits and _, starting with a letter")
+    if not NAME.fullmatch(name):
+        raise ImgdbError(f"bad index name {printable(name)[:60]!r}: use lower-case letters, digits and _, "
+                         "starting with a letter (at most 40)")
     return name
 
 
 # ---------------------------------------------------------------- registry
 
 def get_index(conn: Connection, name: str) -> SearchIndex | None:
+    check_name(name)
     row = conn.execute(sa.select(SearchIndex.__table__).where(SearchIndex.name == name)).mappings().first()
     return SearchIndex(**row) if row else None
 
@@ -353,7 +358,8 @@ def count_vectors(conn: Connection, index: SearchIndex) -> int:
 
 def delete_images(conn: Connection, ids: Iterable[int]) -> int:
     """Delete images; their vectors in every index go with them (ON DELETE CASCADE)."""
-    result = conn.execute(sa.delete(_images).where(_images.c.id.in_(list(ids))))
+    ids = [i for i in ids if 0 < i <= MAX_ID]  # others name no image
+    result = conn.execute(sa.delete(_images).where(_images.c.id.in_(ids)))
     return int(result.rowcount)
 
 
@@ -370,6 +376,8 @@ def vectors_table(index: SearchIndex) -> sa.Table:
 
 def get_image(conn: Connection, image_id: int) -> dict[str, Any] | None:
     """One ``images`` row as a dict (None if there is no such image)."""
+    if not 0 < image_id <= MAX_ID:
+        return None
     row = conn.execute(sa.select(_images).where(_images.c.id == image_id)).mappings().first()
     return dict(row) if row else None
 

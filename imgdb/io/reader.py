@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -39,6 +40,8 @@ _EXIF_DATETIME_ORIGINAL = 0x9003
 #: EXIF text kept for information (the camera) is cut to this many characters.
 EXIF_TEXT_CHARS = 256
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+T = TypeVar("T")
 
 # imgdb checks the pixel count itself, against its own limit, before decoding.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -120,7 +123,10 @@ def decode(data: bytes, *, max_pixels: int, scale_hint: ScaleHint | None = None,
             raise ImageReadError(
                 f"refused as a decompression bomb: {width}x{height} image has more than {max_pixels:,} pixels"
             )
-        exif = image.getexif()
+        try:
+            exif = image.getexif()  # for PNG, reading the EXIF chunk loads the whole image
+        except Exception as exc:  # a truncated PNG fails here, before load()
+            raise ImageReadError(f"corrupt or truncated image data: {exc}") from exc
         orientation = exif.get(_EXIF_ORIENTATION, 1)
         upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
         if scale_hint is not None and image.format in ("JPEG", "MPO"):
@@ -138,10 +144,19 @@ def decode(data: bytes, *, max_pixels: int, scale_hint: ScaleHint | None = None,
             height=upright[1],
             format="JPEG" if image.format == "MPO" else str(image.format),
             file_size=len(data),
-            taken_at=_taken_at(exif),
-            camera=_camera(exif),
+            taken_at=_informative(_taken_at, exif),
+            camera=_informative(_camera, exif),
         )
     return DecodedImage(pixels=pixels, facts=facts)
+
+
+def _informative(read: Callable[[Image.Exif], T], exif: Image.Exif) -> T | None:
+    """An EXIF fact, or None where the file's EXIF is too broken to give it (a bad IFD offset):
+    the image itself is still good."""
+    try:
+        return read(exif)
+    except Exception:  # noqa: BLE001 - Pillow raises struct, key, value and type errors here
+        return None
 
 
 def _camera(exif: Image.Exif) -> str | None:

@@ -16,16 +16,21 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+import logging
+
+import psycopg
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI, Path as PathParam, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from imgdb.client import DEFAULT_INDEX, Imgdb, connect
+from imgdb.client import DEFAULT_INDEX, MAX_CANDIDATES, Imgdb, connect
 from imgdb.db import attached, store, values
+from imgdb.db.schema import first_line
 from imgdb.errors import DatabaseError, FetchError, ImageReadError, ImgdbError, IndexNotFound
 from imgdb.io import sources
 from imgdb.io.fetch import is_url
@@ -33,6 +38,9 @@ from imgdb.io.reader import decode
 from imgdb.web.thumbnails import original, thumbnail
 
 PAGE = Path(__file__).with_name("static") / "index.html"
+#: An image id in a path: a positive bigint (anything else is refused with 422, not sent to SQL).
+ImageId = Annotated[int, PathParam(ge=1, le=store.MAX_ID)]
+log = logging.getLogger("imgdb")
 #: Room for multipart framing around an image of the fetch byte limit.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -70,6 +78,9 @@ def create_app(db: Imgdb | None = None) -> FastAPI:
 
 
 def _errors(app: FastAPI) -> None:
+    """Every failure is a one-line JSON ``{"error": ...}``: 4xx for what the request did wrong, 503
+    while the database is unreachable, and 500 (without a traceback) only for imgdb's own faults."""
+
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
@@ -82,6 +93,23 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(sa.exc.OperationalError)
+    @app.exception_handler(psycopg.OperationalError)
+    async def database_down(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"database unavailable: {first_line(getattr(exc, 'orig', None) or exc)}"},
+                            status_code=503)
+
+    @app.exception_handler(sa.exc.DataError)
+    @app.exception_handler(psycopg.DataError)
+    async def bad_value(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"refused by PostgreSQL: {first_line(getattr(exc, 'orig', None) or exc)}"},
+                            status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error answering a request", exc_info=exc)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -158,9 +186,13 @@ def _routes(app: FastAPI) -> None:
         return FileResponse(PAGE, media_type="text/html")
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """200 once the model is loaded and the database answers."""
-        return {"status": "ok"}
+    async def healthz(request: Request) -> JSONResponse:
+        """200 once the model is loaded and the database answers; 503 while it does not."""
+        try:
+            await run_in_threadpool(_db(request).database.searching, lambda conn: conn.execute("SELECT 1"))
+        except DatabaseError as exc:
+            return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/indexes")
     async def indexes(request: Request) -> list[dict[str, Any]]:
@@ -170,7 +202,8 @@ def _routes(app: FastAPI) -> None:
     @app.post("/search")
     async def search(request: Request, k: int = Query(10, ge=1, le=1000), index: str = DEFAULT_INDEX,
                      filter: list[str] = Query(default_factory=list),  # noqa: A002 - CONVENTIONS' name
-                     rerank: str = "exact", candidates: int | None = Query(None, ge=1)) -> list[dict[str, Any]]:
+                     rerank: str = "exact",
+                     candidates: int | None = Query(None, ge=1, le=MAX_CANDIDATES)) -> list[dict[str, Any]]:
         """The k images most similar to an upload (`file`), a URL or a stored image id."""
         db = _db(request)
         kind, (value, _) = await _query(request)
@@ -182,7 +215,7 @@ def _routes(app: FastAPI) -> None:
         return [{**hit.to_json(), "thumbnail": f"{prefix}/{hit.id}/{suffix}"} for hit in hits]
 
     @app.get("/images/{image_id}", name="original")
-    async def original_image(request: Request, image_id: int) -> Response:
+    async def original_image(request: Request, image_id: ImageId) -> Response:
         """The original, while it is still the image that was ingested (its file, or for an image of
         an attached table's bytea column, the table's bytes, hashing to the stored sha256)."""
         db = _db(request)
@@ -194,7 +227,7 @@ def _routes(app: FastAPI) -> None:
         return Response(data, media_type=f"image/{(row['format'] or 'octet-stream').lower()}")
 
     @app.get("/images/{image_id}/thumbnail", name="thumbnail")
-    async def thumb(request: Request, image_id: int) -> FileResponse:
+    async def thumb(request: Request, image_id: ImageId) -> FileResponse:
         """A JPEG of at most 256 px a side, made once and cached."""
         db = _db(request)
         row = await run_in_threadpool(_image_row, db, image_id)
@@ -220,7 +253,7 @@ def _routes(app: FastAPI) -> None:
         return await run_in_threadpool(_add, db, kind, value, meta, index)
 
     @app.delete("/images/{image_id}", dependencies=[Depends(_require_token)])
-    async def delete(request: Request, image_id: int) -> dict[str, int]:
+    async def delete(request: Request, image_id: ImageId) -> dict[str, int]:
         """Remove an image and its vectors (token required)."""
         deleted = await run_in_threadpool(_db(request).delete, [image_id])
         if not deleted:
