@@ -46,6 +46,9 @@ class Settings:
     fetch: FetchLimits = field(default_factory=FetchLimits)
     #: Bearer token of the HTTP API's write endpoints; None turns them off.
     api_token: str | None = None
+    #: The HTTP API's address as clients reach it (behind a proxy), for the URLs it hands out;
+    #: None: URLs relative to the server.
+    public_url: str | None = None
     #: Query forward passes one process runs at once (the web server's concurrent searches). One
     #: pass on one image leaves cores idle, so a few in parallel serve more; dozens only share the
     #: same cores and memory. One per core served as much as any setting (benchmarks/inference_gate.py).
@@ -64,5 +67,6 @@ class Settings:
                 allow_private=_env_bool("IMGDB_ALLOW_PRIVATE_URLS"),
             ),
             api_token=os.environ.get("IMGDB_API_TOKEN") or None,
+            public_url=os.environ.get("IMGDB_PUBLIC_URL") or None,
             inference_threads=max(1, _env_int("IMGDB_INFERENCE_THREADS", _cores())),
         )

@@ -28,7 +28,8 @@ def test_start_script_migrates_ingests_and_serves(live_server: LiveServer, museu
     assert answer.status_code == 200, answer.text
     hits = answer.json()
     assert Path(hits[0]["uri"]).name == Path(query["relevant"][0]).name
-    thumbnail = httpx.get(hits[0]["thumbnail"], timeout=30)
+    assert hits[0]["thumbnail"].startswith("/images/")  # relative: never built from the Host header
+    thumbnail = httpx.get(live_server.url + hits[0]["thumbnail"], timeout=30)
     assert thumbnail.status_code == 200 and thumbnail.content[:3] == b"\xff\xd8\xff"
 
 

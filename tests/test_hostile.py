@@ -313,3 +313,59 @@ def test_every_documented_field_filters_in_any_case(client, sample_ids: list[int
     assert author, "the sample's bbdd_00007 has an author"
     for expr in (f"META.author={author}", f"Meta.author={author}", "WIDTH>=1", "File_Size>0"):
         assert hit.id in {h.id for h in client.search(path, k=50, filters=[expr])}, expr
+
+
+def test_output_is_safe_and_shows_file_names(client, tmp_path: Path) -> None:  # noqa: ANN001
+    """Rich markup in a path or in metadata prints as it is; a long path keeps its file name; a
+    named path that does not exist fails the command (the rest still goes in); progress is
+    logged where stderr is not a terminal."""
+    import imgdb_cli.output as output
+
+    client.create_index("printing", COLOR)
+    deep = tmp_path / ("very-long-folder-name-" * 6) / "x[/bogus]y [bold]z.png"
+    write(deep, png(700))
+    runner = CliRunner()
+    result = runner.invoke(app, ["ingest", str(deep), "--index", "printing", "--meta", "note=[red]hi[/red]"])
+    assert result.exit_code == 0, result.stderr
+    result = runner.invoke(app, ["search", str(deep), "--index", "printing", "-k", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert "x[/bogus]y [bold]z.png" in result.stdout and "[red]hi[/red]" in result.stdout
+    assert output.shorten("/a/" + "b" * 100 + "/name.jpg", 30).endswith("/name.jpg")
+
+    other = write(tmp_path / "other.png", png(701))
+    result = runner.invoke(app, ["ingest", str(tmp_path / "missing"), str(other), "--index", "printing", "--json"])
+    assert result.exit_code == 1 and "no such file or folder" in result.stderr
+    assert json.loads(result.stdout)["added"] == 1  # the named file that is there went in
+
+    saved = output.LOG_EVERY_S
+    output.LOG_EVERY_S = 0.0
+    try:
+        pngs = [write(tmp_path / "many" / f"{i}.png", png(800 + i)) for i in range(5)]
+        result = runner.invoke(app, ["ingest", str(tmp_path / "many"), "--index", "printing"])
+    finally:
+        output.LOG_EVERY_S = saved
+    lines = [line for line in result.stderr.splitlines() if line.startswith("ingesting: ")]
+    assert lines and lines[-1].startswith(f"ingesting: {len(pngs)}/{len(pngs)} (100%)"), result.stderr
+
+
+def test_time_left_is_the_average_rate_since_the_start() -> None:
+    """127 of 287 done in 163 s: about 205 s left, whatever the last seconds' burst."""
+    from imgdb_cli.output import seconds_left
+
+    assert round(seconds_left(163.0, 127, 287)) == 205
+    assert seconds_left(10.0, 0, 287) is None and seconds_left(10.0, 287, 287) is None
+
+
+def test_thumbnail_urls_ignore_the_host_header_and_imgdb_keys_are_its_own(client, sample_ids: list[int]) -> None:  # noqa: ANN001
+    db = Imgdb(client.database, replace(client.settings, api_token=TOKEN))
+    with TestClient(create_app(db)) as http:
+        hits = http.post("/search", json={"id": sample_ids[0]}, headers={"Host": "evil.example"}).json()
+        assert all(h["thumbnail"].startswith("/images/") for h in hits)
+        answer = http.post("/images", headers={"Authorization": f"Bearer {TOKEN}"},
+                           files={"file": ("z.png", png(900), "image/png")},
+                           data={"meta": json.dumps({"source_url": "https://example.org/forged.jpg"})})
+        assert answer.status_code == 400 and "set by imgdb" in answer.json()["error"]
+    public = Imgdb(client.database, replace(client.settings, public_url="https://images.example.org/"))
+    with TestClient(create_app(public)) as http:
+        hits = http.post("/search", json={"id": sample_ids[0]}).json()
+        assert hits[0]["thumbnail"] == f"https://images.example.org/images/{hits[0]['id']}/thumbnail"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
-from imgdb_cli.output import emit_json, guarded, progress_bar, say, stdout
+from imgdb_cli.output import emit_json, guarded, progress_bar, say, shorten, stdout
 
 app = typer.Typer(help="Content-based image retrieval inside PostgreSQL + pgvector.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -58,17 +59,25 @@ def ingest(
     """Add images to an index (duplicates by content are skipped)."""
 
     def run() -> None:
+        from imgdb.errors import ImgdbError
+        from imgdb.io.fetch import is_url
+
         meta_values = _parse_meta(meta or [])
+        # A path the user named that is not there is an error of the command (bad files found
+        # inside a folder are only entries of `failed`): the rest goes in, then exit 1.
+        missing = [p for p in paths if not is_url(p) and not os.path.lexists(p)]
         with progress_bar("ingesting") as on_progress:
             report = _client().ingest(paths, index=index, meta=meta_values, metadata_file=metadata,
                                       on_progress=on_progress, on_status=say)
         if as_json:
             emit_json(report.to_json())
-            return
-        for failure in report.failed:
-            say(f"failed: {failure.path}: {failure.error}")
-        stdout.print(f"added {report.added}, duplicates {report.duplicates}, failed {len(report.failed)} "
-                     f"in {report.seconds:.1f} s")
+        else:
+            for failure in report.failed:
+                say(f"failed: {failure.path}: {failure.error}")
+            stdout.print(f"added {report.added}, duplicates {report.duplicates}, failed {len(report.failed)} "
+                         f"in {report.seconds:.1f} s")
+        if missing:
+            raise ImgdbError(f"no such file or folder: {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
 
     guarded(debug, run)
 
@@ -89,9 +98,14 @@ def search(
         if as_json:
             emit_json([hit.to_json() for hit in hits])
             return
-        table = Table("id", "distance", "uri", "metadata")
-        for hit in hits:
-            table.add_row(str(hit.id), f"{hit.distance:.4f}", hit.uri, json.dumps(hit.metadata, ensure_ascii=False))
+        # The uri gets the rest of the line (cut from its folders, never its name, and not wrapped);
+        # the metadata wraps in what is left.
+        uris = [shorten(hit.uri, max(24, stdout.width - 40)) for hit in hits]
+        table = Table("id", "distance")
+        table.add_column("uri", no_wrap=True, min_width=max(map(len, uris), default=3))
+        table.add_column("metadata", overflow="fold")
+        for hit, uri in zip(hits, uris):
+            table.add_row(str(hit.id), f"{hit.distance:.4f}", uri, json.dumps(hit.metadata, ensure_ascii=False))
         stdout.print(table)
 
     guarded(debug, run)

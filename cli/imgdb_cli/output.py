@@ -6,18 +6,20 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from imgdb.errors import ImgdbError
 
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True)
+# No console markup: paths and metadata are the user's, and `x[/bogus]y.jpg` is a file name.
+stdout = Console(soft_wrap=True, markup=False)
+stderr = Console(stderr=True, markup=False)
 T = TypeVar("T")
 
 
@@ -25,6 +27,16 @@ def emit_json(document: Any) -> None:
     """Write exactly one JSON document to stdout."""
     sys.stdout.write(json.dumps(document, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()
+
+
+def shorten(path: str, width: int) -> str:
+    """A path cut to ``width`` characters from its folders, never its file name (what a person
+    looks for): ``…/museum/images/bbdd_00001.jpg``."""
+    if len(path) <= width:
+        return path
+    folder, sep, name = path.rpartition("/")
+    room = width - len(name) - 2
+    return f"…{folder[-room:]}{sep}{name}" if room > 0 and sep else f"…{name[-(width - 1):]}"
 
 
 def say(line: str) -> None:
@@ -88,15 +100,61 @@ def _database_failure(exc: Exception) -> str | None:
     return None
 
 
+#: Seconds between progress lines where stderr is not a terminal (a log file, a pipe, CI).
+LOG_EVERY_S = 10.0
+
+
+def seconds_left(elapsed: float, done: int, total: int) -> float | None:
+    """The time left at the average rate since the start. Work that comes in batches (a model's)
+    makes the rate of the last seconds swing from nothing to hundreds per second, and an estimate
+    made from it swings with it; the average since the start does not."""
+    if done <= 0 or total <= done:
+        return None
+    return elapsed / done * (total - done)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
 @contextmanager
 def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar on stderr (only on a terminal), handed out as a ``(done, total)`` callback."""
-    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=stderr, transient=False, disable=not stderr.is_terminal)
-    task = bar.add_task(description, total=None)
+    """Progress on stderr, handed out as a ``(done, total)`` callback: a bar on a terminal;
+    elsewhere a line every LOG_EVERY_S seconds and one at the end, so that a piped or logged run
+    of many minutes says how far it is."""
+    started = time.monotonic()
+
+    def left(done: int, total: int) -> str:
+        estimate = seconds_left(time.monotonic() - started, done, total)
+        return "" if estimate is None else f"about {_duration(estimate)} left"
+
+    if stderr.is_terminal:
+        bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[left]}"),
+                       console=stderr, transient=False)
+        task = bar.add_task(description, total=None, left="")
+        with bar:
+            yield lambda done, total: bar.update(task, completed=done, total=total, left=left(done, total))
+        return
+    seen = {"done": 0, "total": 0, "said": started}
+
+    def line(done: int, total: int) -> str:
+        elapsed = time.monotonic() - started
+        share = f" ({100 * done // total}%)" if total else ""
+        rate = f", {done / elapsed:.1f}/s" if elapsed > 0 else ""
+        rest = left(done, total)
+        return f"{description}: {done}/{total}{share}{rate}" + (f", {rest}" if rest else f" in {_duration(elapsed)}")
 
     def update(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
+        seen.update(done=done, total=total)
+        if time.monotonic() - seen["said"] >= LOG_EVERY_S:
+            seen["said"] = time.monotonic()
+            say(line(done, total))
 
-    with bar:
-        yield update
+    yield update
+    if seen["done"] and time.monotonic() - started >= LOG_EVERY_S:
+        say(line(seen["done"], seen["total"]))

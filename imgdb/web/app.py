@@ -38,6 +38,8 @@ from imgdb.io.reader import decode
 from imgdb.web.thumbnails import original, thumbnail
 
 PAGE = Path(__file__).with_name("static") / "index.html"
+#: Metadata keys imgdb sets itself on what POST /images adds: a request cannot.
+RESERVED_META = frozenset({"source_url"})
 #: An image id in a path: a positive bigint (anything else is refused with 422, not sent to SQL).
 ImageId = Annotated[int, PathParam(ge=1, le=store.MAX_ID)]
 log = logging.getLogger("imgdb")
@@ -210,9 +212,11 @@ def _routes(app: FastAPI) -> None:
         query = f"id:{value}" if kind == "id" else value
         hits = await run_in_threadpool(db.search, query, k=k, filters=filter, index=index, rerank=rerank,
                                        candidates=candidates)
-        # One route lookup per response, not one per hit (url_for walks the routes: 1.4 ms for 10 hits).
-        prefix, _, suffix = str(request.url_for("thumbnail", image_id=0)).rpartition("/0/")
-        return [{**hit.to_json(), "thumbnail": f"{prefix}/{hit.id}/{suffix}"} for hit in hits]
+        # Relative to the server (or IMGDB_PUBLIC_URL): never built from the request's Host header,
+        # which the client chooses. One route lookup per response, not one per hit.
+        prefix, _, suffix = request.app.url_path_for("thumbnail", image_id=0).rpartition("/0/")
+        base = db.settings.public_url.rstrip("/") if db.settings.public_url else ""
+        return [{**hit.to_json(), "thumbnail": f"{base}{prefix}/{hit.id}/{suffix}"} for hit in hits]
 
     @app.get("/images/{image_id}", name="original")
     async def original_image(request: Request, image_id: ImageId) -> Response:
@@ -248,8 +252,10 @@ def _routes(app: FastAPI) -> None:
         if isinstance(meta, str):
             meta = values.loads(meta, "meta")
         meta = values.check_metadata(meta, "meta")
+        if reserved := sorted(RESERVED_META & set(meta)):
+            raise ApiError(400, f"meta.{reserved[0]} is set by imgdb, not by the request")
         if kind == "url":
-            meta = {"source_url": value, **meta}
+            meta = {**meta, "source_url": value}
         return await run_in_threadpool(_add, db, kind, value, meta, index)
 
     @app.delete("/images/{image_id}", dependencies=[Depends(_require_token)])
