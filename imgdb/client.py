@@ -45,6 +45,7 @@ from imgdb.ingest import (
 )
 from imgdb.io import sources
 from imgdb.orm import SearchIndex
+from imgdb.reencode import retrain
 from imgdb.sync import AttachReport, Syncer, SyncReport
 
 #: What a query can be: a path, an http(s) URL, ``"id:N"``, image bytes, a Pillow image, or a vector.
@@ -180,36 +181,19 @@ class Imgdb:
 
     def train(self, index: str, paths: Iterable[str | Path] = (), *,
               on_progress: ProgressCallback | None = None,
-              on_status: StatusCallback | None = None) -> IngestReport | None:
-        """(Re)learn a trainable index's codebook from ``paths``, or from the images it holds.
-
-        Vectors already in the index were encoded with the old codebook: they are re-encoded from
-        their files or URLs, and the report of that re-encoding is returned (None if it was empty).
-        """
+              on_status: StatusCallback | None = None) -> IngestReport:
+        """(Re)learn a trainable index's codebook from ``paths``, or from the images it holds, and
+        re-encode its images with it; returns the report of that re-encoding. Nothing changes
+        until it is complete, and images that cannot be read again keep their old vectors
+        (:mod:`imgdb.reencode`)."""
         target = self.index(index)
-        extractor = self.extractor(target)
-        if not extractor.trainable:
+        if not self.extractor(target).trainable:
             raise ImgdbError(f"index {target.name!r} ({target.extractor}) has nothing to train")
-        with self.database.connect() as conn:
-            stored = store.index_uris(conn, target)
-            follows_tables = attached.has_sources(conn, target)
-        todo = list(sources.expand(paths)) or stored
-        if not todo:
-            raise ImgdbError(f"nothing to train {target.name!r} on: give images, or ingest some first")
-        ingester = Ingester(self.database, target, extractor, self.settings, self.layer)
-        ingester.train(todo, on_status, again=True)
-        if not stored and not follows_tables:
-            return None
-        with self.database.engine.begin() as conn:
-            store.clear_vectors(conn, target)
-            # Rows of attached tables are read again from the tables themselves.
-            attached.requeue_rows(conn, target)
-        if on_status:
-            on_status(f"re-encoding the {len(stored)} images of {target.name!r}")
-        report = ingester.run(stored, on_progress=on_progress)
-        if follows_tables:
-            self.sync(target.name, on_status=on_status)
-        return report
+        return retrain(self, target, [str(p) for p in paths], on_progress=on_progress, on_status=on_status)
+
+    def forget_extractor(self, index: SearchIndex) -> None:
+        """Drop this process's copy of an index's learned state (it was learned again)."""
+        self._trained.pop(index.id, None)
 
     def add_vectors(self, ids: Sequence[int], vectors: np.ndarray, *, index: str) -> int:
         """Store vectors computed elsewhere for images already in the database (an ``external``

@@ -141,17 +141,18 @@ class Ingester:
         self.codes = layer.code_index(index)
 
     def train(self, todo: Sequence[Item], on_status: StatusCallback | None = None, *,
-              sampled: bool = False, again: bool = False) -> None:
+              sampled: bool = False) -> None:
         """Fit a trainable extractor on a random sample of ``todo`` (all of it, when ``sampled``
-        already) and store what it learned.
+        already) and store what it learned: the first learning of an index (learning again is
+        :mod:`imgdb.reencode`'s).
 
         Processes take the index's training lock in turn; one that finds the state learned
         meanwhile takes it instead of learning its own (every vector of an index must come from
-        one state), unless it is told to learn ``again`` (``imgdb index train``)."""
+        one state)."""
         with self.db.engine.begin() as conn:
             store.lock_training(conn, self.index)
             learned = store.load_state(conn, self.index)
-            if learned and not again:
+            if learned:
                 self.extractor.load_state(learned)
                 return
             sample = list(todo) if sampled else random.Random(0).sample(list(todo), self.extractor.sample_size(len(todo)))

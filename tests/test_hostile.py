@@ -12,6 +12,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -369,3 +370,39 @@ def test_thumbnail_urls_ignore_the_host_header_and_imgdb_keys_are_its_own(client
     with TestClient(create_app(public)) as http:
         hits = http.post("/search", json={"id": sample_ids[0]}).json()
         assert hits[0]["thumbnail"] == f"https://images.example.org/images/{hits[0]['id']}/thumbnail"
+
+
+def test_train_keeps_images_it_cannot_read_again(client, museum: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    """`imgdb index train` re-encodes into a new table and swaps it in whole: images whose files
+    moved or changed keep their old vectors and are reported; the others get new ones."""
+    from PIL import Image
+
+    from imgdb.db import store
+    from tests.images import encoded
+
+    gallery = sorted((museum / "images").glob("*.jpg"))[260:272]
+    # Re-encoded, so that the content is new to the database whatever other tests ingested.
+    copies = [write(tmp_path / "train" / f"{p.stem}.png", encoded(Image.open(p), "PNG")) for p in gallery]
+    client.create_index("retrained", "bow:orb/k=16/side=320/max=300")
+    assert client.ingest(copies, index="retrained").added == len(copies)
+    with client.database.connect() as conn:
+        index = client.index("retrained")
+        before = dict(zip(*store.read_vectors(conn, index)))
+        ids = {Path(s.uri).name: s.image_id for s in store.stored_images(conn, index)}
+    copies[0].unlink()                                        # moved away
+    copies[1].rename(tmp_path / "elsewhere.png")              # moved away
+    copies[2].write_bytes(png(1000))                          # another picture under its name
+    report = client.train("retrained", [tmp_path / "train"])
+    assert report.added == len(copies) - 3
+    assert sorted(Path(f.path).name for f in report.failed) == sorted(c.name for c in copies[:3])
+    assert all("old vector is kept" in f.error for f in report.failed)
+    assert "changed since it was ingested" in next(f.error for f in report.failed if copies[2].name in f.path)
+    with client.database.connect() as conn:
+        index = client.index("retrained")
+        after = dict(zip(*store.read_vectors(conn, index)))
+        leftovers = conn.exec_driver_sql("SELECT count(*) FROM pg_class WHERE relname LIKE '%%\\_next'").scalar()
+        assert store.has_ann(conn, index) and leftovers == 0
+    assert set(after) == set(before)  # no image vanished
+    for path in copies[:3]:
+        np.testing.assert_array_equal(after[ids[path.name]], before[ids[path.name]])
+    assert any(not np.allclose(after[ids[p.name]], before[ids[p.name]]) for p in copies[3:])

@@ -337,9 +337,12 @@ def index_train(
     def run() -> None:
         with progress_bar("re-encoding") as on_progress:
             report = _client().train(name, paths or [], on_progress=on_progress, on_status=say)
-        document = {"index": name, "reencoded": report.to_json() if report else None}
-        emit_json(document) if as_json else stdout.print(
-            f"trained {name}" + (f"; re-encoded {report.added} images" if report else ""))
+        if as_json:
+            emit_json({"index": name, "reencoded": report.to_json()})
+            return
+        for failure in report.failed:
+            say(f"kept the old vector: {failure.path}: {failure.error}")
+        stdout.print(f"trained {name}; re-encoded {report.added} images, {len(report.failed)} kept their old vectors")
 
     guarded(debug, run)
 

@@ -314,13 +314,6 @@ def requeue_failures(conn: Connection, source: Source, *, all_of_them: bool = Fa
         " INSERT INTO queue (source_id, ref) SELECT :s, ref FROM due"), {"s": source.id}).rowcount)
 
 
-def requeue_rows(conn: Connection, index: SearchIndex) -> int:
-    """Queue every embedded row of ``index``'s tables again (its vectors are being re-encoded)."""
-    return int(conn.execute(sa.text(
-        "INSERT INTO queue (source_id, ref) SELECT r.source_id, r.ref FROM refs r JOIN sources s ON s.id = r.source_id"
-        " WHERE s.index_id = :i"), {"i": index.id}).rowcount)
-
-
 def next_retry(conn: Connection, sources_: Sequence[Source]) -> float | None:
     """Seconds until the earliest failed row of ``sources_`` is due again (None: none waits)."""
     return conn.execute(sa.text(

@@ -21,6 +21,7 @@ import io
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -96,15 +97,19 @@ def create_index(conn: Connection, name: str, extractor: str, dim: int, ann: Ann
     if row is None:
         raise IndexExists(f"index {name!r} exists already")
     index = SearchIndex(**row)
-    conn.exec_driver_sql(
-        f'CREATE TABLE "{index.vectors_table}" ('
-        f" image_id bigint PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,"
-        f" embedding {storage}({dim}) NOT NULL, ann_code bytea, direct boolean NOT NULL DEFAULT true)"
-    )
+    _create_vectors_table(conn, index, index.vectors_table)
     derived.create_index_trigger(conn, index)
     derived.create_view(conn, index)
     ensure_ann(conn, index)
     return index
+
+
+def _create_vectors_table(conn: Connection, index: SearchIndex, name: str) -> None:
+    conn.exec_driver_sql(
+        f'CREATE TABLE "{name}" ('
+        f" image_id bigint PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,"
+        f" embedding {index.storage}({index.dim}) NOT NULL, ann_code bytea, direct boolean NOT NULL DEFAULT true)"
+    )
 
 
 def check_ann(ann: AnnSpec, dim: int, storage: str) -> None:
@@ -294,19 +299,22 @@ def merge_metadata(conn: Connection, labels: dict[str, dict[str, Any]]) -> None:
 
 
 def copy_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int], vectors: np.ndarray,
-                 codes: np.ndarray | None = None, *, direct: bool = True) -> None:
+                 codes: np.ndarray | None = None, *, direct: bool | Sequence[bool] = True,
+                 table: str | None = None) -> None:
     """Write vectors (and their first-stage codes) with binary COPY, the bulk of an ingest's bytes.
-    ``direct`` false marks vectors that only attached tables' rows hold (imgdb sync)."""
+    ``direct`` false marks vectors that only attached tables' rows hold (imgdb sync); one flag for
+    all, or one per vector. ``table``: another table of the index's shape (a re-encoding's)."""
     raw = conn.connection.driver_connection
     register_vector(raw)
     half = index.storage == "halfvec"
+    flags = [direct] * len(ids) if isinstance(direct, bool) else list(direct)
     with raw.cursor().copy(
-        f'COPY "{index.vectors_table}" (image_id, embedding, ann_code, direct) FROM STDIN WITH (FORMAT BINARY)'
+        f'COPY "{table or index.vectors_table}" (image_id, embedding, ann_code, direct) FROM STDIN WITH (FORMAT BINARY)'
     ) as copy:
         copy.set_types(["int8", index.storage, "bytea", "bool"])
         for i, (image_id, vector) in enumerate(zip(ids, vectors)):
             copy.write_row((image_id, HalfVector(vector) if half else vector,
-                            None if codes is None else codes[i].tobytes(), direct))
+                            None if codes is None else codes[i].tobytes(), flags[i]))
 
 
 def mark_direct(conn: Connection, index: SearchIndex, hashes: Sequence[str] = (), *,
@@ -339,17 +347,56 @@ def clear_codes(conn: Connection, index: SearchIndex) -> None:
     conn.exec_driver_sql(f'UPDATE "{index.vectors_table}" SET ann_code = NULL WHERE ann_code IS NOT NULL')
 
 
-def index_uris(conn: Connection, index: SearchIndex) -> list[str]:
-    """Where the images a direct ingest put in an index came from, in id order (to re-encode them;
-    rows of attached tables are read again from their tables)."""
-    return list(conn.exec_driver_sql(
-        f'SELECT i.uri FROM images i JOIN "{index.vectors_table}" v ON v.image_id = i.id WHERE v.direct ORDER BY i.id'
-    ).scalars())
+# ---------------------------------------------------------------- re-encoding into a new table
+
+@dataclass(frozen=True)
+class Stored:
+    """An image of an index, as a re-encoding reads it again."""
+
+    image_id: int
+    uri: str
+    sha256: str
+    direct: bool
 
 
-def clear_vectors(conn: Connection, index: SearchIndex) -> None:
-    """Remove every vector of an index (the images stay), before re-encoding them."""
-    conn.exec_driver_sql(f'TRUNCATE "{index.vectors_table}"')
+def stored_images(conn: Connection, index: SearchIndex) -> list[Stored]:
+    rows = conn.exec_driver_sql(f'SELECT i.id, i.uri, i.sha256, v.direct FROM images i JOIN "{index.vectors_table}" v'
+                                " ON v.image_id = i.id ORDER BY i.id").all()
+    return [Stored(*row) for row in rows]
+
+
+def next_table(index: SearchIndex) -> str:
+    """The table a re-encoding writes, until :func:`swap_in_next` makes it the index's."""
+    return f"{index.vectors_table}_next"
+
+
+def create_next(conn: Connection, index: SearchIndex) -> str:
+    """An empty table of the index's shape for a re-encoding (one left by an interrupted one goes)."""
+    conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{next_table(index)}"')
+    _create_vectors_table(conn, index, next_table(index))
+    return next_table(index)
+
+
+def keep_unencoded(conn: Connection, index: SearchIndex) -> int:
+    """Copy into the next table the vectors of the images the re-encoding could not read again (and
+    of any added meanwhile): an image is never lost for want of its file."""
+    return int(conn.exec_driver_sql(
+        f'INSERT INTO "{next_table(index)}" (image_id, embedding, direct) SELECT v.image_id, v.embedding, v.direct'
+        f' FROM "{index.vectors_table}" v WHERE NOT EXISTS (SELECT 1 FROM "{next_table(index)}" n'
+        "                                            WHERE n.image_id = v.image_id)").rowcount)
+
+
+def swap_in_next(conn: Connection, index: SearchIndex) -> None:
+    """Make the next table the index's, in the caller's transaction: its view, trigger and names
+    follow; the ANN index is built afterwards by the writer (searches scan exactly meanwhile)."""
+    table, staged = index.vectors_table, next_table(index)
+    conn.exec_driver_sql(f'DROP VIEW IF EXISTS "{index.relation}"')
+    conn.exec_driver_sql(f'DROP TABLE "{table}"')
+    conn.exec_driver_sql(f'ALTER TABLE "{staged}" RENAME TO "{table}"')
+    conn.exec_driver_sql(f'ALTER TABLE "{table}" RENAME CONSTRAINT "{staged}_pkey" TO "{table}_pkey"')
+    conn.exec_driver_sql(f'ALTER TABLE "{table}" RENAME CONSTRAINT "{staged}_image_id_fkey" TO "{table}_image_id_fkey"')
+    derived.create_index_trigger(conn, index)
+    derived.create_view(conn, index)
 
 
 def count_vectors(conn: Connection, index: SearchIndex) -> int:

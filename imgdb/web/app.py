@@ -35,7 +35,8 @@ from imgdb.errors import DatabaseError, FetchError, ImageReadError, ImgdbError, 
 from imgdb.io import sources
 from imgdb.io.fetch import is_url
 from imgdb.io.reader import decode
-from imgdb.web.thumbnails import original, thumbnail
+from imgdb.io.sources import original
+from imgdb.web.thumbnails import thumbnail
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 #: Metadata keys imgdb sets itself on what POST /images adds: a request cannot.

@@ -1,9 +1,4 @@
-"""Originals and thumbnails for result grids, only ever of the image that was ingested.
-
-A file at an image's ingested path is served (or made into a thumbnail) only while its bytes still
-hash to the stored sha256: a file replaced since, by another picture or by a symlink to
-``/etc/shadow``, is refused with that reason. Images of an attached table's ``bytea`` column come
-from the table, under the same check.
+"""Thumbnails for result grids, only ever of the image that was ingested (:func:`imgdb.io.sources.original`).
 
 Thumbnails are made once per image content, cached under ``$IMGDB_HOME/thumbnails``: keyed by the
 content hash, so re-ingesting the same picture from another path reuses its thumbnail, and written
@@ -19,40 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imgdb.config import Settings
-from imgdb.errors import ImageReadError, ImgdbError
-from imgdb.io.reader import decode, read_file, sha256_hex
+from imgdb.io.reader import decode
+from imgdb.io.sources import original
 
 #: Longest side of a thumbnail, in pixels.
 SIDE = 256
-
-
-def original_path(uri: str) -> Path | None:
-    """The local file an image was ingested from, if it is still a readable file (URLs have none)."""
-    if "://" in uri:
-        return None
-    path = Path(uri)
-    return path if path.is_file() and os.access(path, os.R_OK) else None
-
-
-def original(uri: str, sha256: str, stored: Callable[[], bytes | None] = lambda: None) -> bytes:
-    """The bytes of the image that was ingested: from its file while the file still hashes to
-    ``sha256``, else from ``stored()`` (an attached table's bytea) under the same check; otherwise
-    :class:`ImageReadError` says why there is none."""
-    path = original_path(uri)
-    reason = "its original is not available"
-    if path is not None:
-        try:
-            data = read_file(path)
-        except ImgdbError as exc:
-            data, reason = None, f"its original cannot be read ({exc})"
-        if data is not None:
-            if sha256_hex(data) == sha256:
-                return data
-            reason = "the file at its ingested path has changed since it was ingested"
-    data = stored()
-    if data is not None and sha256_hex(data) == sha256:
-        return data
-    raise ImageReadError(reason)
 
 
 def thumbnail(settings: Settings, sha256: str, uri: str,
