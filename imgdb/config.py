@@ -15,6 +15,7 @@ from pathlib import Path
 import platformdirs
 
 from imgdb.io.fetch import FetchLimits
+from imgdb.io.reader import DecodeLimits
 
 
 def _env_bool(name: str, default: bool = False) -> bool:
@@ -41,8 +42,9 @@ class Settings:
     #: The schema that holds everything imgdb creates (checked when a database is opened).
     schema: str = "imgdb"
     home: Path = field(default_factory=lambda: Path(platformdirs.user_data_dir("imgdb")))
-    #: Images with more decoded pixels than this are refused before decoding (decompression bombs).
-    max_pixels: int = 100_000_000
+    #: What decoding one image may cost (pixels from the header; memory per image and for all the
+    #: process's decodes at once), checked before any pixel is decoded (decompression bombs).
+    decoding: DecodeLimits = field(default_factory=DecodeLimits)
     fetch: FetchLimits = field(default_factory=FetchLimits)
     #: Bearer token of the HTTP API's write endpoints; None turns them off.
     api_token: str | None = None
@@ -61,7 +63,11 @@ class Settings:
             database_url=os.environ.get("IMGDB_DATABASE_URL") or None,
             schema=os.environ.get("IMGDB_SCHEMA") or cls.schema,
             home=Path(home).expanduser() if home else Path(platformdirs.user_data_dir("imgdb")),
-            max_pixels=_env_int("IMGDB_MAX_PIXELS", cls.max_pixels),
+            decoding=DecodeLimits(
+                max_pixels=_env_int("IMGDB_MAX_PIXELS", DecodeLimits.max_pixels),
+                max_bytes=_env_int("IMGDB_DECODE_MAX_BYTES", DecodeLimits.max_bytes),
+                in_flight=_env_int("IMGDB_DECODE_IN_FLIGHT", DecodeLimits.in_flight),
+            ),
             fetch=FetchLimits(
                 max_bytes=_env_int("IMGDB_FETCH_MAX_BYTES", FetchLimits.max_bytes),
                 allow_private=_env_bool("IMGDB_ALLOW_PRIVATE_URLS"),

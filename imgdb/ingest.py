@@ -239,7 +239,7 @@ class Ingester:
             sha = sha256_hex(data)
             if sha in known:
                 return Known(uri, sha)
-            image = decode(data, max_pixels=self.settings.max_pixels,
+            image = decode(data, limits=self.settings.decoding,
                            scale_hint=self.extractor.scale_hint, sha256=sha)
             return Prepared(uri, image.facts, self.extractor.prepare(image.pixels))
         except ImgdbError as exc:
@@ -299,5 +299,5 @@ def embed_pixels(extractor: Extractor, pixels: Image.Image,
 def embed_image(extractor: Extractor, data: bytes, settings: Settings,
                 model_gate: AbstractContextManager[Any] = nullcontext()) -> np.ndarray:
     """The descriptor of one image's bytes, decoded exactly as ingest decodes them."""
-    image = decode(data, max_pixels=settings.max_pixels, scale_hint=extractor.scale_hint)
+    image = decode(data, limits=settings.decoding, scale_hint=extractor.scale_hint)
     return embed_pixels(extractor, image.pixels, model_gate)

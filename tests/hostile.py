@@ -49,3 +49,17 @@ UNSTORABLE_METADATA = {
     "surrogate": ('{"title": "caf\\udce9"}', "not valid Unicode"),
     "deep": (nested_json(2000), "nested deeper than"),
 }
+
+
+def lying_webp(width: int = 10_000, height: int = 10_000) -> bytes:
+    """A few KB of lossless WebP that decodes to ``width`` x ``height`` pixels."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 20, 30)).save(buffer, "WEBP", lossless=True)
+    return buffer.getvalue()
+
+
+def png16(width: int, height: int) -> bytes:
+    """A small 16-bit greyscale PNG of ``width`` x ``height`` (flat: it compresses to little)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((height, width), dtype=np.uint16)).save(buffer, "PNG")
+    return buffer.getvalue()

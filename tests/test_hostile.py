@@ -406,3 +406,50 @@ def test_train_keeps_images_it_cannot_read_again(client, museum: Path, tmp_path:
     for path in copies[:3]:
         np.testing.assert_array_equal(after[ids[path.name]], before[ids[path.name]])
     assert any(not np.allclose(after[ids[p.name]], before[ids[p.name]]) for p in copies[3:])
+
+
+@pytest.fixture(scope="module")
+def memory_bombs() -> dict[str, bytes]:
+    from tests.hostile import lying_webp, png16
+
+    return {"webp": lying_webp(), "png16": png16(4000, 3000)}
+
+
+def test_decoding_has_a_memory_budget(memory_bombs: dict[str, bytes]) -> None:
+    """What a decode takes is estimated from the header (mode, bit depth, the format's buffers) and
+    refused past the per-image budget, before any pixel is decoded; within it, the process's
+    decodes share a budget of bytes in flight."""
+    import threading
+    import time
+
+    from imgdb.errors import ImageReadError
+    from imgdb.io.reader import DecodeLimits, _Budget, decode
+
+    started = time.perf_counter()
+    with pytest.raises(ImageReadError, match="would take about 1,144 MiB, more than the 512 MiB"):
+        decode(memory_bombs["webp"], limits=DecodeLimits())  # 38 bytes-ish declaring 10000x10000
+    small = DecodeLimits(max_bytes=64 * 2**20, in_flight=100 * 2**20)
+    with pytest.raises(ImageReadError, match=r"4000x3000 PNG \(I;16\) would take about 114 MiB"):
+        decode(memory_bombs["png16"], limits=small)
+    assert time.perf_counter() - started < 1.0  # refused from the header, not after decoding
+    assert decode(png(1), limits=small).pixels.size == (8, 8)
+
+    budget, order = _Budget(100), []
+
+    def second() -> None:
+        with budget.reserve(60):
+            order.append("second")
+
+    with budget.reserve(60):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiter.join(0.3)
+        order.append("first released")
+    waiter.join(5)
+    assert order == ["first released", "second"] and budget.free == 100  # the second waited for the bytes
+
+
+def test_uploads_that_decode_huge_are_refused_with_the_reason(client, memory_bombs: dict[str, bytes]) -> None:  # noqa: ANN001
+    with TestClient(create_app(client)) as http:
+        answer = http.post("/search", files={"file": ("bomb.webp", memory_bombs["webp"], "image/webp")})
+    assert answer.status_code == 400 and "IMGDB_DECODE_MAX_BYTES" in answer.json()["error"]

@@ -8,12 +8,15 @@ orientation is applied so that a photo taken upright is described upright.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import hashlib
 import math
 import re
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -103,8 +106,93 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode(data: bytes, *, max_pixels: int, scale_hint: ScaleHint | None = None, sha256: str | None = None) -> DecodedImage:
-    """Decode ``data`` into an upright RGB image, or raise :class:`ImageReadError` with the reason."""
+@dataclass(frozen=True)
+class DecodeLimits:
+    """How much decoding an image may cost. The pixel count is checked from the header; the memory a
+    decode takes (by the mode and bit depth it decodes to, and the format's own buffers) is checked
+    against ``max_bytes`` per image, and against ``in_flight`` for all decodes of the process at
+    once: a decode waits while others hold that budget."""
+
+    max_pixels: int = 100_000_000
+    max_bytes: int = 512 * 2**20
+    in_flight: int = 1024 * 2**20
+
+
+#: Bytes per pixel Pillow stores each mode in (8-bit modes of one band in one byte, 16-bit in two,
+#: everything else, RGB included, in four).
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+#: Formats whose decoder holds a buffer of its own beside Pillow's (libwebp decodes into one).
+_DECODER_BUFFER = {"WEBP": 4}
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """What decoding ``image`` (at its size now: after a JPEG draft) takes at its peak: Pillow's
+    image, the decoder's own buffer, the RGB conversion, and a possible EXIF rotation."""
+    width, height = image.size
+    per_pixel = (_STORED_BYTES.get(image.mode, 4) + _DECODER_BUFFER.get(str(image.format), 0)
+                 + (0 if image.mode == "RGB" else 4) + 4)
+    return width * height * per_pixel
+
+
+class _Budget:
+    """Bytes the decodes of this process may hold at once."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        with self.changed:
+            self.changed.wait_for(lambda: self.free >= nbytes)
+            self.free -= nbytes
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.free += nbytes
+                self.changed.notify_all()
+            if nbytes >= TRIM_AFTER:
+                _return_memory()
+
+
+_budgets: dict[int, _Budget] = {}
+_budgets_lock = threading.Lock()
+#: A decode at least this large gives freed memory back to the system afterwards: glibc keeps it
+#: for reuse otherwise, and a server that decoded one huge upload would stay that size.
+TRIM_AFTER = 64 * 2**20
+
+
+def _budget(total: int) -> _Budget:
+    with _budgets_lock:
+        return _budgets.setdefault(total, _Budget(total))
+
+
+def _return_memory() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass
+
+
+def identify(data: bytes) -> str:
+    """The format of an image, from its header alone (no pixel is decoded), or a refusal."""
+    try:
+        with Image.open(BytesIO(data), formats=FORMATS) as image:
+            return "JPEG" if image.format == "MPO" else str(image.format)
+    except UnidentifiedImageError:
+        raise ImageReadError("not an image in a supported format (JPEG, PNG, WebP, TIFF, BMP, GIF)") from None
+    except Exception as exc:  # Pillow raises many types for malformed headers
+        raise ImageReadError(f"unreadable image header: {exc}") from exc
+
+
+def decode(data: bytes, *, max_pixels: int | None = None, limits: DecodeLimits | None = None,
+           scale_hint: ScaleHint | None = None, sha256: str | None = None) -> DecodedImage:
+    """Decode ``data`` into an upright RGB image, or raise :class:`ImageReadError` with the reason.
+    ``max_pixels`` overrides that of ``limits``."""
+    limits = limits or DecodeLimits()
+    max_pixels = max_pixels or limits.max_pixels
     if not data:
         raise ImageReadError("empty file")
     try:
@@ -123,21 +211,33 @@ def decode(data: bytes, *, max_pixels: int, scale_hint: ScaleHint | None = None,
             raise ImageReadError(
                 f"refused as a decompression bomb: {width}x{height} image has more than {max_pixels:,} pixels"
             )
-        try:
-            exif = image.getexif()  # for PNG, reading the EXIF chunk loads the whole image
-        except Exception as exc:  # a truncated PNG fails here, before load()
-            raise ImageReadError(f"corrupt or truncated image data: {exc}") from exc
-        orientation = exif.get(_EXIF_ORIENTATION, 1)
-        upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-        if scale_hint is not None and image.format in ("JPEG", "MPO"):
+        jpeg = image.format in ("JPEG", "MPO")
+        # A JPEG's EXIF is in its header; other formats may have to decode everything to find it
+        # (PNG), so theirs is read inside the memory reservation.
+        exif = _exif(image) if jpeg else None
+        if jpeg and scale_hint is not None:
+            orientation = exif.get(_EXIF_ORIENTATION, 1)
+            upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
             scale = min(1.0, DRAFT_MARGIN * scale_hint(*upright))
             image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-        try:
-            image.seek(0)  # GIF/TIFF/MPO: the first frame
-            image.load()
-            pixels = ImageOps.exif_transpose(image.convert("RGB"))
-        except Exception as exc:  # truncated data, bad Huffman tables, zlib errors...
-            raise ImageReadError(f"corrupt or truncated image data: {exc}") from exc
+        need = decoded_bytes(image)
+        if need > limits.max_bytes:
+            raise ImageReadError(
+                f"refused: decoding this {width}x{height} {image.format} ({image.mode}) would take about "
+                f"{need / 2**20:,.0f} MiB, more than the {limits.max_bytes / 2**20:,.0f} MiB a decode may"
+                " (IMGDB_DECODE_MAX_BYTES)")
+        with _budget(max(limits.in_flight, limits.max_bytes)).reserve(need):
+            if exif is None:
+                exif = _exif(image)
+            orientation = exif.get(_EXIF_ORIENTATION, 1)
+            upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+            try:
+                image.seek(0)  # GIF/TIFF/MPO: the first frame
+                image.load()
+                pixels = image if image.mode == "RGB" else image.convert("RGB")
+                pixels = ImageOps.exif_transpose(pixels, in_place=False) if orientation != 1 else pixels.copy()
+            except Exception as exc:  # truncated data, bad Huffman tables, zlib errors...
+                raise ImageReadError(f"corrupt or truncated image data: {exc}") from exc
         facts = ImageFacts(
             sha256=sha256 or sha256_hex(data),
             width=upright[0],
@@ -148,6 +248,13 @@ def decode(data: bytes, *, max_pixels: int, scale_hint: ScaleHint | None = None,
             camera=_informative(_camera, exif),
         )
     return DecodedImage(pixels=pixels, facts=facts)
+
+
+def _exif(image: Image.Image) -> Image.Exif:
+    try:
+        return image.getexif()  # for PNG, reading the EXIF chunk loads the whole image
+    except Exception as exc:  # a truncated PNG fails here, before load()
+        raise ImageReadError(f"corrupt or truncated image data: {exc}") from exc
 
 
 def _informative(read: Callable[[Image.Exif], T], exif: Image.Exif) -> T | None:

@@ -34,7 +34,7 @@ from imgdb.db.schema import first_line
 from imgdb.errors import DatabaseError, FetchError, ImageReadError, ImgdbError, IndexNotFound
 from imgdb.io import sources
 from imgdb.io.fetch import is_url
-from imgdb.io.reader import decode
+from imgdb.io.reader import identify, sha256_hex
 from imgdb.io.sources import original
 from imgdb.web.thumbnails import thumbnail
 
@@ -272,9 +272,9 @@ def _add(db: Imgdb, kind: str, value: Any, meta: dict[str, Any], index: str) -> 
     """Keep the image under ``$IMGDB_HOME/uploads`` (named by content, so originals and thumbnails
     can be served later) and ingest it from there."""
     data = value if kind == "file" else sources.load(value, db.settings.fetch)
-    image = decode(data, max_pixels=db.settings.max_pixels)
-    sha = image.facts.sha256
-    path = db.settings.home / "uploads" / sha[:2] / f"{sha}.{image.facts.format.lower()}"
+    # The header names the file; ingest decodes it (once), and an image it refuses leaves no file.
+    sha = sha256_hex(data)
+    path = db.settings.home / "uploads" / sha[:2] / f"{sha}.{identify(data).lower()}"
     created = not path.exists()
     if created:
         path.parent.mkdir(parents=True, exist_ok=True)

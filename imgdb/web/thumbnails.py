@@ -28,7 +28,7 @@ def thumbnail(settings: Settings, sha256: str, uri: str,
     if target.is_file():
         return target
     data = original(uri, sha256, stored)
-    image = decode(data, max_pixels=settings.max_pixels, scale_hint=lambda w, h: SIDE / max(w, h))
+    image = decode(data, limits=settings.decoding, scale_hint=lambda w, h: SIDE / max(w, h))
     small = image.pixels.copy()
     small.thumbnail((SIDE, SIDE))
     target.parent.mkdir(parents=True, exist_ok=True)
