@@ -167,6 +167,10 @@ def tool_env(**overrides: str) -> dict[str, str]:
     return {**os.environ, "PATH": path, **overrides}
 
 
+#: The live server's deadline for request heads (short, so that its test is quick).
+LIVE_HEADER_TIMEOUT = 3.0
+
+
 @dataclasses.dataclass
 class LiveServer:
     url: str
@@ -185,7 +189,8 @@ def live_server(client, sample_index: str, museum_sample: Path,  # noqa: ANN001
     embedded database, which already holds the museum sample."""
     port = free_port()
     log = tmp_path_factory.mktemp("live-server") / "server.log"
-    env = tool_env(IMGDB_HOST="127.0.0.1", IMGDB_PORT=str(port), IMGDB_INGEST_ON_START=str(museum_sample / "images"))
+    env = tool_env(IMGDB_HOST="127.0.0.1", IMGDB_PORT=str(port), IMGDB_INGEST_ON_START=str(museum_sample / "images"),
+                   IMGDB_HEADER_TIMEOUT=str(LIVE_HEADER_TIMEOUT))
     with log.open("wb") as sink:
         process = subprocess.Popen(["bash", str(ROOT / "docker" / "start.sh")], env=env, stdout=sink,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -453,3 +453,87 @@ def test_uploads_that_decode_huge_are_refused_with_the_reason(client, memory_bom
     with TestClient(create_app(client)) as http:
         answer = http.post("/search", files={"file": ("bomb.webp", memory_bombs["webp"], "image/webp")})
     assert answer.status_code == 400 and "IMGDB_DECODE_MAX_BYTES" in answer.json()["error"]
+
+
+def test_slow_url_fetches_never_starve_other_searches(client, sample_ids: list[int]) -> None:  # noqa: ANN001
+    """40 searches by URL to a server that trickles its answer: a search by id meanwhile answers
+    as fast as without them (the downloads have a pool of their own)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.routes import Server
+
+    server = Server()
+
+    def trickle(handler) -> None:  # noqa: ANN001
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/jpeg")
+        handler.send_header("Content-Length", "1000000")
+        handler.end_headers()
+        while not server.stop.wait(0.5):
+            handler.wfile.write(b"\xff")
+            handler.wfile.flush()
+
+    server.routes["/trickle.jpg"] = trickle
+    trusting = Imgdb(client.database, replace(client.settings, fetch=replace(client.settings.fetch, allow_private=True)))
+    try:
+        with TestClient(create_app(trusting)) as http:
+            baseline = _timed(lambda: http.post("/search", json={"id": sample_ids[0]}, params={"k": 3}))
+            with ThreadPoolExecutor(40) as pool:
+                slow = [pool.submit(http.post, "/search", json={"url": server.url("/trickle.jpg")}) for _ in range(40)]
+                time.sleep(1.0)  # all of them downloading
+                assert sum(f.done() for f in slow) == 0
+                during = max(_timed(lambda: http.post("/search", json={"id": sample_ids[1]}, params={"k": 3}))
+                             for _ in range(5))
+                server.stop.set()  # the trickle ends; the downloads fail with a reason
+                answers = [f.result(timeout=60) for f in slow]
+    finally:
+        server.close()
+    assert during < max(1.0, 10 * baseline), (baseline, during)
+    assert all(a.status_code in (400, 422) for a in answers), {a.status_code for a in answers}
+
+
+def _timed(call) -> float:  # noqa: ANN001
+    import time
+
+    started = time.perf_counter()
+    answer = call()
+    assert answer.status_code == 200, answer.text
+    return time.perf_counter() - started
+
+
+def test_connections_that_never_send_a_request_head_are_closed(live_server) -> None:  # noqa: ANN001
+    """Slowloris: a connection that sends nothing, or a head a byte at a time, is closed after the
+    server's header deadline; a real request meanwhile is answered."""
+    import socket
+    import time
+    import urllib.parse
+
+    from tests.conftest import LIVE_HEADER_TIMEOUT
+
+    address = urllib.parse.urlsplit(live_server.url)
+    silent = socket.create_connection((address.hostname, address.port))
+    trickling = socket.create_connection((address.hostname, address.port))
+    started = time.monotonic()
+    closed_after = {}
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    for sock in (silent, trickling):
+        sock.settimeout(0.2)
+    while len(closed_after) < 2 and time.monotonic() - started < 4 * LIVE_HEADER_TIMEOUT:
+        for name, sock in (("silent", silent), ("trickling", trickling)):
+            if name in closed_after:
+                continue
+            try:
+                if name == "trickling":
+                    sock.send(head[int((time.monotonic() - started) * 2) % len(head):][:1])
+                if sock.recv(1) == b"":
+                    closed_after[name] = time.monotonic() - started
+            except (TimeoutError, socket.timeout):
+                pass
+            except OSError:
+                closed_after[name] = time.monotonic() - started
+    assert set(closed_after) == {"silent", "trickling"}, closed_after
+    assert all(LIVE_HEADER_TIMEOUT * 0.8 < t < LIVE_HEADER_TIMEOUT * 3 for t in closed_after.values()), closed_after
+    import httpx
+
+    assert httpx.get(f"{live_server.url}/healthz", timeout=10).status_code == 200

@@ -380,6 +380,8 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
     keep_alive: Annotated[float, typer.Option("--keep-alive", min=1, help="Seconds an idle connection stays open.")] = 30,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.1, envvar="IMGDB_HEADER_TIMEOUT",
+                                                  help="Seconds a connection has to send a request head.")] = 10,
     debug: Debug = False,
 ) -> None:
     """Serve the HTTP API (search by upload, URL or id) until stopped."""
@@ -394,7 +396,10 @@ def serve(
         # gets a reset instead of an answer (benchmarks/load.py: 15 resets in 4500 searches once
         # in three runs at 5 s, 13 in 3000 at 1 s). A client's pooled connections sit idle for
         # seconds between bursts, so a longer keep-alive makes the race rare.
-        uvicorn.run(create_app(), host=host, port=port, log_level="info", timeout_keep_alive=keep_alive)
+        from imgdb.web.protocol import guarded_protocol
+
+        uvicorn.run(create_app(), host=host, port=port, log_level="info", timeout_keep_alive=keep_alive,
+                    http=guarded_protocol(header_timeout))
 
     guarded(debug, run)
 

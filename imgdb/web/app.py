@@ -10,10 +10,12 @@ recorded at ingest, by integer id.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import tempfile
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -44,6 +46,12 @@ RESERVED_META = frozenset({"source_url"})
 #: An image id in a path: a positive bigint (anything else is refused with 422, not sent to SQL).
 ImageId = Annotated[int, PathParam(ge=1, le=store.MAX_ID)]
 log = logging.getLogger("imgdb")
+#: URL downloads one process runs at once, in a pool of their own: a slow or hostile server holds
+#: one of these threads (up to the fetch's deadline), never one of those that searches and
+#: decoding run in. Further URL requests wait for a free one without holding any thread.
+FETCH_THREADS = 16
+#: Seconds a client has to send its whole request body (a trickling upload is cut off with 408).
+BODY_TIMEOUT = 60.0
 #: Room for multipart framing around an image of the fetch byte limit.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -70,7 +78,9 @@ def create_app(db: Imgdb | None = None) -> FastAPI:
         # Load the default index's model now: the first user should not wait for it.
         await run_in_threadpool(lambda: client.extractor(client.index(DEFAULT_INDEX)))
         app.state.db = client
+        app.state.fetcher = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="imgdb-fetch")
         yield
+        app.state.fetcher.shutdown(wait=False, cancel_futures=True)
         if db is None:
             client.close()
 
@@ -131,11 +141,15 @@ async def _body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {int(declared)} bytes is over the {limit}-byte limit")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body is over the {limit}-byte limit")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body is over the {limit}-byte limit")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"request body not received within {BODY_TIMEOUT:.0f} s") from None
     body = b"".join(chunks)
     request._body = body  # noqa: SLF001 - Starlette's own cache: form() and json() read it from here
     return body
@@ -210,7 +224,7 @@ def _routes(app: FastAPI) -> None:
         """The k images most similar to an upload (`file`), a URL or a stored image id."""
         db = _db(request)
         kind, (value, _) = await _query(request)
-        query = f"id:{value}" if kind == "id" else value
+        query = f"id:{value}" if kind == "id" else await _fetched(request, value) if kind == "url" else value
         hits = await run_in_threadpool(db.search, query, k=k, filters=filter, index=index, rerank=rerank,
                                        candidates=candidates)
         # Relative to the server (or IMGDB_PUBLIC_URL): never built from the request's Host header,
@@ -257,7 +271,8 @@ def _routes(app: FastAPI) -> None:
             raise ApiError(400, f"meta.{reserved[0]} is set by imgdb, not by the request")
         if kind == "url":
             meta = {**meta, "source_url": value}
-        return await run_in_threadpool(_add, db, kind, value, meta, index)
+        data = await _fetched(request, value) if kind == "url" else value
+        return await run_in_threadpool(_add, db, data, meta, index)
 
     @app.delete("/images/{image_id}", dependencies=[Depends(_require_token)])
     async def delete(request: Request, image_id: ImageId) -> dict[str, int]:
@@ -268,10 +283,15 @@ def _routes(app: FastAPI) -> None:
         return {"deleted": deleted}
 
 
-def _add(db: Imgdb, kind: str, value: Any, meta: dict[str, Any], index: str) -> dict[str, Any]:
+async def _fetched(request: Request, url: str) -> bytes:
+    """A URL's bytes, downloaded in the fetch pool (with every check of the guarded fetcher)."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app.state.fetcher, sources.load, url, _db(request).settings.fetch)
+
+
+def _add(db: Imgdb, data: bytes, meta: dict[str, Any], index: str) -> dict[str, Any]:
     """Keep the image under ``$IMGDB_HOME/uploads`` (named by content, so originals and thumbnails
     can be served later) and ingest it from there."""
-    data = value if kind == "file" else sources.load(value, db.settings.fetch)
     # The header names the file; ingest decodes it (once), and an image it refuses leaves no file.
     sha = sha256_hex(data)
     path = db.settings.home / "uploads" / sha[:2] / f"{sha}.{identify(data).lower()}"
