@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -10,7 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-MUSEUM = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "museum"
+ROOT = Path(__file__).resolve().parents[1]
+MUSEUM = ROOT.parent / "shared" / "datasets" / "museum"
 
 
 def museum_or_exit() -> Path:
@@ -53,3 +56,28 @@ def percentile(samples: list[float], q: float) -> float:
     import numpy as np
 
     return float(np.percentile(np.asarray(samples), q))
+
+
+def serve(**environment: str) -> tuple[subprocess.Popen, str]:
+    """``docker/start.sh`` on a free loopback port, in the current (private) IMGDB_HOME, with
+    ``environment`` added to the server's; returns the process and its URL once /healthz answers."""
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "IMGDB_HOST": "127.0.0.1", "IMGDB_PORT": str(port), **environment,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = open(Path(os.environ["IMGDB_HOME"]) / "server.log", "wb")  # noqa: SIM115 - kept open for the child
+    process = subprocess.Popen(["bash", str(ROOT / "docker" / "start.sh")], env=env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    sys.exit(f"the server did not come up; see {log.name}")

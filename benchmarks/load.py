@@ -22,7 +22,6 @@ import ipaddress
 import os
 import random
 import socket
-import subprocess
 import sys
 import time
 import urllib.parse
@@ -32,10 +31,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import model_only_rate, museum_or_exit, percentile, private_imgdb  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from common import model_only_rate, museum_or_exit, percentile, private_imgdb, serve  # noqa: E402
 
 @dataclass
 class Cell:
@@ -114,28 +110,6 @@ async def measure(url: str, args: argparse.Namespace, photos: list[Path]) -> lis
             print(cell.row(), file=sys.stderr, flush=True)
             cells.append(cell)
     return cells
-
-
-def serve() -> tuple[subprocess.Popen, str]:
-    """``docker/start.sh`` on a free loopback port, in the current (private) IMGDB_HOME."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "IMGDB_HOST": "127.0.0.1", "IMGDB_PORT": str(port),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log = open(Path(os.environ["IMGDB_HOME"]) / "server.log", "wb")  # noqa: SIM115 - kept open for the child
-    process = subprocess.Popen(["bash", str(ROOT / "docker" / "start.sh")], env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    sys.exit(f"the server did not come up; see {log.name}")
 
 
 def main() -> None:

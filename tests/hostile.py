@@ -63,3 +63,36 @@ def png16(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((height, width), dtype=np.uint16)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+#: Every format imgdb decodes, with Pillow's name for it and its file suffix.
+FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".gif"}
+
+
+def image_file(fmt: str, width: int = 200, height: int = 200, seed: int = 0) -> bytes:
+    """A real image of ``width`` x ``height`` in ``fmt``, noisy enough not to compress to nothing."""
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def corpus(fmt: str) -> dict[str, tuple[bytes, str | None]]:
+    """Broken files of ``fmt``, each with a pattern its refusal must match (None: any reason): cut
+    short, a header that lies about the size (larger than the data), garbage after the format's
+    magic bytes."""
+    good = image_file(fmt, seed=1)
+    lying = bytearray(good)
+    if fmt == "BMP":    # BITMAPINFOHEADER width, height (little-endian int32 at 18 and 22)
+        lying[18:26] = (4000).to_bytes(4, "little") + (3000).to_bytes(4, "little")
+    elif fmt == "GIF":  # the logical screen: 65535 x 65535 (a frame smaller than it is legal)
+        lying[6:10] = (65535).to_bytes(2, "little") * 2
+    elif fmt == "PNG":  # IHDR width, height (its CRC then lies too)
+        lying[16:24] = (4000).to_bytes(4, "big") + (3000).to_bytes(4, "big")
+    else:               # JPEG SOF0, WebP VP8 frame, TIFF tags: cut the data under a true header
+        lying = lying[: len(lying) * 2 // 3]
+    magic = {"JPEG": b"\xff\xd8\xff\xe0", "PNG": b"\x89PNG\r\n\x1a\n", "WEBP": b"RIFF\x00\x01\x00\x00WEBPVP8 ",
+             "TIFF": b"II*\x00", "BMP": b"BM", "GIF": b"GIF89a"}[fmt]
+    garbage = magic + np.random.default_rng(2).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    return {"truncated": (good[: len(good) // 2], "truncated|header"), "lying": (bytes(lying), None),
+            "garbage": (garbage, None)}

@@ -537,3 +537,42 @@ def test_connections_that_never_send_a_request_head_are_closed(live_server) -> N
     import httpx
 
     assert httpx.get(f"{live_server.url}/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF"])
+def test_broken_files_of_every_format_are_refused_and_cost_nothing_else(client, fmt: str, tmp_path: Path) -> None:  # noqa: ANN001
+    """Each format's broken files (cut short, lying headers, garbage after the magic) and bombs
+    just over the pixel limit are refused with a reason, through the API, ingest, the CLI and
+    HTTP; one just at the limit decodes; the good files among them go in."""
+    from imgdb.errors import ImageReadError
+    from imgdb.io.reader import DecodeLimits, decode
+    from tests.hostile import FORMATS, corpus, image_file
+
+    suffix = FORMATS[fmt]
+    broken = corpus(fmt)
+    for case, (data, words) in broken.items():
+        with pytest.raises(ImageReadError, match=words) as caught:
+            decode(data, limits=DecodeLimits())
+        assert "\n" not in str(caught.value), case
+    at_limit = image_file(fmt, 200, 150, seed=3)
+    assert decode(at_limit, max_pixels=200 * 150).facts.width == 200
+    with pytest.raises(ImageReadError, match="decompression bomb"):
+        decode(at_limit, max_pixels=200 * 150 - 1)
+
+    folder = tmp_path / fmt
+    for case, (data, _) in broken.items():
+        write(folder / f"{case}{suffix}", data)
+    good = write(folder / f"good{suffix}", image_file(fmt, seed=4))
+    client.create_index(f"corpus_{fmt.lower()}", COLOR)
+    report = client.ingest([folder], index=f"corpus_{fmt.lower()}")
+    assert report.added == 1 and sorted(Path(f.path).stem for f in report.failed) == sorted(broken)
+    result = CliRunner().invoke(app, ["ingest", str(folder), "--index", f"corpus_{fmt.lower()}", "--json"])
+    summary = json.loads(result.stdout)
+    assert result.exit_code == 0 and summary["duplicates"] == 1 and len(summary["failed"]) == len(broken)
+    assert {f["error"] for f in summary["failed"]} == {f.error for f in report.failed}
+    with TestClient(create_app(client), raise_server_exceptions=False) as http:
+        for case, (data, _) in broken.items():
+            answer = http.post("/search", params={"index": f"corpus_{fmt.lower()}"},
+                               files={"file": (f"{case}{suffix}", data, "application/octet-stream")})
+            assert answer.status_code == 400 and "\n" not in answer.json()["error"], (case, answer.text)
+        assert client.search(good, index=f"corpus_{fmt.lower()}", k=1)[0].distance < 1e-6

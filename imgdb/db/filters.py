@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
+from decimal import Decimal
 from collections.abc import Iterable
 from typing import Any
 
@@ -53,10 +55,13 @@ def _compare(lhs: ColumnElement[Any], op: str, rhs: Any) -> ColumnElement[bool]:
 
 
 def _json_scalar(raw: str) -> Any:
-    """The JSON number/boolean a value spells, if any (``1900``, ``2.5``, ``true``), else None."""
+    """The JSON number/boolean a value spells, if any (``1900``, ``2.5``, ``true``), else None.
+    NaN and Infinity are not JSON (Python's parser takes them, jsonb does not)."""
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     return value if isinstance(value, (int, float, bool)) else None
 
@@ -79,7 +84,8 @@ def _meta_clause(key: str, op: str, raw: str) -> ColumnElement[bool]:
         as_number = sa.case(
             (sa.func.jsonb_typeof(meta[key]) == "number", meta[key].astext.cast(sa.Numeric)), else_=None
         )
-        return _compare(as_number, op, number)
+        # As numeric, whatever its size: an integer past bigint must not be sent as one.
+        return _compare(as_number, op, sa.literal(Decimal(raw.strip()), sa.Numeric()))
     return _compare(meta[key].astext, op, raw)
 
 

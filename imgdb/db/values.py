@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import threading
 from typing import Any
@@ -24,6 +25,7 @@ MAX_DEPTH = 64
 #: recursion limit (about 1,000) or the C stack would be.
 MAX_PARSE_DEPTH = 10_000
 _parse_lock = threading.Lock()
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class UnstorableValue(ImgdbError):
@@ -52,8 +54,13 @@ def check_name(path: str) -> str:
 
 
 def printable(value: str) -> str:
-    """``value`` with what UTF-8 cannot encode shown as ``\\xNN`` escapes (for messages and JSON)."""
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """``value`` fit for a one-line message or JSON: what UTF-8 cannot encode as ``\\xNN`` (the
+    bytes of a file name that were not UTF-8) or ``\\udNNN``, control characters escaped."""
+    try:  # bytes of a file name that were not UTF-8 (surrogateescape) show as the bytes they were
+        text = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # any other lone surrogate shows as its code point
+        text = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
 
 
 def check_metadata(value: Any, what: str = "metadata") -> dict[str, Any]:

@@ -154,7 +154,7 @@ class _Budget:
                 self.free += nbytes
                 self.changed.notify_all()
             if nbytes >= TRIM_AFTER:
-                _return_memory()
+                return_memory()
 
 
 _budgets: dict[int, _Budget] = {}
@@ -169,7 +169,8 @@ def _budget(total: int) -> _Budget:
         return _budgets.setdefault(total, _Budget(total))
 
 
-def _return_memory() -> None:
+def return_memory() -> None:
+    """Ask glibc to give memory freed by large decodes back to the system (a no-op elsewhere)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to ask
@@ -238,6 +239,12 @@ def decode(data: bytes, *, max_pixels: int | None = None, limits: DecodeLimits |
                 pixels = ImageOps.exif_transpose(pixels, in_place=False) if orientation != 1 else pixels.copy()
             except Exception as exc:  # truncated data, bad Huffman tables, zlib errors...
                 raise ImageReadError(f"corrupt or truncated image data: {exc}") from exc
+            # Formats with no reduced-size decoding (PNG, WebP...) are brought down to what a JPEG
+            # draft would give, before the reservation ends: the full-size pixels never outlive it.
+            scale = scale_hint(*pixels.size) if scale_hint is not None else 1.0
+            factor = int(1 / (DRAFT_MARGIN * scale)) if scale > 0 else 1
+            if factor >= 2:
+                pixels = pixels.reduce(factor)
         facts = ImageFacts(
             sha256=sha256 or sha256_hex(data),
             width=upright[0],

@@ -36,7 +36,7 @@ from imgdb.db.schema import first_line
 from imgdb.errors import DatabaseError, FetchError, ImageReadError, ImgdbError, IndexNotFound
 from imgdb.io import sources
 from imgdb.io.fetch import is_url
-from imgdb.io.reader import identify, sha256_hex
+from imgdb.io.reader import identify, return_memory, sha256_hex
 from imgdb.io.sources import original
 from imgdb.web.thumbnails import thumbnail
 
@@ -52,6 +52,8 @@ log = logging.getLogger("imgdb")
 FETCH_THREADS = 16
 #: Seconds a client has to send its whole request body (a trickling upload is cut off with 408).
 BODY_TIMEOUT = 60.0
+#: Seconds without a request in flight after which freed memory goes back to the system.
+IDLE_TRIM_S = 1.0
 #: Room for multipart framing around an image of the fetch byte limit.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -87,7 +89,28 @@ def create_app(db: Imgdb | None = None) -> FastAPI:
     app = FastAPI(title="imgdb", summary="Search images with an image, inside PostgreSQL.", lifespan=lifespan)
     _errors(app)
     _routes(app)
+    _give_memory_back_when_idle(app)
     return app
+
+
+def _give_memory_back_when_idle(app: FastAPI) -> None:
+    """Once no request has been in flight for IDLE_TRIM_S, return freed memory to the system: the
+    decodes and forward passes of a burst of uploads leave it in the allocator's arenas otherwise,
+    and the server would stay at its peak."""
+    in_flight = {"n": 0, "generation": 0}
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's middleware signature
+        in_flight["n"] += 1
+        try:
+            return await call_next(request)
+        finally:
+            in_flight["n"] -= 1
+            if in_flight["n"] == 0:
+                in_flight["generation"] += 1
+                generation = in_flight["generation"]
+                asyncio.get_running_loop().call_later(
+                    IDLE_TRIM_S, lambda: in_flight["n"] == 0 and in_flight["generation"] == generation and return_memory())
 
 
 def _errors(app: FastAPI) -> None:
