@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import tempfile
 from collections.abc import AsyncIterator
@@ -19,8 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
-
-import logging
 
 import psycopg
 import sqlalchemy as sa
