@@ -234,7 +234,7 @@ class Ingester:
         """Worker-thread part: read, hash, skip known content, decode, prepare."""
         uri = item.uri if isinstance(item, Blob) else item
         try:
-            values.check_name(uri)
+            values.check_file_name(uri)
             data = item.data if isinstance(item, Blob) else sources.load(item, self.settings.fetch)
             sha = sha256_hex(data)
             if sha in known:

@@ -28,13 +28,12 @@ import sqlalchemy as sa
 
 from imgdb.db import attached, derived, store
 from imgdb.db.attached import Claimed, Source
-from imgdb.db.engine import Database
+from imgdb.db.engine import lost_to_a_conflict
 from imgdb.db.schema import first_line
 from imgdb.errors import ImgdbError
 from imgdb.ingest import (Blob, ContentInIndex, Failure, Ingester, Item, Known, Prepared, ProgressCallback,
                           StatusCallback)
 from imgdb.io.fetch import is_url
-from imgdb.orm import SearchIndex
 
 if TYPE_CHECKING:
     from imgdb.client import Imgdb
@@ -216,7 +215,7 @@ class Syncer:
         try:
             outcome = self._claim_and_embed(ingester, source, known)
         except sa.exc.OperationalError as exc:
-            if isinstance(exc.orig, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)):
+            if lost_to_a_conflict(exc):
                 return -1
             raise
         if outcome is None:

@@ -4,7 +4,6 @@ PostgreSQL's ``text`` and ``jsonb`` cannot hold, in every place that reaches the
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import numpy as np
 from PIL import Image

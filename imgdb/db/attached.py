@@ -218,10 +218,11 @@ def attach(conn: Connection, index: SearchIndex, table_name: str, column: str, k
     function = derived.create_enqueue_function(conn, source_id)
     # Asked now: after a refused statement, the transaction answers nothing more.
     user = conn.execute(sa.text("SELECT current_user")).scalar_one()
+    schema = derived.current_schema(conn)
     try:
         for suffix, event, transition in _EVENTS:
             conn.execute(sa.text(
-                f"CREATE TRIGGER {quote(trigger_name(conn, source_id, suffix))} AFTER {event} ON {table.name}"
+                f"CREATE TRIGGER {quote(trigger_name(schema, source_id, suffix))} AFTER {event} ON {table.name}"
                 f" {transition} FOR EACH STATEMENT EXECUTE FUNCTION {function}()"))
         queued = conn.execute(sa.text(
             f"INSERT INTO queue (source_id, ref) SELECT :s, {quote(key_name)}::text FROM {table.name}"
@@ -235,9 +236,9 @@ def attach(conn: Connection, index: SearchIndex, table_name: str, column: str, k
     return _source(conn, index, table.relid), int(queued)
 
 
-def trigger_name(conn: Connection, source_id: int, suffix: str) -> str:
+def trigger_name(schema: str, source_id: int, suffix: str) -> str:
     """Triggers are named per schema, so that two imgdb schemas can follow one table."""
-    return f"{derived.current_schema(conn)}_sync_{source_id}_{suffix}"
+    return f"{schema}_sync_{source_id}_{suffix}"
 
 
 def _source(conn: Connection, index: SearchIndex, relid: int) -> Source:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from imgdb.db.schema import quote
+from imgdb.db.schema import EXTENSION_SCHEMA, quote
 from imgdb.errors import ImgdbError
 from imgdb.orm import Image, SearchIndex
 
@@ -30,8 +30,7 @@ def current_schema(conn: Connection) -> str:
 
 def extension_schema(conn: Connection) -> str:
     """The schema pgvector is installed in (its types and operators, on the functions' paths)."""
-    return conn.execute(sa.text("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
-                                " WHERE e.extname = 'vector'")).scalar_one()
+    return conn.execute(sa.text(EXTENSION_SCHEMA)).scalar_one()
 
 
 def notify_channel(schema: str) -> str:
@@ -124,7 +123,8 @@ def create_enqueue_function(conn: Connection, source_id: int) -> str:
     error: imgdb must not be the reason an application's write fails.
     """
     source = conn.execute(sa.text("SELECT * FROM sources WHERE id = :i"), {"i": source_id}).mappings().one()
-    schema = quote(current_schema(conn))
+    bare = current_schema(conn)
+    schema = quote(bare)
     key, column = quote(source["key_column"]), quote(source["column_name"])
     queue = f"INSERT INTO {schema}.queue (source_id, ref) SELECT {source_id},"
     name = f"{schema}.enqueue_{source_id}"
@@ -145,7 +145,7 @@ def create_enqueue_function(conn: Connection, source_id: int) -> str:
           ELSE
             {queue} ref FROM {schema}.refs WHERE source_id = {source_id};
           END IF;
-          PERFORM pg_notify({_literal(notify_channel(current_schema(conn)))}, '{source_id}');
+          PERFORM pg_notify({_literal(notify_channel(bare))}, '{source_id}');
           RETURN NULL;
         EXCEPTION WHEN OTHERS THEN
           RAISE WARNING 'imgdb: changes to % were not queued for image search (%); run imgdb attach again',

@@ -49,6 +49,12 @@ def alembic_config(connection: Connection | None = None, schema: str = DEFAULT_S
     return config
 
 
+def lost_to_a_conflict(exc: sa.exc.OperationalError) -> bool:
+    """Whether PostgreSQL aborted the transaction to break a deadlock or a serialisation conflict:
+    the one failure a writer is asked to retry."""
+    return isinstance(exc.orig, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure))
+
+
 class Database:
     """Engines on imgdb's schema in one database, migrated to the current revision.
 
@@ -179,8 +185,7 @@ class Database:
                 with self.engine.begin() as conn:
                     return work(conn)
             except sa.exc.OperationalError as exc:
-                retriable = isinstance(exc.orig, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure))
-                if not retriable or attempt == attempts:
+                if not lost_to_a_conflict(exc) or attempt == attempts:
                     raise
         raise AssertionError("unreachable")
 

@@ -36,6 +36,9 @@ _NOT_OURS = ("public", "information_schema")
 #: pgvector's settings on every imgdb session (filtered ``LIMIT k`` queries return k rows: strict
 #: order for HNSW; IVFFlat can only do relaxed order, and imgdb re-sorts its results).
 SESSION_SETTINGS = {"hnsw.iterative_scan": "strict_order", "ivfflat.iterative_scan": "relaxed_order"}
+#: The schema pgvector is installed in (no row while it is not).
+EXTENSION_SCHEMA = ("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
+                    " WHERE e.extname = 'vector'")
 #: Alembic revisions of the layout before imgdb had a schema of its own.
 LEGACY_REVISIONS = ("0001", "0002")
 #: (table, column) pairs that only an imgdb install of that era has together.
@@ -45,7 +48,7 @@ _LEGACY_SHAPE = (("alembic_version", "version_num"), ("indexes", "extractor"), (
 
 def check_schema(name: str) -> str:
     """The schema name, if imgdb can use it; a one-line reason otherwise."""
-    if not _SCHEMA_NAME.match(name) or name.startswith("pg_") or name in _NOT_OURS:
+    if not _SCHEMA_NAME.fullmatch(name) or name.startswith("pg_") or name in _NOT_OURS:
         raise ImgdbError(f"IMGDB_SCHEMA {name!r} is not usable: give a lower-case identifier (letters, digits, _) "
                          "of imgdb's own, not public, information_schema or pg_*")
     return name
@@ -94,8 +97,7 @@ def place(url: str, schema: str, *, create: bool) -> Placement:
         raise DatabaseError(f"cannot connect to PostgreSQL: {first_line(exc)}") from exc
     with conn:
         extension, has_schema, has_public = conn.execute(
-            "SELECT (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
-            "        WHERE e.extname = 'vector'),"
+            f"SELECT ({EXTENSION_SCHEMA}),"
             " EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s),"
             " EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'public')",
             (schema,),
@@ -136,8 +138,7 @@ def _install_vector(conn: psycopg.Connection, has_public: bool) -> str:
                             "ask an administrator to run CREATE EXTENSION vector") from exc
     except psycopg.Error as exc:
         raise DatabaseError(f"cannot install pgvector: {first_line(exc)}") from exc
-    return conn.execute("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
-                        " WHERE e.extname = 'vector'").fetchone()[0]
+    return conn.execute(EXTENSION_SCHEMA).fetchone()[0]
 
 
 def _user(conn: psycopg.Connection) -> str:

@@ -44,7 +44,7 @@ def check_text(value: str, what: str) -> str:
     return value
 
 
-def check_name(path: str) -> str:
+def check_file_name(path: str) -> str:
     """A file name (or URL) imgdb will record as an image's uri, if PostgreSQL can store it."""
     try:
         path.encode("utf-8")
