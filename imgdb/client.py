@@ -17,20 +17,22 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import psycopg
 from PIL import Image
 
+from imgdb import transfer
 from imgdb.ann.layer import AnnLayer
 from imgdb.ann.spec import AnnSpec, parse_ann
 from imgdb.config import Settings
-from imgdb.db import attached, derived, store
+from imgdb.db import attached, derived, networks, store
 from imgdb.db import search as sql
 from imgdb.db.engine import Database
 from imgdb.db.filters import parse_filters
 from imgdb.errors import ImgdbError, IndexExists
+from imgdb.features import known
 from imgdb.features.base import Extractor
 from imgdb.features.registry import DEFAULT_SPEC, canonical_spec, create_extractor, extractor_class
 from imgdb.features.spec import parse_spec
@@ -47,6 +49,10 @@ from imgdb.io import sources
 from imgdb.orm import SearchIndex
 from imgdb.reencode import retrain
 from imgdb.sync import AttachReport, Syncer, SyncReport
+
+if TYPE_CHECKING:
+    from imgdb.training.job import TrainReport
+    from imgdb.training.trainer import EpochCallback, TrainOptions
 
 #: What a query can be: a path, an http(s) URL, ``"id:N"``, image bytes, a Pillow image, or a vector.
 Query = Union[str, Path, bytes, Image.Image, np.ndarray]
@@ -137,6 +143,14 @@ class Imgdb:
         with self.database.connect() as conn:
             return IndexInfo.of(target, store.count_vectors(conn, target))
 
+    def export_index(self, name: str, path: str | Path) -> dict[str, Any]:
+        """Write an index, with its learned state and network, to one file (:mod:`imgdb.transfer`)."""
+        return transfer.export_index(self, name, path)
+
+    def import_index(self, path: str | Path, name: str | None = None) -> dict[str, Any]:
+        """Create an index from :meth:`export_index`'s file (under ``name``, default its own)."""
+        return transfer.import_index(self, path, name)
+
     def index(self, name: str = DEFAULT_INDEX) -> SearchIndex:
         """The named index; ``default`` is created with the default extractor on first use."""
         with self.database.connect() as conn:
@@ -155,6 +169,7 @@ class Imgdb:
         Extractors that learn nothing are shared by every index with the same spec (one model load
         per process); trainable ones get an instance per index.
         """
+        self._provide_network(index.extractor)
         extractor = create_extractor(index.extractor)
         if not extractor.trainable:
             return extractor
@@ -166,6 +181,14 @@ class Imgdb:
             with self.database.connect() as conn:
                 trainable.load_state(store.load_state(conn, index))
         return trainable
+
+    def _provide_network(self, spec: str) -> None:
+        """Load the fine-tuned network a spec names (``net=<sha256>``) from the database, once."""
+        sha = parse_spec(spec).options.get("net")
+        if sha is None or known.provided(sha):
+            return
+        with self.database.connect() as conn:
+            known.provide(sha, networks.weights(conn, sha))
 
     # ------------------------------------------------------------ offline stage
 
@@ -190,6 +213,18 @@ class Imgdb:
         if not self.extractor(target).trainable:
             raise ImgdbError(f"index {target.name!r} ({target.extractor}) has nothing to train")
         return retrain(self, target, [str(p) for p in paths], on_progress=on_progress, on_status=on_status)
+
+    def train_network(self, name: str, source: str, *, method: str = "triplet", label_keys: Sequence[str] = (),
+                      student: str | None = None, options: TrainOptions | None = None,
+                      on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None,
+                      on_epoch: EpochCallback | None = None) -> TrainReport:
+        """Fine-tune index ``source``'s network on its images into a new index ``name``
+        (:mod:`imgdb.training.job`); ``source`` is left as it is."""
+        from imgdb.training.job import train_network  # torch training code, loaded when used
+
+        return train_network(self, name, source, method=method, label_keys=label_keys, student=student,
+                             options=options or TrainOptions(), on_status=on_status, on_progress=on_progress,
+                             on_epoch=on_epoch)
 
     def forget_extractor(self, index: SearchIndex) -> None:
         """Drop this process's copy of an index's learned state (it was learned again)."""

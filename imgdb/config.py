@@ -55,6 +55,8 @@ class Settings:
     #: pass on one image leaves cores idle, so a few in parallel serve more; dozens only share the
     #: same cores and memory. One per core served as much as any setting (benchmarks/inference_gate.py).
     inference_threads: int = field(default_factory=_cores)
+    #: Where training runs: ``auto`` (CUDA when torch sees a GPU), ``cpu`` or ``cuda``.
+    device: str = "auto"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -75,4 +77,5 @@ class Settings:
             api_token=os.environ.get("IMGDB_API_TOKEN") or None,
             public_url=os.environ.get("IMGDB_PUBLIC_URL") or None,
             inference_threads=max(1, _env_int("IMGDB_INFERENCE_THREADS", _cores())),
+            device=(os.environ.get("IMGDB_DEVICE") or "auto").strip().lower(),
         )

@@ -225,12 +225,15 @@ class Ingester:
             return Failure(item.uri, str(exc))
         return None
 
-    def load(self, items: Iterable[Item], known: Container[str] = frozenset()) -> Iterator[Prepared | Known | Failure]:
+    def load(self, items: Iterable[Item], known: Container[str] = frozenset(),
+             prepare: Callable[[Image.Image], Any] | None = None) -> Iterator[Prepared | Known | Failure]:
         """Read, hash and prepare ``items`` in worker threads, in order, a few batches ahead;
-        content in ``known`` (sha256) is not decoded."""
-        return ordered_map(lambda item: self._load(item, known), items, ahead=4 * self.extractor.batch_size)
+        content in ``known`` (sha256) is not decoded. ``prepare`` replaces the extractor's own
+        (fine-tuning wants pixels, not network input)."""
+        prepare = prepare or self.extractor.prepare
+        return ordered_map(lambda item: self._load(item, known, prepare), items, ahead=4 * self.extractor.batch_size)
 
-    def _load(self, item: Item, known: Container[str]) -> Prepared | Known | Failure:
+    def _load(self, item: Item, known: Container[str], prepare: Callable[[Image.Image], Any]) -> Prepared | Known | Failure:
         """Worker-thread part: read, hash, skip known content, decode, prepare."""
         uri = item.uri if isinstance(item, Blob) else item
         try:
@@ -241,7 +244,7 @@ class Ingester:
                 return Known(uri, sha)
             image = decode(data, limits=self.settings.decoding,
                            scale_hint=self.extractor.scale_hint, sha256=sha)
-            return Prepared(uri, image.facts, self.extractor.prepare(image.pixels))
+            return Prepared(uri, image.facts, prepare(image.pixels))
         except ImgdbError as exc:
             return Failure(values.printable(uri), str(exc).removeprefix(f"{uri}: "))
         except Exception as exc:  # noqa: BLE001 - one odd file must not abort a long ingest

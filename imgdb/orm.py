@@ -33,8 +33,8 @@ import datetime as dt
 from typing import Any
 
 from pgvector.sqlalchemy import HALFVEC, Vector
-from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Integer, LargeBinary, MetaData, String, Table,
-                        Text, func, select)
+from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, MetaData, String,
+                        Table, Text, func, select)
 from sqlalchemy.dialects.postgresql import JSONB, OID
 from sqlalchemy.exc import NoSuchTableError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, registry
@@ -123,6 +123,23 @@ class IndexState(Base):
     index_id: Mapped[int] = mapped_column(ForeignKey("indexes.id", ondelete="CASCADE"), primary_key=True)
     key: Mapped[str] = mapped_column(Text, primary_key=True)
     value: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Network(Base):
+    """A fine-tuned network (``imgdb train``): the weights that differ from its backbone's, named by
+    their sha256 as extractor specs name them, and how it was trained."""
+
+    __tablename__ = "networks"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    backbone: Mapped[str] = mapped_column(Text)
+    weights: Mapped[bytes] = mapped_column(LargeBinary)
+    method: Mapped[str] = mapped_column(Text)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    images: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[list[float]] = mapped_column(JSONB, server_default="[]")
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class Source(Base):

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
 
 from imgdb.db import attached, store
 from imgdb.db.store import Stored
@@ -47,7 +49,7 @@ def retrain(db: Imgdb, index: SearchIndex, paths: Sequence[str] = (), *,
         raise ImgdbError(f"nothing to train {index.name!r} on: give images, or ingest some first")
     rng = random.Random(0)
     sample = (rng.sample(given, fresh.sample_size(len(given))) if given
-              else list(_items(ingester, rng.sample(images, fresh.sample_size(len(images))))))
+              else list(stored_items(ingester, rng.sample(images, fresh.sample_size(len(images))))))
     if on_status:
         on_status(f"training {fresh.spec} on {len(sample)} images")
     fresh.fit([item.prepared for item in ingester.load(sample) if isinstance(item, Prepared)])
@@ -57,7 +59,7 @@ def retrain(db: Imgdb, index: SearchIndex, paths: Sequence[str] = (), *,
     if on_status:
         on_status(f"re-encoding the {len(images)} images of {index.name!r}")
     report = IngestReport()
-    for batch in _batches(ingester, images, report, on_progress):
+    for batch in read_back(ingester, images, report, on_progress):
         vectors = fresh.embed([loaded.prepared for _, loaded in batch])
         with db.database.engine.begin() as conn:
             store.copy_vectors(conn, index, [row.image_id for row, _ in batch], vectors,
@@ -77,16 +79,19 @@ def retrain(db: Imgdb, index: SearchIndex, paths: Sequence[str] = (), *,
     return report
 
 
-def _batches(ingester: Ingester, images: Sequence[Stored], report: IngestReport,
-             on_progress: ProgressCallback | None) -> Iterator[list[tuple[Stored, Prepared]]]:
-    """The index's images read again and prepared, in extractor batches; those that cannot be read,
-    or are no longer the image that was ingested, go to ``report.failed``."""
+def read_back(ingester: Ingester, images: Sequence[Stored], report: IngestReport,
+              on_progress: ProgressCallback | None, prepare: Callable[[Image.Image], Any] | None = None,
+              outcome: str = "its old vector is kept") -> Iterator[list[tuple[Stored, Prepared]]]:
+    """The index's images read again and prepared (by ``prepare``, default the extractor's), in
+    extractor batches; those that cannot be read, or are no longer the image that was ingested, go
+    to ``report.failed``, their reason followed by ``outcome``."""
     batch: list[tuple[Stored, Prepared]] = []
-    for done, (row, loaded) in enumerate(zip(images, ingester.load(_items(ingester, images))), start=1):
+    loads = ingester.load(stored_items(ingester, images), prepare=prepare)
+    for done, (row, loaded) in enumerate(zip(images, loads), start=1):
         if isinstance(loaded, Failure):
-            report.failed.append(Failure(loaded.path, f"{loaded.error}; its old vector is kept"))
+            report.failed.append(Failure(loaded.path, f"{loaded.error}; {outcome}"))
         elif not isinstance(loaded, Prepared) or loaded.facts.sha256 != row.sha256:
-            report.failed.append(Failure(row.uri, "the file has changed since it was ingested; its old vector is kept"))
+            report.failed.append(Failure(row.uri, f"the file has changed since it was ingested; {outcome}"))
         else:
             batch.append((row, loaded))
             if len(batch) >= ingester.extractor.batch_size:
@@ -98,7 +103,7 @@ def _batches(ingester: Ingester, images: Sequence[Stored], report: IngestReport,
         yield batch
 
 
-def _items(ingester: Ingester, images: Sequence[Stored]) -> Iterator[Item]:
+def stored_items(ingester: Ingester, images: Sequence[Stored]) -> Iterator[Item]:
     """What to read for each image: its file or URL, or (an attached table's bytea, under a
     ``table:`` uri) the bytes the table holds now. Lazily: the reader stays a few batches ahead."""
     for row in images:

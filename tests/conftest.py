@@ -30,6 +30,9 @@ MUSEUM = ROOT.parent / "shared" / "datasets" / "museum"
 #: A small, real slice of the museum gallery: enough to test retrieval without ingesting it all.
 SAMPLE_SIZE = 40
 
+#: Fine-tuning, small and quick: one synthetic view per image, one trained stage, two epochs.
+QUICK_TRAINING = {"epochs": 2, "views": 1, "train_stages": 1, "negatives": 3, "batch": 8}
+
 
 def museum_or_skip() -> Path:
     if not (MUSEUM / "images").is_dir():
@@ -129,6 +132,18 @@ def sample_ids(client, sample_index: str) -> list[int]:  # noqa: ANN001
     with client.database.connect() as conn:
         ids, _ = store.read_vectors(conn, client.index(sample_index))
     return ids.tolist()
+
+
+@pytest.fixture(scope="session")
+def tuned_index(client, sample_index: str):  # noqa: ANN001, ANN201
+    """``sample_index`` fine-tuned (quickly) into ``tuned``: the training report, and the epochs
+    and losses it reported as it went."""
+    from imgdb.training.trainer import TrainOptions
+
+    epochs: list[tuple[int, float]] = []
+    report = client.train_network("tuned", sample_index, options=TrainOptions(**QUICK_TRAINING),
+                                  on_epoch=lambda e, n, loss, left: epochs.append((e, loss)))
+    return report, epochs
 
 
 @pytest.fixture(scope="session")

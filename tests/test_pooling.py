@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from imgdb.errors import ExtractorSpecError
 from imgdb.features.pooling import (
     POOLINGS,
+    cam,
     crow,
     crow_channel_weights,
     crow_spatial_weights,
@@ -238,9 +240,10 @@ def test_crow_weights_each_image_on_its_own() -> None:
 def test_every_pooling_maps_a_batch_to_one_vector_per_image() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 8, 5, 6)
-    assert {"gem", "max", "avg", "spoc", "rmac", "crow"} <= set(POOLINGS)
+    assert {"gem", "max", "avg", "spoc", "rmac", "crow", "cam"} <= set(POOLINGS)
+    classifier = {"weight": torch.randn(10, 8), "bias": torch.randn(10)}
     for name, pooling in POOLINGS.items():
-        out = pooling.fn(x, **pooling.params)
+        out = pooling.fn(x, **pooling.params, **(classifier if pooling.classifier else {}))
         assert out.shape == (2, 8), name
         assert torch.isfinite(out).all(), name
 
@@ -276,3 +279,25 @@ def test_pooling_options_pass_through_the_spec(given: str, canonical: str) -> No
 def test_bad_pooling_options_are_refused(bad: str, reason: str) -> None:
     with pytest.raises(ExtractorSpecError, match=reason):
         canonical_spec(bad)
+
+
+def test_cam_weights_the_map_by_the_likeliest_classes_activation_maps() -> None:
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.random((1, 3, 2, 4)).astype(np.float32))
+    weight = torch.from_numpy(rng.normal(size=(4, 3)).astype(np.float32))
+    bias = torch.from_numpy(rng.normal(size=4).astype(np.float32))
+    f, w, b = x[0].numpy(), weight.numpy(), bias.numpy()
+    logits = f.mean(axis=(1, 2)) @ w.T + b
+    expected = np.zeros(3)
+    for c in np.argsort(-logits)[:2]:
+        activation = np.einsum("k,khw->hw", w[c], f)
+        activation = (activation - activation.min()) / (activation.max() - activation.min())
+        v = np.array([(activation * f[k]).sum() for k in range(3)])
+        expected += v / np.linalg.norm(v)
+    np.testing.assert_allclose(cam(x, weight, bias, classes=2)[0].numpy(), expected, rtol=1e-5)
+
+
+def test_cam_pools_the_last_map_with_the_backbones_classifier() -> None:
+    assert canonical_spec("cnn:tf_efficientnet_lite2/cam") == "cnn:tf_efficientnet_lite2/cam/classes=5/size=260/whiten=auto"
+    with pytest.raises(ExtractorSpecError, match="no @blocks.4"):
+        canonical_spec("cnn:tf_efficientnet_lite2@blocks.4/cam")

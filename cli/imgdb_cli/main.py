@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from imgdb_cli.output import emit_json, guarded, progress_bar, say, shorten, stdout
+from imgdb_cli.output import emit_json, epoch_bar, guarded, progress_bar, say, shorten, stdout
 
 app = typer.Typer(help="Content-based image retrieval inside PostgreSQL + pgvector.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -286,6 +286,60 @@ def _watch(client, index: str | None):  # noqa: ANN001, ANN202
     return client.sync(index, watch=True, stop=stop, on_round=round_done, on_status=say)
 
 
+@app.command()
+def train(
+    name: Annotated[str, typer.Argument(help="The new index: the fine-tuned network, filled with --from's images.")],
+    source: Annotated[str, typer.Option("--from", help="A cnn index: its network is fine-tuned on its images.")],
+    method: Annotated[str, typer.Option("--method", help="triplet (no labels), category (one --label-key), "
+                                        "multitask (several), distill (with --student).")] = "triplet",
+    label_key: Annotated[Optional[list[str]], typer.Option("--label-key", help="meta.KEY whose values are "
+                                                           "classes (category, multitask).")] = None,
+    student: Annotated[Optional[str], typer.Option("--student", help="distill: the smaller backbone (e.g. "
+                                                   "tf_efficientnet_lite0) or a whole cnn: spec.")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, max=1000)] = 5,
+    time_budget: Annotated[Optional[float], typer.Option("--time-budget", min=0.1, help="Minutes: stop "
+                                                         "training before an epoch that would end later.")] = None,
+    loss: Annotated[str, typer.Option("--loss", help="triplet or contrastive.")] = "triplet",
+    views: Annotated[int, typer.Option("--views", min=1, max=64, help="Synthetic photos made of each image.")] = 6,
+    train_stages: Annotated[int, typer.Option("--train-stages", min=1, max=20, help="Last stages of the "
+                                              "backbone that learn (the earlier ones stay frozen).")] = 3,
+    eval_dataset: Annotated[Optional[Path], typer.Option("--eval", help="A data set: mAP of --from and of "
+                                                         "the new index on it, before and after.")] = None,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Fine-tune an index's network for retrieval on its own images, into a new index."""
+
+    def run() -> None:
+        from imgdb.eval import evaluate as run_eval
+        from imgdb.training.trainer import TrainOptions
+
+        client = _client()
+        options = TrainOptions(epochs=epochs, time_budget=None if time_budget is None else time_budget * 60,
+                               loss=loss, views=views, train_stages=train_stages)
+        before = run_eval(client, eval_dataset, index=source, on_status=say) if eval_dataset else None
+        with progress_bar("preparing") as on_progress, epoch_bar("training") as on_epoch:
+            report = client.train_network(name, source, method=method, label_keys=label_key or [],
+                                          student=student, options=options, on_progress=on_progress,
+                                          on_status=say, on_epoch=on_epoch)
+        after = run_eval(client, eval_dataset, index=name, on_status=say) if eval_dataset else None
+        document = report.to_json()
+        if before and after:
+            document["eval"] = {"before": before.to_json(), "after": after.to_json()}
+        if as_json:
+            emit_json(document)
+            return
+        for failure in document["failed"]:
+            say(f"left out: {failure['path']}: {failure['error']}")
+        stdout.print(f"trained {name} from {source} ({method}) on {report.images} images in "
+                     f"{report.train_seconds / 60:.1f} min, {len(report.losses)} epochs, final loss "
+                     f"{report.losses[-1]:.4f}; network {report.network[:12]}; encoded {report.encoded.added} images")
+        if before and after:
+            stdout.print(f"on {eval_dataset}: mAP {before.mAP:.3f} -> {after.mAP:.3f}, "
+                         f"recall@1 {before.recall_at_1:.3f} -> {after.recall_at_1:.3f}")
+
+    guarded(debug, run)
+
+
 @index_app.command("create")
 def index_create(
     name: Annotated[str, typer.Argument(help="Index name: lower-case letters, digits, _.")],
@@ -343,6 +397,39 @@ def index_train(
         for failure in report.failed:
             say(f"kept the old vector: {failure.path}: {failure.error}")
         stdout.print(f"trained {name}; re-encoded {report.added} images, {len(report.failed)} kept their old vectors")
+
+    guarded(debug, run)
+
+
+@index_app.command("export")
+def index_export(
+    name: Annotated[str, typer.Argument(help="The index to export.")],
+    file: Annotated[Path, typer.Argument(help="The file to write (a zip).")],
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Write an index to one file: its images' records, vectors, learned state and network."""
+
+    def run() -> None:
+        manifest = _client().export_index(name, file)
+        emit_json({"index": name, "file": str(file), "images": manifest["images"]}) if as_json else stdout.print(
+            f"exported {name}: {manifest['images']} images to {file}")
+
+    guarded(debug, run)
+
+
+@index_app.command("import")
+def index_import(
+    file: Annotated[Path, typer.Argument(help="A file written by `imgdb index export`.")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Import under this name (default: its own).")] = None,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Create an index from an export, in this database."""
+
+    def run() -> None:
+        manifest = _client().import_index(file, name)
+        imported = manifest["index"]["name"]
+        emit_json({"index": imported, "file": str(file), "images": manifest["images"]}) if as_json else stdout.print(
+            f"imported {imported}: {manifest['images']} images from {file}")
 
     guarded(debug, run)
 

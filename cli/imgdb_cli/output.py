@@ -158,3 +158,27 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     yield update
     if seen["done"] and time.monotonic() - started >= LOG_EVERY_S:
         say(line(seen["done"], seen["total"]))
+
+
+@contextmanager
+def epoch_bar(description: str) -> Iterator[Callable[[int, int, float, "float | None"], None]]:
+    """Training progress as an ``(epoch, epochs, loss, seconds left)`` callback: a bar with the
+    loss and the time left on a terminal, a line per epoch elsewhere (epochs take minutes)."""
+    if stderr.is_terminal:
+        bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[left]}"),
+                       console=stderr, transient=False)
+        task = bar.add_task(description, total=None, loss="…", left="")
+
+        def update(epoch: int, epochs: int, loss: float, left: float | None) -> None:
+            bar.update(task, completed=epoch, total=epochs, loss=f"{loss:.4f}",
+                       left="" if not left else f"about {_duration(left)} left")
+
+        with bar:
+            yield update
+        return
+
+    def line(epoch: int, epochs: int, loss: float, left: float | None) -> None:
+        say(f"{description}: epoch {epoch}/{epochs}, loss {loss:.4f}" + (f", about {_duration(left)} left" if left else ""))
+
+    yield line

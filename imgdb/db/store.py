@@ -365,6 +365,20 @@ def stored_images(conn: Connection, index: SearchIndex) -> list[Stored]:
     return [Stored(*row) for row in rows]
 
 
+def index_images(conn: Connection, index: SearchIndex) -> list[dict[str, Any]]:
+    """Every image of an index, whole (facts, metadata, and whether a direct ingest put it there),
+    in id order (as :func:`read_vectors` reads their vectors)."""
+    rows = conn.execute(sa.text(
+        f'SELECT i.*, v.direct FROM images i JOIN "{index.vectors_table}" v ON v.image_id = i.id ORDER BY i.id'))
+    return [dict(row) for row in rows.mappings()]
+
+
+def image_metadata(conn: Connection, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """The user metadata of images, by id."""
+    rows = conn.execute(sa.select(_images.c.id, _images.c.metadata).where(_images.c.id.in_(list(ids))))
+    return {image_id: meta or {} for image_id, meta in rows}
+
+
 def next_table(index: SearchIndex) -> str:
     """The table a re-encoding writes, until :func:`swap_in_next` makes it the index's."""
     return f"{index.vectors_table}_next"

@@ -1,7 +1,7 @@
 """Deep global descriptors: a pretrained CNN's feature map, pooled into one vector.
 
 Spec: ``cnn:BACKBONE[@LAYER]/POOLING[/OPTION=V]...[/size=S][/scales=1,0.707,0.5][/whiten=auto|on|off]
-[/weights=PATH]``
+[/net=SHA256][/weights=PATH]``
 
 * BACKBONE: a timm (or torchvision) name; ``@LAYER`` takes the map of an intermediate stage named as in
   the model's ``feature_info`` (``@layer3`` for a ResNet, ``@blocks.4`` for an EfficientNet), which
@@ -13,7 +13,13 @@ Spec: ``cnn:BACKBONE[@LAYER]/POOLING[/OPTION=V]...[/size=S][/scales=1,0.707,0.5]
 * ``scales``: multi-scale extraction — the image is decoded once, resized once per scale, and the
   L2-normalised descriptors of all scales are summed (Radenović et al.);
 * ``whiten``: a PCA-whitening learned on the collection (:mod:`imgdb.features.whitening`); ``auto``
-  applies it when the training sample has at least ``WHITEN_MIN_RATIO`` images per dimension.
+  applies it when the training sample has at least ``WHITEN_MIN_RATIO`` images per dimension;
+* ``net``: a fine-tuned network (``imgdb train``), named by the sha256 of its weights, which live in
+  the database with the index (:mod:`imgdb.features.network`); its whitening is part of it, so
+  ``whiten`` is ``off``, and ``p`` is the value training started from.
+
+The descriptor is one :class:`~imgdb.features.network.RetrievalNet`: the extractor only resizes,
+batches by shape and sums scales around it.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from imgdb.features.backbones import backbone_normalization, create_backbone
 from imgdb.features.base import Extractor, l2_normalize
 from imgdb.features.pooling import POOLINGS
 from imgdb.features.spec import Spec, reject_leftovers, take_float, take_int
-from imgdb.features.whitening import learn_projection, project
+from imgdb.features import known
+from imgdb.features.network import SHA256, RetrievalNet, deserialize, make_pooling, trunk_stages
+from imgdb.features.whitening import learn_projection
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite2"
 DEFAULT_SIZE = 260
@@ -56,6 +64,7 @@ class CnnConfig:
     scales: tuple[float, ...] = (1.0,)
     whiten: str = "auto"
     weights: str | None = None
+    net: str | None = None
 
     def __str__(self) -> str:
         parts = [f"cnn:{self.backbone}" + (f"@{self.layer}" if self.layer else ""), self.pooling]
@@ -64,6 +73,8 @@ class CnnConfig:
         if self.scales != (1.0,):
             parts.append("scales=" + ",".join(f"{s:g}" for s in self.scales))
         parts.append(f"whiten={self.whiten}")
+        if self.net:
+            parts.append(f"net={self.net}")
         if self.weights:
             parts.append(f"weights={self.weights}")  # a path: always last (see spec grammar)
         return "/".join(parts)
@@ -85,14 +96,21 @@ class CnnConfig:
         )
         size = take_int(options, "size", DEFAULT_SIZE, minimum=32)
         scales = _parse_scales(options.pop("scales", "1"))
-        whiten = options.pop("whiten", "auto")
+        net = options.pop("net", None)
+        whiten = options.pop("whiten", "off" if net else "auto")
         if whiten not in WHITEN_MODES:
             raise ExtractorSpecError(f"whiten={whiten!r}: use one of {', '.join(WHITEN_MODES)}")
+        if net is not None and not SHA256.fullmatch(net):
+            raise ExtractorSpecError(f"net={net[:70]!r}: a network is named by the sha256 of its weights (64 hex digits)")
+        if layer and POOLINGS[pooling].classifier:
+            raise ExtractorSpecError(f"{pooling} pooling weighs the last map by the classifier: no @{layer}")
+        if net is not None and whiten != "off":
+            raise ExtractorSpecError("a fine-tuned net= carries its own whitening: whiten=off")
         weights = options.pop("weights", None)
         if weights is not None:
             weights = str(Path(weights).expanduser().resolve())
         reject_leftovers(spec, options, words)
-        return cls(backbone, layer or None, pooling, params, size, scales, whiten, weights)
+        return cls(backbone, layer or None, pooling, params, size, scales, whiten, weights, net)
 
 
 def _parse_scales(raw: str) -> tuple[float, ...]:
@@ -114,21 +132,15 @@ class CnnExtractor(Extractor):
         self.spec = str(config)
         self.trainable = config.whiten != "off"
         self.model = create_backbone(config.backbone, Path(config.weights) if config.weights else None)
-        self._layer_index = self._find_layer(config.layer)
         mean, std = backbone_normalization(config.backbone, self.model)
         self._mean = np.asarray(mean, dtype=np.float32) * 255.0
         self._inv_std = 1.0 / (np.asarray(std, dtype=np.float32) * 255.0)
-        self.dim = int(self._pooled(torch.zeros(1, 3, 64, 64)).shape[1])
+        self.net = build_net(config, self.model)
+        self.dim = self.net.dim
+        if config.net:
+            self.net.load_trained(deserialize(known.blob(config.net)))
+        self.net.eval()
         self._state: dict[str, np.ndarray] = {}
-
-    def _find_layer(self, layer: str | None) -> int | None:
-        if layer is None:
-            return None
-        stages = [info["module"] for info in getattr(self.model, "feature_info", [])]
-        if layer not in stages:
-            known = ", ".join(stages) or "none (not a timm model)"
-            raise ExtractorSpecError(f"{self.config.backbone} has no stage {layer!r}; its stages: {known}")
-        return stages.index(layer)
 
     @classmethod
     def canonical(cls, spec: Spec) -> str:
@@ -153,31 +165,30 @@ class CnnExtractor(Extractor):
         return min(size / min(width, height), size * MAX_ASPECT / max(width, height))
 
     def prepare(self, image: Image.Image) -> list[np.ndarray]:
-        """One normalised ``(3, H, W)`` float32 array per scale, aspect kept, off the main thread.
+        """One normalised ``(3, H, W)`` float32 array per scale, aspect kept, off the main thread."""
+        pixels = np.asarray(image)
+        return [self.normalise(self.resized(pixels, scale)) for scale in self.config.scales]
+
+    def resized(self, pixels: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """RGB ``pixels`` resized to what the network sees at ``scale`` (1: the shorter side at ``size``).
 
         Area averaging when shrinking: on the museum set it retrieves better than Pillow's bilinear,
         bicubic or Lanczos filters (recall@1 0.917 against 0.883-0.900).
         """
-        pixels = np.asarray(image)
-        base = self.scale_hint(*image.size) / max(self.config.scales)
-        out = []
-        for scale in self.config.scales:
-            width = max(1, round(image.size[0] * base * scale))
-            height = max(1, round(image.size[1] * base * scale))
-            shrinking = width < image.size[0]
-            resized = cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
-            normalised = (resized.astype(np.float32) - self._mean) * self._inv_std
-            out.append(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
-        return out
+        height, width = pixels.shape[:2]
+        factor = self.scale_hint(width, height) / max(self.config.scales) * scale
+        size = (max(1, round(width * factor)), max(1, round(height * factor)))
+        shrinking = size[0] < width
+        return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB ``(H, W, 3)`` to the network's normalised float32 ``(3, H, W)``."""
+        normalised = (pixels.astype(np.float32) - self._mean) * self._inv_std
+        return np.ascontiguousarray(normalised.transpose(2, 0, 1))
 
     def _pooled(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            if self._layer_index is None:
-                fmap = self.model.forward_features(batch)
-            else:
-                fmap = self.model.forward_intermediates(
-                    batch, indices=[self._layer_index], intermediates_only=True, stop_early=True)[0]
-            return POOLINGS[self.config.pooling].fn(fmap, **dict(self.config.params))
+            return self.net.pooled(batch)
 
     def _single_scale(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """Pooled vectors of same-scale arrays; arrays of equal shape share a forward pass."""
@@ -197,10 +208,8 @@ class CnnExtractor(Extractor):
                    for s in range(len(self.config.scales)))
 
     def describe(self, prepared: Sequence[list[np.ndarray]]) -> np.ndarray:
-        vectors = self._unwhitened(prepared)
-        if self._state.get("pca_components") is not None:
-            vectors = project(l2_normalize(vectors), self._state, self.dim)
-        return vectors
+        with torch.inference_mode():
+            return self.net.head(torch.from_numpy(self._unwhitened(prepared))).numpy()
 
     # ------------------------------------------------------------ whitening
 
@@ -222,10 +231,24 @@ class CnnExtractor(Extractor):
             raise ExtractorSpecError(f"{self.spec}: whitening needs a sample of at least 2 images")
         vectors = l2_normalize(np.concatenate([self._unwhitened(prepared[i:i + self.batch_size])
                                                for i in range(0, len(prepared), self.batch_size)]))
-        self._state = {"whitened": np.ones(1, dtype=np.float32), **learn_projection(vectors, self.dim, whiten=True)}
+        self.load_state({"whitened": np.ones(1, dtype=np.float32), **learn_projection(vectors, self.dim, whiten=True)})
 
     def state(self) -> dict[str, np.ndarray]:
         return dict(self._state)
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self._state = dict(state)
+        if state.get("pca_components") is not None:
+            self.net.set_whitening(*(torch.from_numpy(state[f"pca_{k}"]) for k in ("mean", "components", "scale")))
+
+
+def build_net(config: CnnConfig, model: torch.nn.Module) -> RetrievalNet:
+    """The off-the-shelf network of a spec, on the process's shared backbone ``model``."""
+    stages = trunk_stages(model, config.layer)
+    pooling = make_pooling(config.pooling, dict(config.params), model)
+    with torch.inference_mode():  # the dimension, from a tiny image's map
+        x = torch.zeros(1, 3, 64, 64)
+        for _, stage in stages:
+            x = stage(x)
+        dim = int(pooling(x).shape[1])
+    return RetrievalNet(stages, pooling, dim)

@@ -214,6 +214,31 @@ def crow(x: torch.Tensor, a: float = 2.0, b: float = 2.0) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
+# Class-weighted convolutional features
+
+
+def cam(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, classes: int = 5, eps: float = 1e-6) -> torch.Tensor:
+    """Class-weighted features (Jiménez, Álvarez & Giró-i-Nieto, "Class-Weighted Convolutional
+    Features for Visual Instance Search", BMVC 2017).
+
+    The backbone's own ImageNet classifier (``weight (K, C)``, ``bias (K,)``, applied to the
+    average-pooled map as the network classifies) picks the ``classes`` most probable classes; each
+    one's class activation map ``CAM_c = Σ_k w_ck · x_k`` (Zhou et al. 2016), rescaled to [0, 1],
+    weights the map, which is then sum-pooled into one vector per class. Those are L2-normalised
+    and summed, so that every likely class votes equally; the paper's per-class PCA-whitening is a
+    learned step handled elsewhere. Where a class's map is flat, it weighs every cell alike (0/0 is
+    avoided by ``eps``).
+    """
+    logits = x.mean(dim=(-2, -1)) @ weight.T + bias
+    top = logits.topk(min(classes, weight.shape[0]), dim=1).indices
+    maps = torch.einsum("nkhw,nck->nchw", x, weight[top])
+    low, high = maps.amin(dim=(-2, -1), keepdim=True), maps.amax(dim=(-2, -1), keepdim=True)
+    maps = (maps - low) / (high - low).clamp(min=eps)
+    per_class = torch.einsum("nchw,nkhw->nck", maps, x)
+    return (per_class / (per_class.norm(dim=-1, keepdim=True) + eps)).sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
 # Registry
 
 
@@ -222,12 +247,14 @@ class Pooling:
     """A pooling as a spec names it: its function, and the spec options it takes with their defaults.
 
     Each option is passed to ``fn`` as the keyword of the same name; the type of its default (int or
-    float) is the type the spec parser expects.
+    float) is the type the spec parser expects. ``classifier``: ``fn`` also takes the backbone's
+    ImageNet classifier (``weight``, ``bias``), so it pools the last map only.
     """
 
     fn: Callable[..., torch.Tensor]
     label: str
     params: dict[str, int | float] = field(default_factory=dict)
+    classifier: bool = False
 
 
 #: Pooling name in a spec → how to apply it.
@@ -238,4 +265,5 @@ POOLINGS: dict[str, Pooling] = {
     "spoc": Pooling(spoc, "SPoC (sum with a centre prior)"),
     "rmac": Pooling(rmac, "R-MAC (regional max, 3 scales)", {"levels": 3}),
     "crow": Pooling(crow, "CroW (cross-dimensional weighting)", {"a": 2.0, "b": 2.0}),
+    "cam": Pooling(cam, "class-weighted (CAMs of the 5 likeliest ImageNet classes)", {"classes": 5}, classifier=True),
 }

@@ -1,0 +1,212 @@
+"""``imgdb train NAME --from INDEX``: fine-tune INDEX's network on its images into a new index NAME.
+
+The steps, each reusing what imgdb does elsewhere: read INDEX's images back as the re-encoder does
+(:func:`imgdb.reencode.read_back`: files, URLs or an attached table's bytes, refused if they changed),
+train (:mod:`imgdb.training.trainer`), store the trained weights by their sha256
+(:mod:`imgdb.db.networks`), create NAME with a spec naming them, and encode INDEX's images into it.
+INDEX is never changed, so a training that disappoints costs nothing but ``imgdb index drop NAME``.
+
+Methods: ``triplet`` (no labels), ``category`` (one ``--label-key``: a classification head plus the
+triplet term), ``multitask`` (several label keys, a head each), ``distill`` (a smaller ``--student``
+learns INDEX's similarities). Class-weighted features (``cam``) are a pooling, not a training.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from imgdb.ann.spec import parse_ann
+from imgdb.db import networks, store
+from imgdb.errors import ImgdbError, IndexExists
+from imgdb.features.cnn import CnnConfig, CnnExtractor
+from imgdb.features.known import provide
+from imgdb.features.network import serialize
+from imgdb.features.registry import create_extractor
+from imgdb.features.spec import parse_spec
+from imgdb.ingest import Failure, Ingester, IngestReport, ProgressCallback, StatusCallback
+from imgdb.reencode import read_back
+from imgdb.training import losses
+from imgdb.training.trainer import EpochCallback, Member, TrainOptions, train
+
+if TYPE_CHECKING:
+    from imgdb.client import Imgdb
+    from imgdb.orm import SearchIndex
+
+METHODS = ("triplet", "category", "multitask", "distill")
+#: Images training reads at most (a random sample beyond): each is held in memory as pixels.
+MAX_TRAINING_IMAGES = 5000
+
+
+@dataclass
+class TrainReport:
+    """The CONVENTIONS.md ``imgdb train`` summary."""
+
+    index: str
+    source: str
+    method: str
+    network: str
+    extractor: str
+    images: int
+    losses: list[float]
+    train_seconds: float
+    views: int
+    encoded: IngestReport
+    failed: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "from": self.source, "method": self.method, "network": self.network,
+                "extractor": self.extractor, "images": self.images, "epochs": len(self.losses),
+                "loss": [round(x, 6) for x in self.losses], "views": self.views,
+                "train_seconds": round(self.train_seconds, 1), "encoded": self.encoded.added,
+                "failed": [{"path": f.path, "error": f.error} for f in self.failed + self.encoded.failed],
+                "seconds": round(self.seconds, 1)}
+
+
+def torch_device(setting: str) -> torch.device:
+    """``IMGDB_DEVICE``: ``auto`` takes CUDA when torch sees a GPU; ``cuda`` insists on one."""
+    if setting not in ("auto", "cpu", "cuda"):
+        raise ImgdbError(f"IMGDB_DEVICE={setting!r}: use auto, cpu or cuda")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ImgdbError("IMGDB_DEVICE=cuda, but torch sees no CUDA device")
+    return torch.device("cuda" if setting != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def label_heads(keys: Sequence[str]) -> list[str]:
+    """``meta.KEY`` options to metadata keys."""
+    out = []
+    for key in keys:
+        name = key.removeprefix("meta.")
+        if not key.startswith("meta.") or not name:
+            raise ImgdbError(f"--label-key {key!r}: name a metadata key as meta.KEY")
+        out.append(name)
+    if len(set(out)) != len(out):
+        raise ImgdbError("--label-key: the same key twice")
+    return out
+
+
+def check_method(method: str, keys: Sequence[str], student: str | None) -> None:
+    if method not in METHODS:
+        raise ImgdbError(f"unknown method {method!r}: use {', '.join(METHODS)}")
+    if method == "category" and len(keys) != 1:
+        raise ImgdbError("--method category takes one --label-key meta.KEY (several: --method multitask)")
+    if method == "multitask" and len(keys) < 2:
+        raise ImgdbError("--method multitask takes two --label-key meta.KEY or more (one: --method category)")
+    if method in ("triplet", "distill") and keys:
+        raise ImgdbError(f"--method {method} uses no labels: drop --label-key (or use category/multitask)")
+    if (method == "distill") != (student is not None):
+        raise ImgdbError("--student BACKBONE goes with --method distill, and distill needs one")
+
+
+def student_spec(student: str, teacher: CnnConfig) -> CnnConfig:
+    """The student's extractor: a backbone name (pooled like the teacher) or a whole cnn spec."""
+    text = student if student.startswith("cnn:") else f"cnn:{student}/{teacher.pooling}/size={teacher.size}"
+    config = CnnConfig.parse(parse_spec(text))
+    if config.net or config.weights:
+        raise ImgdbError("--student: an ImageNet backbone, without net= or weights=")
+    return replace(config, whiten="off")
+
+
+def train_network(db: Imgdb, name: str, source_name: str, *, method: str = "triplet",
+                  label_keys: Sequence[str] = (), student: str | None = None,
+                  options: TrainOptions = TrainOptions(), on_status: StatusCallback | None = None,
+                  on_progress: ProgressCallback | None = None, on_epoch: EpochCallback | None = None) -> TrainReport:
+    """Fine-tune ``source_name``'s network on its images into a new index ``name`` (see the module)."""
+    started = time.monotonic()
+    store.check_name(name)
+    keys = label_heads(label_keys)
+    check_method(method, keys, student)
+    source = db.index(source_name)
+    with db.database.connect() as conn:
+        if store.get_index(conn, name) is not None:
+            raise IndexExists(f"index {name!r} exists already")
+        images = store.stored_images(conn, source)
+        state = store.load_state(conn, source)
+    teacher = db.extractor(source)
+    if not isinstance(teacher, CnnExtractor):
+        raise ImgdbError(f"index {source.name!r} ({source.extractor}) has no network to fine-tune: use a cnn: index")
+    if len(images) > MAX_TRAINING_IMAGES:
+        images = sorted(random.Random(0).sample(images, MAX_TRAINING_IMAGES), key=lambda row: row.image_id)
+    config = student_spec(student, teacher.config) if student else teacher.config
+    trainee = CnnExtractor(replace(config, whiten="off") if student else config)
+    if not student:
+        trainee.load_state(state)
+    device = torch_device(db.settings.device)
+
+    if on_status:
+        on_status(f"reading the {len(images)} images of {source.name!r}")
+    read = IngestReport()
+    ingester = Ingester(db.database, source, teacher, db.settings, db.layer)
+    pixels = {row.image_id: loaded.prepared for batch in read_back(
+        ingester, images, read, on_progress, prepare=lambda image: trainee.resized(np.asarray(image)),
+        outcome="left out of training") for row, loaded in batch}
+    members, classes = _members(db, pixels, keys)
+    if on_status:
+        views = f"{options.views} synthetic photos of each"
+        on_status(f"training {method} on {len(members)} images ({views}) on {device.type}")
+    net = trainee.net
+    trained = train(net, lambda p: trainee.normalise(trainee.resized(p)), members, options, classes=classes,
+                    device=device, teacher=(teacher.net, lambda p: teacher.normalise(teacher.resized(p)))
+                    if student else None, on_progress=on_progress, on_epoch=on_epoch)
+    sha, blob = serialize(net.trained_state())
+    spec = str(replace(trainee.config, whiten="off", net=sha))
+    record = {"sha256": sha, "backbone": trainee.config.backbone, "weights": blob, "method": method,
+              "params": {**vars(options), "from": source.name, "from_extractor": source.extractor,
+                         "label_keys": list(label_keys), "views": trained.views},
+              "images": len(members), "loss": trained.losses, "seconds": trained.seconds}
+    with db.database.engine.begin() as conn:
+        networks.save(conn, record)
+    provide(sha, blob)
+    db.create_index(name, spec, ann=_ann_of(source), storage=source.storage)
+    if on_status:
+        on_status(f"encoding the {len(pixels)} images into {name!r} with network {sha[:12]}")
+    encoded = fill(db, db.index(name), images, on_progress)
+    return TrainReport(name, source.name, method, sha, spec, len(members), trained.losses, trained.seconds,
+                       trained.views, encoded, read.failed, time.monotonic() - started)
+
+
+def _ann_of(index: SearchIndex) -> str:
+    """The source index's first stage, for the new index to have the same."""
+    return str(parse_ann(index.ann, index.ann_params))
+
+
+def _members(db: Imgdb, pixels: dict[int, np.ndarray], keys: Sequence[str]) -> tuple[list[Member], list[int]]:
+    """Training images with their class per label key (values as text; images without it: no label)."""
+    with db.database.connect() as conn:
+        meta = store.image_metadata(conn, list(pixels)) if keys else {}
+    values = [{str(meta[i][k]) for i in pixels if meta.get(i, {}).get(k) not in (None, "")} for k in keys]
+    for key, found in zip(keys, values):
+        if len(found) < 2:
+            raise ImgdbError(f"--label-key meta.{key}: the images hold {len(found)} distinct value(s); a head needs 2 or more")
+    index_of = [{v: c for c, v in enumerate(sorted(found))} for found in values]
+    members = []
+    for image_id, array in pixels.items():
+        labels = [index_of[h].get(str(meta.get(image_id, {}).get(k)), losses.NO_LABEL) for h, k in enumerate(keys)]
+        members.append(Member(array, labels))
+    return members, [len(found) for found in values]
+
+
+def fill(db: Imgdb, index: SearchIndex, images: Sequence[store.Stored], on_progress: ProgressCallback | None) -> IngestReport:
+    """Encode the source index's images (read back again) into the new index."""
+    report = IngestReport()
+    started = time.perf_counter()
+    extractor = create_extractor(index.extractor)
+    ingester = Ingester(db.database, index, extractor, db.settings, db.layer)
+    try:
+        for batch in read_back(ingester, images, report, on_progress, outcome="not in the new index"):
+            prepared = [loaded for _, loaded in batch]
+            vectors, codes = ingester.embed(prepared)
+            _, added = db.database.writing(lambda conn: ingester.write(conn, prepared, vectors, codes))
+            report.added += added
+    finally:
+        db.layer.sync(index)
+    report.seconds = time.perf_counter() - started
+    return report
+

@@ -1,0 +1,239 @@
+"""``imgdb index export/import``: an index, with everything that encodes its queries, in one file.
+
+The file is a zip of plain parts, readable without imgdb:
+
+* ``manifest.json``: the format, the index (name, extractor spec, dimension, first stage, storage),
+  and what else the file holds;
+* ``images.json``: each image's uri, content hash, facts and user metadata, in vector order;
+* ``vectors.npy``: the vectors, float32, one row per image;
+* ``state/KEY.npy``: what the extractor learned from the collection (codebooks, PCA);
+* ``networks/SHA256.safetensors`` and ``.json``: the fine-tuned network the spec names, and how it
+  was trained.
+
+So a query in the database it is imported into is encoded exactly as the collection was. What a
+first stage learned (PQ, LSH codes) is not carried: it is learned again from the same vectors on
+import. Attached tables are not carried either: they belong to the application's database.
+
+An import trusts nothing in the file: members are read by name with a size limit each (a zip
+bomb declares its sizes), JSON through :func:`imgdb.db.values.loads`, arrays without pickles, every
+image's facts and metadata checked, every network's bytes against its hash; the index and its
+images land in one transaction, or nothing does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from imgdb.ann.spec import parse_ann
+from imgdb.db import networks, store, values
+from imgdb.errors import ImgdbError, IndexExists
+from imgdb.features import known
+from imgdb.features.spec import parse_spec
+from imgdb.io.reader import ImageFacts
+
+if TYPE_CHECKING:
+    from imgdb.client import Imgdb
+
+FORMAT = "imgdb-index"
+VERSION = 1
+#: The largest member an import reads (the vectors of ten million 1,280-d images would not fit anyway).
+MAX_MEMBER_BYTES = 8 * 2**30
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_STATE_KEY = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+_FACTS = ("width", "height", "format", "file_size", "taken_at", "camera")
+
+
+def export_index(db: Imgdb, name: str, path: str | Path) -> dict[str, Any]:
+    """Write index ``name`` to ``path``; returns the manifest."""
+    index = db.index(name)
+    with db.database.connect() as conn:
+        rows = store.index_images(conn, index)
+        ids, vectors = store.read_vectors(conn, index)
+        state = store.load_state(conn, index)
+        sha = parse_spec(index.extractor).options.get("net")
+        network = networks.record(conn, sha) if sha else None
+    if sha and network is None:
+        raise ImgdbError(f"network {sha[:12]} of index {name!r} is missing from the database")
+    if [row["id"] for row in rows] != ids.tolist():
+        raise ImgdbError(f"index {name!r} changed while it was read: export it again")
+    manifest = {"format": FORMAT, "version": VERSION, "images": len(rows), "state": sorted(state),
+                "networks": [sha] if sha else [],
+                "index": {"name": index.name, "extractor": index.extractor, "dim": index.dim, "ann": index.ann,
+                          "ann_params": index.ann_params, "storage": index.storage}}
+    images = [{"uri": r["uri"], "sha256": r["sha256"], "metadata": r["metadata"], "direct": r["direct"],
+               **{k: r[k].isoformat() if isinstance(r[k], dt.datetime) else r[k] for k in _FACTS}} for r in rows]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("manifest.json", json.dumps(manifest, indent=1))
+        archive.writestr("images.json", json.dumps(images, ensure_ascii=False))
+        archive.writestr("vectors.npy", _npy(vectors.astype(np.float32)))
+        for key, array in state.items():
+            archive.writestr(f"state/{key}.npy", _npy(array))
+        if network is not None:
+            archive.writestr(f"networks/{sha}.safetensors", network.pop("weights"))
+            archive.writestr(f"networks/{sha}.json", json.dumps(network, default=str))
+    return manifest
+
+
+def import_index(db: Imgdb, path: str | Path, name: str | None = None) -> dict[str, Any]:
+    """Create an index from an export (under ``name``, default its own); returns the manifest."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ImgdbError(f"{path}: not an imgdb index export ({exc})") from None
+    with archive:
+        manifest = _json(archive, "manifest.json")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise ImgdbError(f"{path}: not an imgdb index export of format version {VERSION}")
+        spec = _field(manifest, "index", dict)
+        name = store.check_name(name or _field(spec, "name", str))
+        extractor, dim = _field(spec, "extractor", str), _field(spec, "dim", int)
+        images = _images(_json(archive, "images.json"), _field(manifest, "images", int))
+        vectors = _array(archive, "vectors.npy")
+        if vectors.dtype != np.float32 or vectors.shape != (len(images), dim) or not np.isfinite(vectors).all():
+            raise ImgdbError(f"vectors.npy must hold {len(images)} finite float32 rows of {dim} values")
+        state = {key: _array(archive, f"state/{key}.npy") for key in _keys(manifest)}
+        nets = [_network(archive, sha) for sha in _field(manifest, "networks", list)]
+    if parse_spec(extractor).options.get("net") not in {None, *(n["sha256"] for n in nets)}:
+        raise ImgdbError("the index's extractor names a network the file does not hold")
+    with db.database.engine.begin() as conn:
+        for record in nets:
+            networks.save(conn, record)
+    # The spec checked and its model loaded now, before anything is written.
+    ann = spec.get("ann", "hnsw")
+    info = db.create_index(name, extractor, ann=_ann(ann, spec.get("ann_params")), storage=spec.get("storage", "vector"))
+    if info.dim != dim:
+        db.drop_index(name)
+        raise ImgdbError(f"the extractor makes {info.dim}-dimensional vectors here, the file holds {dim}")
+    target = db.index(name)
+    try:
+        with db.database.engine.begin() as conn:
+            ids = store.upsert_images(conn, [(i["uri"], i["facts"], i["metadata"]) for i in images])
+            store.copy_vectors(conn, target, ids, vectors, direct=[i["direct"] for i in images])
+            store.save_state(conn, target, state)
+    except Exception:
+        db.drop_index(name)
+        raise
+    db.forget_extractor(target)
+    db.layer.forget(target)
+    db.layer.sync(target, retrain=True)
+    return {**manifest, "index": {**spec, "name": name}}
+
+
+# ------------------------------------------------------------------ reading, with suspicion
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _read(archive: zipfile.ZipFile, member: str) -> bytes:
+    try:
+        info = archive.getinfo(member)
+    except KeyError:
+        raise ImgdbError(f"the export has no {member}") from None
+    if info.file_size > MAX_MEMBER_BYTES:
+        raise ImgdbError(f"{member} is {info.file_size:,} bytes: more than an import reads")
+    with archive.open(info) as part:
+        data = part.read(MAX_MEMBER_BYTES + 1)  # (a member that lies about its size stops here)
+    if len(data) > MAX_MEMBER_BYTES:
+        raise ImgdbError(f"{member} is larger than an import reads")
+    return data
+
+
+def _json(archive: zipfile.ZipFile, member: str) -> Any:
+    return values.loads(_read(archive, member), member)
+
+
+def _array(archive: zipfile.ZipFile, member: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(_read(archive, member)), allow_pickle=False)
+    except ValueError as exc:
+        raise ImgdbError(f"{member} is not a plain .npy array: {exc}") from None
+
+
+def _field(document: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = document.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ImgdbError(f"the export's {key!r} is missing or not a {names}")
+    return value
+
+
+def _keys(manifest: dict[str, Any]) -> list[str]:
+    keys = _field(manifest, "state", list)
+    if not all(isinstance(k, str) and _STATE_KEY.fullmatch(k) for k in keys):
+        raise ImgdbError("the export's state keys must be short names of letters, digits and _")
+    return keys
+
+
+def _ann(method: str, params: Any) -> str:
+    if not isinstance(method, str) or not (params is None or isinstance(params, dict)):
+        raise ImgdbError("the export's first stage is not an ANN spec")
+    return str(parse_ann(method, params))
+
+
+def _images(entries: Any, count: int) -> list[dict[str, Any]]:
+    """Each image's uri, facts, metadata and direct flag, checked as ingest checks them."""
+    if not isinstance(entries, list) or len(entries) != count:
+        raise ImgdbError(f"images.json must list the manifest's {count} images")
+    out = []
+    for n, entry in enumerate(entries):
+        try:
+            sha = _field(entry, "sha256", str)
+            if not _SHA256.fullmatch(sha):
+                raise ImgdbError("sha256 is not 64 hex digits")
+            taken = entry.get("taken_at")
+            facts = ImageFacts(sha, _bounded(entry, "width"), _bounded(entry, "height"), _text(entry, "format") or "",
+                               _bounded(entry, "file_size", 2**62), dt.datetime.fromisoformat(taken) if taken else None,
+                               _text(entry, "camera"))
+            out.append({"uri": values.check_file_name(_field(entry, "uri", str)), "facts": facts,
+                        "metadata": values.check_metadata(_field(entry, "metadata", dict)),
+                        "direct": bool(entry.get("direct", True))})
+        except (ImgdbError, TypeError, ValueError) as exc:
+            raise ImgdbError(f"images.json, image {n + 1}: {exc}") from None
+    if len({i["facts"].sha256 for i in out}) != len(out):
+        raise ImgdbError("images.json lists the same image (content hash) twice")
+    return out
+
+
+def _bounded(entry: dict[str, Any], key: str, limit: int = 2**31 - 1) -> int:
+    value = _field(entry, key, int)
+    if not 0 <= value <= limit:
+        raise ImgdbError(f"{key} {value} is out of range")
+    return value
+
+
+def _text(entry: dict[str, Any], key: str) -> str | None:
+    value = entry.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ImgdbError(f"{key} is not text")
+    return None if value is None else values.check_text(value, key)
+
+
+def _network(archive: zipfile.ZipFile, sha: Any) -> dict[str, Any]:
+    """A network's row: its bytes checked against its name, its record's fields typed."""
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise ImgdbError("the export names a network by something that is not a sha256")
+    blob = _read(archive, f"networks/{sha}.safetensors")
+    record = _json(archive, f"networks/{sha}.json")
+    if not isinstance(record, dict):
+        raise ImgdbError(f"networks/{sha}.json is not an object")
+    known.provide(sha, blob)  # raises if the bytes are not what their hash says
+    loss = _field(record, "loss", list)
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in loss):
+        raise ImgdbError(f"networks/{sha}.json: loss must be finite numbers")
+    return {"sha256": sha, "weights": blob, "backbone": values.check_text(_field(record, "backbone", str), "backbone"),
+            "method": values.check_text(_field(record, "method", str), "method"),
+            "params": values.check_metadata(_field(record, "params", dict), "params"),
+            "images": _bounded(record, "images"), "loss": [float(x) for x in loss],
+            "seconds": float(_field(record, "seconds", (int, float)))}

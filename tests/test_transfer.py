@@ -1,0 +1,140 @@
+"""``imgdb index export/import``: an index moves between databases with everything that encodes
+its queries; a file that is not what it claims is refused whole, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgdb.db import networks, store
+from imgdb.errors import ImgdbError
+
+
+@pytest.fixture(scope="session")
+def exported(client, tuned_index, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: ANN001
+    path = tmp_path_factory.mktemp("export") / "tuned.zip"
+    manifest = client.export_index("tuned", path)
+    assert manifest["networks"] == [tuned_index[0].network]
+    return path
+
+
+@pytest.fixture(scope="session")
+def elsewhere(new_database):  # noqa: ANN001, ANN201
+    """imgdb in another database of the same server: the machine an index moves to."""
+    import imgdb
+
+    with imgdb.connect(new_database("transfer_target")) as db:
+        yield db
+
+
+def _by_hash(db, name: str) -> dict[str, np.ndarray]:  # noqa: ANN001
+    with db.database.connect() as conn:
+        index = store.require_index(conn, name)
+        rows = store.index_images(conn, index)
+        ids, vectors = store.read_vectors(conn, index)
+    assert [r["id"] for r in rows] == ids.tolist()
+    return {r["sha256"]: v for r, v in zip(rows, vectors)}
+
+
+def test_export_then_import_gives_the_same_vectors_and_query_encoding(client, elsewhere, exported: Path,  # noqa: ANN001
+                                                                      museum: Path, tuned_index) -> None:
+    elsewhere.import_index(exported)
+    here, there = _by_hash(client, "tuned"), _by_hash(elsewhere, "tuned")
+    assert here.keys() == there.keys() and all(np.array_equal(here[k], there[k]) for k in here)
+    assert elsewhere.index("tuned").extractor == client.index("tuned").extractor
+    with elsewhere.database.connect() as conn:
+        record = networks.record(conn, tuned_index[0].network)
+    assert record["method"] == "triplet" and record["loss"] == tuned_index[0].losses
+    query = museum / "queries" / "qsd1_w1_00003.jpg"
+    assert np.array_equal(elsewhere.embed(query, index="tuned"), client.embed(query, index="tuned"))
+    with pytest.raises(ImgdbError, match="exists already"):
+        elsewhere.import_index(exported)
+
+
+def test_an_index_with_learned_state_moves_with_it(client, elsewhere, museum_sample: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    client.create_index("whitened", "cnn:tf_efficientnet_lite0/gem/size=128/whiten=on", ann="none")
+    client.ingest([museum_sample / "images"], index="whitened")
+    client.export_index("whitened", tmp_path / "w.zip")
+    elsewhere.import_index(tmp_path / "w.zip", name="moved")
+    with client.database.connect() as conn:
+        state = store.load_state(conn, client.index("whitened"))
+    with elsewhere.database.connect() as conn:
+        moved = store.load_state(conn, elsewhere.index("moved"))
+    assert state.keys() == moved.keys() and all(np.array_equal(state[k], moved[k]) for k in state)
+    query = museum_sample / "images" / "bbdd_00002.jpg"
+    assert np.array_equal(elsewhere.embed(query, index="moved"), client.embed(query, index="whitened"))
+
+
+def _rewrite(src: Path, dst: Path, members: dict[str, bytes | None]) -> Path:
+    """A copy of an export with members replaced (bytes) or left out (None)."""
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w") as new:
+        for info in old.infolist():
+            if info.filename not in members:
+                new.writestr(info, old.read(info))
+        for name, data in members.items():
+            if data is not None:
+                new.writestr(name, data)
+    return dst
+
+
+def _member(path: Path, name: str) -> bytes:
+    with zipfile.ZipFile(path) as archive:
+        return archive.read(name)
+
+
+def _tampered_network(exported: Path) -> dict[str, bytes]:
+    sha = json.loads(_member(exported, "manifest.json"))["networks"][0]
+    blob = bytearray(_member(exported, f"networks/{sha}.safetensors"))
+    blob[-1] ^= 1
+    return {f"networks/{sha}.safetensors": bytes(blob)}
+
+
+def _images(exported: Path, change) -> bytes:  # noqa: ANN001
+    images = json.loads(_member(exported, "images.json"))
+    change(images)
+    return json.dumps(images).encode()
+
+
+def _vectors_with_nan(exported: Path) -> bytes:
+    import io
+
+    vectors = np.load(io.BytesIO(_member(exported, "vectors.npy")))
+    vectors[3, 5] = np.nan
+    out = io.BytesIO()
+    np.save(out, vectors)
+    return out.getvalue()
+
+
+CASES = {
+    "no manifest": (lambda e: {"manifest.json": None}, "no manifest.json"),
+    "other format": (lambda e: {"manifest.json": b'{"format": "zip", "version": 1}'}, "format version"),
+    "bad json": (lambda e: {"images.json": b"[{"}, "images.json"),
+    "NaN vector": (lambda e: {"vectors.npy": _vectors_with_nan(e)}, "finite float32"),
+    "pickled vectors": (lambda e: {"vectors.npy": b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, "
+                                   b"'shape': (1,), }" + b" " * 50 + b"\n" + b"\x80\x04N."}, "plain .npy"),
+    "one image fewer": (lambda e: {"images.json": _images(e, lambda i: i.pop())}, "manifest's"),
+    "bad hash": (lambda e: {"images.json": _images(e, lambda i: i[0].update(sha256="x" * 64))}, "64 hex"),
+    "NUL in uri": (lambda e: {"images.json": _images(e, lambda i: i[1].update(uri="a\x00b"))}, "NUL"),
+    "huge width": (lambda e: {"images.json": _images(e, lambda i: i[2].update(width=2**40))}, "out of range"),
+    "same image twice": (lambda e: {"images.json": _images(e, lambda i: i.__setitem__(1, i[0]))}, "twice"),
+    "tampered network": (_tampered_network, "do not match their sha256"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_bad_export_is_refused_whole(elsewhere, exported: Path, tmp_path: Path, case: str) -> None:  # noqa: ANN001
+    members, reason = CASES[case]
+    bad = _rewrite(exported, tmp_path / "bad.zip", members(exported))
+    with pytest.raises(ImgdbError, match=reason):
+        elsewhere.import_index(bad, name="refused")
+    assert "refused" not in {i.name for i in elsewhere.indexes()}
+
+
+def test_a_file_that_is_not_an_export_is_refused(elsewhere, tmp_path: Path) -> None:  # noqa: ANN001
+    (tmp_path / "x.zip").write_bytes(b"not a zip")
+    with pytest.raises(ImgdbError, match="not an imgdb index export"):
+        elsewhere.import_index(tmp_path / "x.zip")
