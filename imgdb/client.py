@@ -105,6 +105,9 @@ class Imgdb:
         ``vector`` or ``halfvec`` (half the bytes, indexable up to 4000 dimensions)."""
         store.check_name(name)
         spec = canonical_spec(extractor or DEFAULT_SPEC)
+        if parse_spec(spec).options.get("weights"):
+            spec = self._store_weights_file(spec)
+        self._provide_network(spec)
         dim = create_extractor(spec).dim
         with self.database.engine.begin() as conn:
             index = store.create_index(conn, name, spec, dim, parse_ann(ann), storage)
@@ -181,6 +184,18 @@ class Imgdb:
             with self.database.connect() as conn:
                 trainable.load_state(store.load_state(conn, index))
         return trainable
+
+    def _store_weights_file(self, spec: str) -> str:
+        """A spec's ``weights=PATH`` stored in the database, and the spec naming it by hash."""
+        from imgdb.features.cnn import CnnConfig, network_from_file  # torch, loaded when used
+
+        config, sha, blob = network_from_file(CnnConfig.parse(parse_spec(spec)))
+        path = parse_spec(spec).options["weights"]
+        with self.database.engine.begin() as conn:
+            networks.save(conn, {"sha256": sha, "backbone": config.backbone, "weights": blob, "method": "file",
+                                 "params": {"file": path}, "images": 0, "loss": [], "seconds": 0.0})
+        known.provide(sha, blob)
+        return str(config)
 
     def _provide_network(self, spec: str) -> None:
         """Load the fine-tuned network a spec names (``net=<sha256>``) from the database, once."""

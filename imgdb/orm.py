@@ -7,7 +7,8 @@ own engine and sessions; with another ``IMGDB_SCHEMA``, give that engine
 ``images`` holds one row per distinct image (by content hash); ``indexes`` is the registry of named
 indexes, each with its extractor spec and ANN settings; ``index_state`` keeps whatever an extractor
 learned from the collection (codebooks, PCA matrices) as named arrays, so that a query months later is
-encoded exactly as the collection was. Each index's vectors live in a table of their own,
+encoded exactly as the collection was; ``networks`` the fine-tuned networks (``imgdb train``) that
+extractor specs name by the sha256 of their weights. Each index's vectors live in a table of their own,
 ``vectors_<index id>``, because pgvector indexes need one fixed dimension per column (``vector``, or
 ``halfvec`` at half the bytes); map it with :func:`vectors_model`::
 

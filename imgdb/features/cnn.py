@@ -25,7 +25,7 @@ batches by shape and sums scales around it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -39,7 +39,7 @@ from imgdb.features.base import Extractor, l2_normalize
 from imgdb.features.pooling import POOLINGS
 from imgdb.features.spec import Spec, reject_leftovers, take_float, take_int
 from imgdb.features import known
-from imgdb.features.network import SHA256, RetrievalNet, deserialize, make_pooling, trunk_stages
+from imgdb.features.network import SHA256, RetrievalNet, deserialize, make_pooling, serialize, trunk_stages, whole_trunk
 from imgdb.features.whitening import learn_projection
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite2"
@@ -97,15 +97,13 @@ class CnnConfig:
         size = take_int(options, "size", DEFAULT_SIZE, minimum=32)
         scales = _parse_scales(options.pop("scales", "1"))
         net = options.pop("net", None)
-        whiten = options.pop("whiten", "off" if net else "auto")
+        whiten = options.pop("whiten", "auto")
         if whiten not in WHITEN_MODES:
             raise ExtractorSpecError(f"whiten={whiten!r}: use one of {', '.join(WHITEN_MODES)}")
         if net is not None and not SHA256.fullmatch(net):
             raise ExtractorSpecError(f"net={net[:70]!r}: a network is named by the sha256 of its weights (64 hex digits)")
         if layer and POOLINGS[pooling].classifier:
             raise ExtractorSpecError(f"{pooling} pooling weighs the last map by the classifier: no @{layer}")
-        if net is not None and whiten != "off":
-            raise ExtractorSpecError("a fine-tuned net= carries its own whitening: whiten=off")
         weights = options.pop("weights", None)
         if weights is not None:
             weights = str(Path(weights).expanduser().resolve())
@@ -131,14 +129,18 @@ class CnnExtractor(Extractor):
         self.config = config
         self.spec = str(config)
         self.trainable = config.whiten != "off"
-        self.model = create_backbone(config.backbone, Path(config.weights) if config.weights else None)
+        stored = deserialize(known.blob(config.net)) if config.net else None
+        if stored is not None and "whiten.weight" in stored and config.whiten != "off":
+            raise ExtractorSpecError(f"network {config.net[:12]} carries its own whitening: use whiten=off")
+        self.model = create_backbone(config.backbone, Path(config.weights) if config.weights else None,
+                                     pretrained=stored is None or not whole_trunk(stored, config.layer))
         mean, std = backbone_normalization(config.backbone, self.model)
         self._mean = np.asarray(mean, dtype=np.float32) * 255.0
         self._inv_std = 1.0 / (np.asarray(std, dtype=np.float32) * 255.0)
         self.net = build_net(config, self.model)
         self.dim = self.net.dim
-        if config.net:
-            self.net.load_trained(deserialize(known.blob(config.net)))
+        if stored is not None:
+            self.net.load_trained(stored)
         self.net.eval()
         self._state: dict[str, np.ndarray] = {}
 
@@ -240,6 +242,18 @@ class CnnExtractor(Extractor):
         self._state = dict(state)
         if state.get("pca_components") is not None:
             self.net.set_whitening(*(torch.from_numpy(state[f"pca_{k}"]) for k in ("mean", "components", "scale")))
+
+
+def network_from_file(config: CnnConfig) -> tuple[CnnConfig, str, bytes]:
+    """A spec's ``weights=PATH`` as a network stored by hash: the same config naming ``net=<sha256>``
+    instead of the path, the hash, and the bytes. A path can change or be missing on another
+    machine; stored bytes cannot."""
+    if config.weights is None:
+        raise ExtractorSpecError("no weights= file in the spec")
+    net = build_net(config, create_backbone(config.backbone, Path(config.weights)))
+    net.detach_from(0)
+    sha, blob = serialize(net.trained_state())
+    return replace(config, weights=None, net=sha), sha, blob
 
 
 def build_net(config: CnnConfig, model: torch.nn.Module) -> RetrievalNet:

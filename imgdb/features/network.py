@@ -204,9 +204,9 @@ class RetrievalNet(nn.Module):
     def detach_from(self, first_trained: int) -> None:
         """Own private copies of stages ``first_trained:`` and of the pooling (the backbone's
         modules are shared by every extractor of the process and must never change)."""
-        if not 0 < first_trained <= len(self.stages):
+        if not 0 <= first_trained <= len(self.stages):
             raise ExtractorSpecError(f"cannot train from stage {first_trained} of {len(self.stages)}")
-        if len(self.stage_names) == 1 or isinstance(self.stages[0], (_Features, _Intermediate)):
+        if first_trained > 0 and isinstance(self.stages[0], (_Features, _Intermediate)):
             raise ExtractorSpecError("this backbone cannot be fine-tuned: imgdb splits the stages of timm "
                                      "EfficientNets and ResNets only")
         for i in range(first_trained, len(self.stages)):
@@ -260,6 +260,13 @@ class RetrievalNet(nn.Module):
 
 
 # ------------------------------------------------------------------ stored weights
+
+
+def whole_trunk(state: Mapping[str, torch.Tensor], layer: str | None) -> bool:
+    """Whether stored weights replace every stage (then the backbone needs no pretrained weights):
+    they hold the first stage, whatever the backbone calls it."""
+    firsts = ("stages.stem.", "stages.trunk.", *((f"stages.{layer}.",) if layer else ()))
+    return any(key.startswith(firsts) for key in state)
 
 
 def serialize(state: Mapping[str, torch.Tensor]) -> tuple[str, bytes]:

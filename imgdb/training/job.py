@@ -134,10 +134,9 @@ def train_network(db: Imgdb, name: str, source_name: str, *, method: str = "trip
         raise ImgdbError(f"index {source.name!r} ({source.extractor}) has no network to fine-tune: use a cnn: index")
     if len(images) > MAX_TRAINING_IMAGES:
         images = sorted(random.Random(0).sample(images, MAX_TRAINING_IMAGES), key=lambda row: row.image_id)
-    config = student_spec(student, teacher.config) if student else teacher.config
-    trainee = CnnExtractor(replace(config, whiten="off") if student else config)
+    trainee = CnnExtractor(student_spec(student, teacher.config) if student else teacher.config)
     if not student:
-        trainee.load_state(state)
+        trainee.load_state(state)  # (a whitening the source learned is where training starts)
     device = torch_device(db.settings.device)
 
     if on_status:
@@ -167,7 +166,11 @@ def train_network(db: Imgdb, name: str, source_name: str, *, method: str = "trip
     db.create_index(name, spec, ann=_ann_of(source), storage=source.storage)
     if on_status:
         on_status(f"encoding the {len(pixels)} images into {name!r} with network {sha[:12]}")
-    encoded = fill(db, db.index(name), images, on_progress)
+    try:
+        encoded = fill(db, db.index(name), images, on_progress)
+    except BaseException:  # (Ctrl-C too) no half-filled index: the network stays stored, a rerun is quick
+        db.drop_index(name)
+        raise
     return TrainReport(name, source.name, method, sha, spec, len(members), trained.losses, trained.seconds,
                        trained.views, encoded, read.failed, time.monotonic() - started)
 

@@ -20,6 +20,7 @@ ones), so the network is in ``eval`` mode throughout and only gradients flow.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,19 @@ class TrainOptions:
     distill_weight: float = 1.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        counts = {"epochs": self.epochs, "views": self.views, "negatives": self.negatives, "batch": self.batch,
+                  "train_stages": self.train_stages}
+        for name, value in counts.items():
+            if not isinstance(value, int) or not 1 <= value <= 100_000:
+                raise ImgdbError(f"{name} must be a whole number from 1 to 100000, not {value!r}")
+        rates = {"lr": self.lr, "whitening_lr": self.whitening_lr, "label_weight": self.label_weight,
+                 "distill_weight": self.distill_weight, "time_budget": self.time_budget or 1.0,
+                 "margin": self.margin or 1.0}
+        for name, value in rates.items():
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ImgdbError(f"{name} must be a positive number, not {value!r}")
+
 
 @dataclass
 class Member:
@@ -94,12 +108,14 @@ class ViewBank:
                  rng: np.random.Generator, device: torch.device,
                  teacher: tuple[RetrievalNet, Prepare] | None = None) -> None:
         self.net, self.prepare, self.members, self.rng, self.device = net, prepare, members, rng, device
+        if teacher is not None and device.type != "cpu":  # (the teacher is shared by the process, on the CPU)
+            teacher = (copy.deepcopy(teacher[0]).to(device), teacher[1])
         self.teacher = teacher
         self.clean = [self._frozen(m.pixels) for m in members]
         self.teacher_clean = self._teach([m.pixels for m in members])
-        per_view = sum(t.numel() for t in self.clean) * 2 / max(len(members), 1)
-        self.views = max(1, min(views, int(CACHE_BYTES // max(per_view * len(members), 1))))
-        self.cached = self.views == views
+        per_view = sum(t.numel() for t in self.clean) * 2 / max(len(members), 1)  # float16 bytes
+        self.cached = per_view * len(members) * views <= CACHE_BYTES
+        self.views = views if self.cached else 1
         self.photos: list[list[torch.Tensor]] = [[] for _ in members]
         self.teacher_photos: list[list[torch.Tensor]] = [[] for _ in members]
 
