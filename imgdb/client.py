@@ -238,8 +238,7 @@ class Imgdb:
         from imgdb.training.job import train_network  # torch training code, loaded when used
 
         return train_network(self, name, source, method=method, label_keys=label_keys, student=student,
-                             options=options or TrainOptions(), on_status=on_status, on_progress=on_progress,
-                             on_epoch=on_epoch)
+                             options=options, on_status=on_status, on_progress=on_progress, on_epoch=on_epoch)
 
     def forget_extractor(self, index: SearchIndex) -> None:
         """Drop this process's copy of an index's learned state (it was learned again)."""

@@ -14,9 +14,10 @@ Spec: ``cnn:BACKBONE[@LAYER]/POOLING[/OPTION=V]...[/size=S][/scales=1,0.707,0.5]
   L2-normalised descriptors of all scales are summed (Radenović et al.);
 * ``whiten``: a PCA-whitening learned on the collection (:mod:`imgdb.features.whitening`); ``auto``
   applies it when the training sample has at least ``WHITEN_MIN_RATIO`` images per dimension;
-* ``net``: a fine-tuned network (``imgdb train``), named by the sha256 of its weights, which live in
-  the database with the index (:mod:`imgdb.features.network`); its whitening is part of it, so
-  ``whiten`` is ``off``, and ``p`` is the value training started from.
+* ``net``: stored network weights, named by their sha256, which live in the database with the index
+  (:mod:`imgdb.features.network`): a fine-tuned network (``imgdb train``; it carries its own
+  whitening, so ``whiten=off``, and ``p`` is the value training started from), or a ``weights=``
+  file stored when its index was created.
 
 The descriptor is one :class:`~imgdb.features.network.RetrievalNet`: the extractor only resizes,
 batches by shape and sums scales around it.
@@ -34,12 +35,13 @@ import torch
 from PIL import Image
 
 from imgdb.errors import ExtractorSpecError
+from imgdb.features import known
 from imgdb.features.backbones import backbone_normalization, create_backbone
 from imgdb.features.base import Extractor, l2_normalize
+from imgdb.features.network import (SHA256, RetrievalNet, deserialize, make_pooling, serialize, trunk_stages,
+                                    whole_trunk)
 from imgdb.features.pooling import POOLINGS
 from imgdb.features.spec import Spec, reject_leftovers, take_float, take_int
-from imgdb.features import known
-from imgdb.features.network import SHA256, RetrievalNet, deserialize, make_pooling, serialize, trunk_stages, whole_trunk
 from imgdb.features.whitening import learn_projection
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite2"
@@ -250,6 +252,8 @@ def network_from_file(config: CnnConfig) -> tuple[CnnConfig, str, bytes]:
     machine; stored bytes cannot."""
     if config.weights is None:
         raise ExtractorSpecError("no weights= file in the spec")
+    if POOLINGS[config.pooling].classifier:  # (the stored stages would not carry the file's classifier)
+        raise ExtractorSpecError(f"{config.pooling} pooling uses the backbone's ImageNet classifier, not a weights file")
     net = build_net(config, create_backbone(config.backbone, Path(config.weights)))
     net.detach_from(0)
     sha, blob = serialize(net.trained_state())

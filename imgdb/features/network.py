@@ -214,20 +214,9 @@ class RetrievalNet(nn.Module):
         self.pool = copy.deepcopy(self.pool)
         self.trained_from = first_trained
 
-    def trained_parameters(self) -> list[nn.Parameter]:
-        modules = [*self.stages[self.trained_from:], self.pool, *([self.whiten] if self.whiten else [])]
-        return [p for m in modules for p in m.parameters()]
-
     def trained_state(self) -> dict[str, torch.Tensor]:
         """What differs from the backbone: the trained stages (by stage name), pooling, whitening."""
-        state: dict[str, torch.Tensor] = {}
-        for i in range(self.trained_from, len(self.stages)):
-            for key, value in self.stages[i].state_dict().items():
-                state[f"stages.{self.stage_names[i]}.{key}"] = value
-        state.update({f"pool.{k}": v for k, v in self.pool.state_dict().items()})
-        if self.whiten is not None:
-            state.update({f"whiten.{k}": v for k, v in self.whiten.state_dict().items()})
-        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        return {k: v.detach().cpu().contiguous() for k, v in self.named_state().items()}
 
     def load_trained(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load what :meth:`trained_state` stored, strictly: every trained stage's every tensor."""
@@ -248,7 +237,7 @@ class RetrievalNet(nn.Module):
                 value.copy_(state[key])
 
     def named_state(self) -> dict[str, torch.Tensor]:
-        """The live tensors behind :meth:`trained_state`'s keys."""
+        """The live tensors of the trained stages, the pooling and the whitening, by stored name."""
         live: dict[str, torch.Tensor] = {}
         for i in range(self.trained_from, len(self.stages)):
             for key, value in self.stages[i].state_dict(keep_vars=True).items():

@@ -116,10 +116,11 @@ def student_spec(student: str, teacher: CnnConfig) -> CnnConfig:
 
 def train_network(db: Imgdb, name: str, source_name: str, *, method: str = "triplet",
                   label_keys: Sequence[str] = (), student: str | None = None,
-                  options: TrainOptions = TrainOptions(), on_status: StatusCallback | None = None,
+                  options: TrainOptions | None = None, on_status: StatusCallback | None = None,
                   on_progress: ProgressCallback | None = None, on_epoch: EpochCallback | None = None) -> TrainReport:
     """Fine-tune ``source_name``'s network on its images into a new index ``name`` (see the module)."""
     started = time.monotonic()
+    options = options or TrainOptions()
     store.check_name(name)
     keys = label_heads(label_keys)
     check_method(method, keys, student)
