@@ -113,3 +113,18 @@ def test_failures_are_one_line_without_traceback(imgdb_home: Path, sample_index:
     assert len(lines) == 1 and reason in lines[0], result.stderr
     debug = subprocess.run([imgdb, *args, "--debug"], env=env, capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_training_progress_on_a_terminal_is_one_display_with_the_loss_and_time_left(monkeypatch) -> None:  # noqa: ANN001
+    import io
+
+    from rich.console import Console
+
+    import imgdb_cli.output as output
+
+    monkeypatch.setattr(output, "stderr", Console(file=io.StringIO(), force_terminal=True, width=120))
+    with output.training_bars() as (on_progress, on_epoch):
+        on_progress(287, 287)
+        on_epoch(2, 5, 0.0123, 150.0)
+    shown = output.stderr.file.getvalue()
+    assert "preparing" in shown and "training" in shown and "loss 0.0123, about 2 min 30 s left" in shown

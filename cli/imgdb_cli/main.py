@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from imgdb_cli.output import emit_json, epoch_bar, guarded, progress_bar, say, shorten, stdout
+from imgdb_cli.output import emit_json, guarded, progress_bar, say, shorten, stdout, training_bars
 
 app = typer.Typer(help="Content-based image retrieval inside PostgreSQL + pgvector.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -317,7 +317,7 @@ def train(
         options = TrainOptions(epochs=epochs, time_budget=None if time_budget is None else time_budget * 60,
                                loss=loss, views=views, train_stages=train_stages)
         before = run_eval(client, eval_dataset, index=source, on_status=say) if eval_dataset else None
-        with progress_bar("preparing") as on_progress, epoch_bar("training") as on_epoch:
+        with training_bars() as (on_progress, on_epoch):
             report = client.train_network(name, source, method=method, label_keys=label_key or [],
                                           student=student, options=options, on_progress=on_progress,
                                           on_status=say, on_epoch=on_epoch)

@@ -161,24 +161,25 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
 
 
 @contextmanager
-def epoch_bar(description: str) -> Iterator[Callable[[int, int, float, "float | None"], None]]:
-    """Training progress as an ``(epoch, epochs, loss, seconds left)`` callback: a bar with the
-    loss and the time left on a terminal, a line per epoch elsewhere (epochs take minutes)."""
+def training_bars() -> Iterator[tuple[Callable[[int, int], None], Callable[[int, int, float, "float | None"], None]]]:
+    """Progress of a fine-tuning as two callbacks: ``(done, total)`` for reading images and making
+    views, ``(epoch, epochs, loss, seconds left)`` for the epochs. On a terminal, one live display
+    with two bars (two displays would redraw over each other), the second showing the loss and the
+    time left;
+    elsewhere the steps as :func:`progress_bar` lines and a line per epoch (epochs take minutes)."""
+
+    def info(loss: float, left: float | None) -> str:
+        return f"loss {loss:.4f}" + (f", about {_duration(left)} left" if left else "")
+
     if stderr.is_terminal:
-        bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[left]}"),
-                       console=stderr, transient=False)
-        task = bar.add_task(description, total=None, loss="…", left="")
-
-        def update(epoch: int, epochs: int, loss: float, left: float | None) -> None:
-            bar.update(task, completed=epoch, total=epochs, loss=f"{loss:.4f}",
-                       left="" if not left else f"about {_duration(left)} left")
-
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[info]}"), console=stderr, transient=False)
+        steps = bar.add_task("preparing", total=None, info="")
+        epochs = bar.add_task("training", total=None, info="", visible=False)
         with bar:
-            yield update
+            yield (lambda done, total: bar.update(steps, completed=done, total=total),
+                   lambda epoch, total, loss, left: bar.update(epochs, visible=True, completed=epoch, total=total,
+                                                               info=info(loss, left)))
         return
-
-    def line(epoch: int, epochs: int, loss: float, left: float | None) -> None:
-        say(f"{description}: epoch {epoch}/{epochs}, loss {loss:.4f}" + (f", about {_duration(left)} left" if left else ""))
-
-    yield line
+    with progress_bar("preparing") as on_progress:
+        yield on_progress, lambda epoch, total, loss, left: say(f"training: epoch {epoch}/{total}, {info(loss, left)}")
