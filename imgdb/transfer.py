@@ -73,9 +73,9 @@ def export_index(db: Imgdb, name: str, path: str | Path) -> dict[str, Any]:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("manifest.json", json.dumps(manifest, indent=1))
         archive.writestr("images.json", json.dumps(images, ensure_ascii=False))
-        archive.writestr("vectors.npy", _npy(vectors.astype(np.float32)))
+        archive.writestr("vectors.npy", store.npy_bytes(vectors.astype(np.float32)))
         for key, array in state.items():
-            archive.writestr(f"state/{key}.npy", _npy(array))
+            archive.writestr(f"state/{key}.npy", store.npy_bytes(array))
         if network is not None:
             archive.writestr(f"networks/{sha}.safetensors", network.pop("weights"))
             archive.writestr(f"networks/{sha}.json", json.dumps(network, default=str))
@@ -128,12 +128,6 @@ def import_index(db: Imgdb, path: str | Path, name: str | None = None) -> dict[s
 
 
 # ------------------------------------------------------------------ reading, with suspicion
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array), allow_pickle=False)
-    return buffer.getvalue()
 
 
 def _read(archive: zipfile.ZipFile, member: str) -> bytes:

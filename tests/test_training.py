@@ -33,6 +33,15 @@ from tests.conftest import QUICK_TRAINING, SAMPLE_SIZE
 QUICK = TrainOptions(**QUICK_TRAINING)
 
 
+def embed_in_a_new_process(query: Path, index: str, home: Path) -> np.ndarray:
+    """``embed`` of ``query`` in ``index``, computed by a fresh Python process on the same database."""
+    code = ("import imgdb, sys; v = imgdb.connect().embed(sys.argv[1], index=sys.argv[2]); "
+            "sys.stdout.write(v.astype('<f4').tobytes().hex())")
+    out = subprocess.run([sys.executable, "-c", code, str(query), index], capture_output=True, text=True,
+                         check=True, env={**os.environ, "IMGDB_HOME": str(home)})
+    return np.frombuffer(bytes.fromhex(out.stdout), "<f4")
+
+
 def _unit(rng: np.random.Generator, *shape: int) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=shape).astype(np.float32)), dim=-1)
 
@@ -196,11 +205,7 @@ def test_a_weights_file_is_stored_by_hash_and_no_longer_needed(client, museum: P
     here = client.embed(query, index="from_file")
     np.testing.assert_array_equal(here, from_file.embed([from_file.prepare(Image.open(query).convert("RGB"))])[0])
     weights.unlink()  # the index does not need the file any more, in this process or another
-    code = ("import imgdb, sys; v = imgdb.connect().embed(sys.argv[1], index='from_file'); "
-            "sys.stdout.write(v.astype('<f4').tobytes().hex())")
-    out = subprocess.run([sys.executable, "-c", code, str(query)], capture_output=True, text=True, check=True,
-                         env={**os.environ, "IMGDB_HOME": str(imgdb_home)})
-    assert np.array_equal(np.frombuffer(bytes.fromhex(out.stdout), "<f4"), here)
+    assert np.array_equal(embed_in_a_new_process(query, "from_file", imgdb_home), here)
 
 
 # ------------------------------------------------------------------ imgdb train, end to end
@@ -235,11 +240,7 @@ def test_a_trained_index_encodes_a_query_bit_for_bit_in_a_new_process(client, tr
                                                                       imgdb_home: Path) -> None:
     query = museum / "queries" / "qsd1_w1_00000.jpg"
     here = client.embed(query, index="tuned")
-    code = ("import imgdb, sys; v = imgdb.connect().embed(sys.argv[1], index='tuned'); "
-            "sys.stdout.write(v.astype('<f4').tobytes().hex())")
-    out = subprocess.run([sys.executable, "-c", code, str(query)], capture_output=True, text=True, check=True,
-                         env={**os.environ, "IMGDB_HOME": str(imgdb_home)})
-    assert np.array_equal(np.frombuffer(bytes.fromhex(out.stdout), "<f4"), here)
+    assert np.array_equal(embed_in_a_new_process(query, "tuned", imgdb_home), here)
 
 
 def test_category_and_distill_train_with_their_heads_and_student(client, sample_index: str,  # noqa: ANN001

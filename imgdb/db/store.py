@@ -150,12 +150,17 @@ def save_state(conn: Connection, index: SearchIndex, arrays: dict[str, np.ndarra
     keys = [owner + key for key in arrays]
     conn.execute(sa.delete(table).where(table.c.index_id == index.id, mine, table.c.key.not_in(keys)))
     for key, array in arrays.items():
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(array), allow_pickle=False)
         # An upsert: two processes that learned the same state at once must not collide.
-        statement = pg_insert(table).values(index_id=index.id, key=owner + key, value=buffer.getvalue())
+        statement = pg_insert(table).values(index_id=index.id, key=owner + key, value=npy_bytes(array))
         conn.execute(statement.on_conflict_do_update(index_elements=["index_id", "key"],
                                                      set_={"value": statement.excluded.value}))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as ``.npy`` bytes, without pickles: how learned state is stored (and exported)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def lock_training(conn: Connection, index: SearchIndex) -> None:
