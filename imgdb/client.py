@@ -23,7 +23,7 @@ import numpy as np
 import psycopg
 from PIL import Image
 
-from imgdb import transfer
+from imgdb import local_index, transfer
 from imgdb.ann.layer import AnnLayer
 from imgdb.ann.spec import AnnSpec, parse_ann
 from imgdb.config import Settings
@@ -32,7 +32,7 @@ from imgdb.db import search as sql
 from imgdb.db.engine import Database
 from imgdb.db.filters import parse_filters
 from imgdb.errors import ImgdbError, IndexExists
-from imgdb.features import known
+from imgdb.features import keypoints, known
 from imgdb.features.base import Extractor
 from imgdb.features.registry import DEFAULT_SPEC, canonical_spec, create_extractor, extractor_class
 from imgdb.features.spec import parse_spec
@@ -46,16 +46,22 @@ from imgdb.ingest import (
     load_metadata_file,
 )
 from imgdb.io import sources
+from imgdb.local_index import VerifyReport
 from imgdb.orm import SearchIndex
+from imgdb.query import fusion as fusion_of
+from imgdb.query import plan
+from imgdb.query.parts import EncodedQuery, QueryImage
 from imgdb.reencode import retrain
 from imgdb.sync import AttachReport, Syncer, SyncReport
 
 if TYPE_CHECKING:
+    from imgdb.explain import Explanation
     from imgdb.training.job import TrainReport
     from imgdb.training.trainer import EpochCallback, TrainOptions
 
-#: What a query can be: a path, an http(s) URL, ``"id:N"``, image bytes, a Pillow image, or a vector.
-Query = Union[str, Path, bytes, Image.Image, np.ndarray]
+#: What a query can be: a path, an http(s) URL, ``"id:N"``, image bytes, a Pillow image, a vector, or
+#: a query encoded already (:meth:`Imgdb.encode_query`).
+Query = Union[str, Path, bytes, Image.Image, np.ndarray, EncodedQuery]
 DEFAULT_INDEX = "default"
 #: Largest k and first-stage candidate count a search takes (pgvector's HNSW stops at 1,000 anyway).
 MAX_K = 1000
@@ -73,14 +79,17 @@ class IndexInfo:
     images: int
     ann: AnnSpec
     storage: str
+    #: The local features its hits are verified with, if any (``imgdb index verify``).
+    local: str | None = None
 
     @classmethod
     def of(cls, index: SearchIndex, images: int) -> IndexInfo:
-        return cls(index.name, index.extractor, index.dim, images, parse_ann(index.ann, index.ann_params), index.storage)
+        return cls(index.name, index.extractor, index.dim, images, parse_ann(index.ann, index.ann_params), index.storage,
+                   index.local)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "extractor": self.extractor, "dim": self.dim, "images": self.images,
-                "ann": self.ann.method, "ann_params": self.ann.params, "storage": self.storage}
+                "ann": self.ann.method, "ann_params": self.ann.params, "storage": self.storage, "local": self.local}
 
 
 class Imgdb:
@@ -109,8 +118,9 @@ class Imgdb:
             spec = self._store_weights_file(spec)
         self._provide_network(spec)
         dim = create_extractor(spec).dim
+        first_stage = parse_ann(ann)
         with self.database.engine.begin() as conn:
-            index = store.create_index(conn, name, spec, dim, parse_ann(ann), storage)
+            index = store.create_index(conn, name, spec, dim, first_stage.method, first_stage.params, storage)
         return IndexInfo.of(index, 0)
 
     def indexes(self) -> list[IndexInfo]:
@@ -138,13 +148,23 @@ class Imgdb:
             on_status(f"rebuilding {name!r} as {wanted}")
         with self.database.engine.begin() as conn:
             store.drop_ann(conn, target)
-            target = store.set_ann(conn, target, wanted)
+            target = store.set_ann(conn, target, wanted.method, wanted.params)
             if not wanted.python_side:
                 store.clear_codes(conn, target)
         self.layer.forget(target)
         self.layer.sync(target, retrain=True)
         with self.database.connect() as conn:
             return IndexInfo.of(target, store.count_vectors(conn, target))
+
+    def verify_index(self, name: str, local: str | None = "rootsift",
+                     on_progress: ProgressCallback | None = None) -> VerifyReport:
+        """Make index ``name`` keep its images' local features (spec such as
+        ``rootsift/side=640/keypoints=500``, see :mod:`imgdb.features.keypoints`) for
+        ``rerank="verify"``, storing those of the images it holds; ``local=None`` stops it."""
+        index = self.index(name)
+        if local is None:
+            return local_index.disable(self, index)
+        return local_index.enable(self, index, local, on_progress)
 
     def export_index(self, name: str, path: str | Path) -> dict[str, Any]:
         """Write an index, with its learned state and network, to one file (:mod:`imgdb.transfer`)."""
@@ -347,15 +367,30 @@ class Imgdb:
 
     def embed(self, query: Query, *, index: str = DEFAULT_INDEX) -> np.ndarray:
         """The descriptor ``index`` would store for ``query`` (unit length, float32)."""
-        return self._query_vector(self.index(index), query)
+        return self._query(self.index(index), query)[0]
+
+    def explain(self, query: Query, image_id: int, *, index: str = DEFAULT_INDEX) -> Explanation:
+        """Why stored image ``image_id`` verifies for ``query`` (or not): a PNG of the inlier
+        matches side by side, with the inlier count (:mod:`imgdb.explain`)."""
+        from imgdb.explain import explain  # OpenCV's drawing: only for this
+
+        return explain(self, query, image_id, index)
+
+    def encode_query(self, query: Query, *, index: str = DEFAULT_INDEX) -> EncodedQuery:
+        """``query`` encoded for ``index`` once: its vector, and its image for the re-rankers that
+        look at pixels; :meth:`search` takes it as a query."""
+        return EncodedQuery(*self._query(self.index(index), query))
 
     def search(self, query: Query, *, k: int = 10, filters: Sequence[str] = (), index: str = DEFAULT_INDEX,
-               rerank: str = "exact", candidates: int | None = None) -> list[sql.Hit]:
+               rerank: str = "exact", candidates: int | None = None, fusion: str = "rrf") -> list[sql.Hit]:
         """The ``k`` images most similar to ``query`` that pass ``filters`` (CLI ``--filter`` syntax).
 
         ``rerank``: ``exact`` re-ranks the first stage's ``candidates`` by their exact distance to
         the stored vectors, ``pq`` keeps them in product-quantization order, ``none`` in the first
-        stage's own order (see :class:`~imgdb.ann.layer.AnnLayer`).
+        stage's own order, ``verify`` checks them geometrically; a comma-separated chain runs
+        several (see :mod:`imgdb.query`). ``index`` may name several indexes of the same images
+        (``"a,b"``): each is searched, and their rankings fused by ``fusion`` (``rrf`` or ``mean``,
+        :mod:`imgdb.query.fusion`).
         """
         if k < 1:
             raise ImgdbError(f"k must be at least 1, not {k}")
@@ -363,6 +398,16 @@ class Imgdb:
             raise ImgdbError(f"k must be at most {MAX_K}, not {k}")
         if candidates is not None and not 1 <= candidates <= MAX_CANDIDATES:
             raise ImgdbError(f"candidates must be between 1 and {MAX_CANDIDATES}, not {candidates}")
+        names = [name.strip() for name in index.split(",")]
+        if len(names) > 1:
+            fusion_of.check(fusion, names)
+            for name in names:
+                store.check_name(name)
+            if isinstance(query, (str, Path)) and not _ID_QUERY.match(str(query).strip()):
+                query = sources.load(query, self.settings.fetch)  # read once, decoded by each index
+            depth = max(k, fusion_of.DEPTH)
+            return fusion_of.fuse({name: self.search(query, k=depth, filters=filters, index=name, rerank=rerank,
+                                                     candidates=candidates) for name in names}, k, fusion)
         store.check_name(index)
         clauses = parse_filters(filters)
         for attempt in (1, 2):
@@ -370,10 +415,10 @@ class Imgdb:
             if target is None:
                 self.index(index)  # creates `default`, or says what is missing
                 target = self.layer.target(index) or sql.Target(self.index(index), has_ann=False)
-            vector = self._query_vector(target.index, query)
+            vector, image = self._query(target.index, query)
             try:
-                return self.database.searching(lambda conn: self.layer.search(
-                    conn, target, vector, k, clauses, rerank=rerank, candidates=candidates))
+                return self.database.searching(lambda conn: plan.search(
+                    self.layer, conn, target, vector, k, clauses, image=image, rerank=rerank, candidates=candidates))
             except psycopg.errors.UndefinedTable:
                 # Dropped (and maybe re-created) by another process since this one cached it: ask again.
                 self.layer.forget(target.index)
@@ -381,11 +426,15 @@ class Imgdb:
                     raise
         raise AssertionError("unreachable")
 
-    def _query_vector(self, index: SearchIndex, query: Query) -> np.ndarray:
+    def _query(self, index: SearchIndex, query: Query) -> tuple[np.ndarray, QueryImage]:
+        """The query's vector, and its image for the re-rankers that look at one (its pixels,
+        decoded once, or the stored image ``id:N`` names)."""
+        if isinstance(query, EncodedQuery):
+            return self._query(index, query.vector)[0], query.image
         if isinstance(query, np.ndarray):
             if query.shape != (index.dim,):
                 raise ImgdbError(f"query vector has shape {query.shape}, index {index.name!r} needs ({index.dim},)")
-            return query.astype(np.float32)
+            return query.astype(np.float32), QueryImage()
         if isinstance(query, str) and (match := _ID_QUERY.match(query.strip())):
             digits = match.group(1)
             image_id = int(digits) if len(digits) <= 19 else store.MAX_ID + 1  # (longer: no such image)
@@ -393,13 +442,16 @@ class Imgdb:
                 found = store.stored_vectors(conn, index, [image_id]) if 0 < image_id <= store.MAX_ID else {}
             if image_id not in found:
                 raise ImgdbError(f"image {digits[:30]} is not in index {index.name!r}")
-            return found[image_id]
+            return found[image_id], QueryImage(image_id=image_id)
         extractor = self.extractor(index)
         if isinstance(query, Image.Image):
-            return embed_pixels(extractor, query.convert("RGB"), self._model_gate)
+            pixels = query.convert("RGB")
+            return embed_pixels(extractor, pixels, self._model_gate), QueryImage(pixels)
         data = query if isinstance(query, bytes) else sources.load(query, self.settings.fetch)
+        spec = None if index.local is None else keypoints.parse_keypoints(index.local)
         try:
-            return embed_image(extractor, data, self.settings, self._model_gate)
+            vector, pixels = embed_image(extractor, data, self.settings, self._model_gate, spec)
+            return vector, QueryImage(pixels)
         except ImgdbError as exc:
             where = "query image" if isinstance(query, bytes) else str(query)
             raise type(exc)(f"{where}: {exc}") from None

@@ -6,7 +6,8 @@ from another path still counts. Every query runs through the search path users g
 re-rank, with the ``rerank``/``candidates`` options of a search) for the top of its ranking; mAP
 needs the full ranking, so the rest of the gallery follows in exact distance order. A query that is
 itself a gallery image is left out of its own ranking, and ``junk`` images are removed before
-scoring (the Oxford/Paris protocol).
+scoring (the Oxford/Paris protocol). A query with several relevant images (a photo of two
+paintings) counts for recall@k only when all of them are in, as its first results plus k - 1.
 """
 
 from __future__ import annotations
@@ -70,25 +71,29 @@ SEARCH_DEPTH = 100
 
 
 def evaluate(db: Imgdb, dataset: str | Path, *, index: str = "default", rerank: str = "exact",
-             candidates: int | None = None, on_progress: ProgressCallback | None = None,
+             candidates: int | None = None, fusion: str = "rrf", on_progress: ProgressCallback | None = None,
              on_status: StatusCallback | None = None) -> EvalReport:
-    """Ingest ``dataset``'s gallery into ``index`` if needed, run its queries, and score them."""
+    """Ingest ``dataset``'s gallery into ``index`` if needed, run its queries, and score them.
+    ``index`` may name several indexes (``a,b``): each gets the gallery, the queries' rankings are
+    fused (``fusion``), and the first index's exact distances order the rest of the ranking."""
     root = Path(sources.absolute(dataset))  # symlinks kept, as the gallery walk keeps them
     gallery_dir = root / "images"
     if not gallery_dir.is_dir() or not (root / "queries.json").is_file():
         raise ImgdbError(f"{root} is not a data set: it needs an images/ folder and a queries.json")
     queries = _read_json(root / "queries.json")
     metadata_file = root / "metadata.json"
-    report = db.ingest([gallery_dir], index=index, metadata_file=metadata_file if metadata_file.exists() else None,
-                       on_progress=on_progress, on_status=on_status)
-    if report.failed:
-        raise ImgdbError(f"{len(report.failed)} gallery image(s) could not be ingested, e.g. "
-                         f"{report.failed[0].path}: {report.failed[0].error}")
+    names = [name.strip() for name in index.split(",")]
+    for name in names:
+        report = db.ingest([gallery_dir], index=name, metadata_file=metadata_file if metadata_file.exists() else None,
+                           on_progress=on_progress, on_status=on_status)
+        if report.failed:
+            raise ImgdbError(f"{len(report.failed)} gallery image(s) could not be ingested into {name!r}, e.g. "
+                             f"{report.failed[0].path}: {report.failed[0].error}")
 
     # Gallery path (relative to the data set) -> image id, through the content hash.
     paths = [Path(p) for p in sources.expand([gallery_dir])]
     hashes = {p: sha256_hex(read_file(p)) for p in paths}
-    target = db.index(index)
+    target = db.index(names[0])
     with db.database.connect() as conn:
         ids_by_hash = store.image_ids_by_hash(conn, list(set(hashes.values())))
         id_of = {p.relative_to(root).as_posix(): ids_by_hash[h] for p, h in hashes.items()}
@@ -98,13 +103,16 @@ def evaluate(db: Imgdb, dataset: str | Path, *, index: str = "default", rerank: 
     row_of = {image_id: row for row, image_id in enumerate(gallery_ids)}
     path_of = {image_id: path for path, image_id in id_of.items()}
 
-    aps, first_ranks, per_query = [], [], []
+    aps, found_ranks, per_query = [], [], []
     for entry in queries:
         query_path = entry["query"]
         self_id = id_of.get(query_path)
-        vector = gallery[row_of[self_id]] if self_id is not None else db.embed(root / query_path, index=index)
-        head = [hit.id for hit in db.search(vector, k=min(SEARCH_DEPTH, len(gallery_ids)), index=index,
-                                            rerank=rerank, candidates=candidates) if hit.id in row_of]
+        source = f"id:{self_id}" if self_id is not None else root / query_path
+        query = db.encode_query(source, index=names[0])
+        vector = query.vector
+        head = [hit.id for hit in db.search(query if len(names) == 1 else source, k=min(SEARCH_DEPTH, len(gallery_ids)),
+                                            index=index, rerank=rerank, candidates=candidates, fusion=fusion)
+                if hit.id in row_of]
         tail = [gallery_ids[r] for r in np.argsort(np.linalg.norm(gallery - vector, axis=1), kind="stable")]
         excluded = {id_of[p] for p in entry.get("junk", []) if p in id_of}
         if self_id is not None:
@@ -113,17 +121,22 @@ def evaluate(db: Imgdb, dataset: str | Path, *, index: str = "default", rerank: 
         order = [i for i in dict.fromkeys(head + tail) if i not in excluded]
         mask = np.fromiter((image_id in relevant for image_id in order), dtype=bool, count=len(order))
         ap = average_precision(mask)
-        first = int(np.argmax(mask)) + 1 if mask.any() else None
+        ranks = np.flatnonzero(mask) + 1
+        first = int(ranks[0]) if ranks.size else None
         aps.append(ap)
-        first_ranks.append(first)
+        # Found when every relevant image is in: a photo of two paintings is found at 1 when both
+        # paintings are its first two results (one group), not when one of them is first.
+        wanted = len(relevant)
+        found_ranks.append((int(ranks[wanted - 1]) - (wanted - 1)) if wanted and ranks.size >= wanted else None)
         extra = {k: v for k, v in entry.items() if k not in ("query", "relevant", "junk")}
         per_query.append({"query": query_path, "ap": round(ap, 4), "first_relevant_rank": first,
+                          "found_rank": found_ranks[-1],
                           "top": [path_of[i] for i in order[:5]], **extra})
 
     def recall(k: int) -> float:
-        return float(np.mean([r is not None and r <= k for r in first_ranks])) if first_ranks else 0.0
+        return float(np.mean([r is not None and r <= k for r in found_ranks])) if found_ranks else 0.0
 
-    return EvalReport(index=target.name, extractor=target.extractor, queries=len(queries),
+    return EvalReport(index=index, extractor=",".join(db.index(name).extractor for name in names), queries=len(queries),
                       mAP=float(np.mean(aps)) if aps else 0.0, recall_at_1=recall(1), recall_at_10=recall(10),
                       per_query=per_query)
 

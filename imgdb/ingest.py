@@ -26,12 +26,13 @@ from sqlalchemy.engine import Connection
 
 from imgdb.ann.layer import AnnLayer
 from imgdb.config import Settings
-from imgdb.db import attached, store, values
+from imgdb.db import attached, local_features, store, values
 from imgdb.db.engine import Database
 from imgdb.errors import ImgdbError
+from imgdb.features import keypoints
 from imgdb.features.base import Extractor
 from imgdb.io import sources
-from imgdb.io.reader import ImageFacts, decode, sha256_hex
+from imgdb.io.reader import ImageFacts, ScaleHint, decode, sha256_hex
 from imgdb.orm import SearchIndex
 from imgdb.parallel import ordered_map
 
@@ -85,11 +86,13 @@ Item = Union[str, Blob]
 
 @dataclass(frozen=True)
 class Prepared:
-    """An image read, decoded and prepared for the extractor."""
+    """An image read, decoded and prepared for the extractor, with its local features where the
+    index verifies its hits."""
 
     uri: str
     facts: ImageFacts
     prepared: Any
+    local: keypoints.Stored | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,9 @@ class Ingester:
         self.layer = layer
         #: The index's Python-side first stage, if it has one: new vectors are written with their codes.
         self.codes = layer.code_index(index)
+        #: The local features it keeps for spatial verification, if any: written with the vectors.
+        self.keypoints = None if index.local is None else keypoints.parse_keypoints(index.local)
+        self.scale_hint = decode_scale(extractor, self.keypoints)
 
     def train(self, todo: Sequence[Item], on_status: StatusCallback | None = None, *,
               sampled: bool = False) -> None:
@@ -186,7 +192,7 @@ class Ingester:
         relabel: dict[str, dict[str, Any]] = {}  # known content given metadata now: sha256 -> metadata
         given: list[str] = []  # known content given again: it is now in the index by direct ingest too
         try:
-            for done, item in enumerate(self.load(todo, known), start=1):
+            for done, item in enumerate(self.load(todo, known, local=True), start=1):
                 if not isinstance(item, Failure) and (refused := self._unstorable(item, meta, metadata)):
                     item = refused
                 if isinstance(item, Failure):
@@ -226,14 +232,19 @@ class Ingester:
         return None
 
     def load(self, items: Iterable[Item], known: Container[str] = frozenset(),
-             prepare: Callable[[Image.Image], Any] | None = None) -> Iterator[Prepared | Known | Failure]:
+             prepare: Callable[[Image.Image], Any] | None = None, *,
+             local: bool = False) -> Iterator[Prepared | Known | Failure]:
         """Read, hash and prepare ``items`` in worker threads, in order, a few batches ahead;
         content in ``known`` (sha256) is not decoded. ``prepare`` replaces the extractor's own
-        (fine-tuning wants pixels, not network input)."""
+        (fine-tuning wants pixels, not network input); ``local``: extract the local features too,
+        where the index keeps them."""
         prepare = prepare or self.extractor.prepare
-        return ordered_map(lambda item: self._load(item, known, prepare), items, ahead=4 * self.extractor.batch_size)
+        spec = self.keypoints if local else None
+        return ordered_map(lambda item: self._load(item, known, prepare, spec), items,
+                           ahead=4 * self.extractor.batch_size)
 
-    def _load(self, item: Item, known: Container[str], prepare: Callable[[Image.Image], Any]) -> Prepared | Known | Failure:
+    def _load(self, item: Item, known: Container[str], prepare: Callable[[Image.Image], Any],
+              spec: keypoints.KeypointSpec | None) -> Prepared | Known | Failure:
         """Worker-thread part: read, hash, skip known content, decode, prepare."""
         uri = item.uri if isinstance(item, Blob) else item
         try:
@@ -242,9 +253,9 @@ class Ingester:
             sha = sha256_hex(data)
             if sha in known:
                 return Known(uri, sha)
-            image = decode(data, limits=self.settings.decoding,
-                           scale_hint=self.extractor.scale_hint, sha256=sha)
-            return Prepared(uri, image.facts, prepare(image.pixels))
+            image = decode(data, limits=self.settings.decoding, scale_hint=self.scale_hint, sha256=sha)
+            local = None if spec is None else keypoints.quantize(spec.extract(image.pixels), spec)
+            return Prepared(uri, image.facts, prepare(image.pixels), local)
         except ImgdbError as exc:
             return Failure(values.printable(uri), str(exc).removeprefix(f"{uri}: "))
         except Exception as exc:  # noqa: BLE001 - one odd file must not abort a long ingest
@@ -281,6 +292,9 @@ class Ingester:
         keep = [i for i, image_id in enumerate(ids) if image_id not in present]
         store.copy_vectors(conn, self.index, [ids[i] for i in keep], vectors[keep],
                            None if codes is None else codes[keep], direct=direct)
+        if self.keypoints is not None:
+            local_features.write(conn, str(self.keypoints), [(image_id, item.local.scale, item.local.xy, item.local.codes)
+                                                             for image_id, item in zip(ids, batch) if item.local is not None])
         if direct and present:
             store.mark_direct(conn, self.index, ids=sorted(present))
         return ids, len(keep)
@@ -299,8 +313,18 @@ def embed_pixels(extractor: Extractor, pixels: Image.Image,
         return extractor.embed([prepared])[0]
 
 
+def decode_scale(extractor: Extractor, spec: keypoints.KeypointSpec | None) -> ScaleHint:
+    """The scale to decode an image at: what the extractor needs, or the index's local features if
+    they need more, so that one decode serves both (an ingested image's and a query's alike)."""
+    if spec is None:
+        return extractor.scale_hint
+    return lambda width, height: max(extractor.scale_hint(width, height), spec.scale_hint(width, height))
+
+
 def embed_image(extractor: Extractor, data: bytes, settings: Settings,
-                model_gate: AbstractContextManager[Any] = nullcontext()) -> np.ndarray:
-    """The descriptor of one image's bytes, decoded exactly as ingest decodes them."""
-    image = decode(data, limits=settings.decoding, scale_hint=extractor.scale_hint)
-    return embed_pixels(extractor, image.pixels, model_gate)
+                model_gate: AbstractContextManager[Any] = nullcontext(),
+                spec: keypoints.KeypointSpec | None = None) -> tuple[np.ndarray, Image.Image]:
+    """The descriptor of one image's bytes, decoded exactly as ingest decodes them, and the decoded
+    pixels (for the parts of a query that need them: spatial verification)."""
+    image = decode(data, limits=settings.decoding, scale_hint=decode_scale(extractor, spec))
+    return embed_pixels(extractor, image.pixels, model_gate), image.pixels

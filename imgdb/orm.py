@@ -8,7 +8,8 @@ own engine and sessions; with another ``IMGDB_SCHEMA``, give that engine
 indexes, each with its extractor spec and ANN settings; ``index_state`` keeps whatever an extractor
 learned from the collection (codebooks, PCA matrices) as named arrays, so that a query months later is
 encoded exactly as the collection was; ``networks`` the fine-tuned networks (``imgdb train``) that
-extractor specs name by the sha256 of their weights. Each index's vectors live in a table of their own,
+extractor specs name by the sha256 of their weights; ``local_features`` each image's keypoints for
+spatial verification (``--rerank verify``). Each index's vectors live in a table of their own,
 ``vectors_<index id>``, because pgvector indexes need one fixed dimension per column (``vector``, or
 ``halfvec`` at half the bytes); map it with :func:`vectors_model`::
 
@@ -92,6 +93,8 @@ class SearchIndex(Base):
     storage: Mapped[str] = mapped_column(Text, server_default="vector")
     ann: Mapped[str] = mapped_column(Text, server_default="hnsw")
     ann_params: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    #: The local feature spec its hits are verified with (``--rerank verify``), or None.
+    local: Mapped[str | None] = mapped_column(Text)
     #: Goes up with every statement that writes this index's vectors (a trigger on its table).
     version: Mapped[int] = mapped_column(BigInteger, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -141,6 +144,23 @@ class Network(Base):
     loss: Mapped[list[float]] = mapped_column(JSONB, server_default="[]")
     seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class LocalFeatures(Base):
+    """One image's keypoints and descriptors for spatial verification, per local feature spec
+    (:mod:`imgdb.db.local_features`)."""
+
+    __tablename__ = "local_features"
+
+    image_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    spec: Mapped[str] = mapped_column(Text, primary_key=True)
+    #: Detection frame size over the image's: keypoint ``xy / scale`` is in the image's pixels.
+    scale: Mapped[float] = mapped_column(Float)
+    keypoints: Mapped[int] = mapped_column(Integer)
+    #: float32 ``(keypoints, 2)`` positions in the detection frame.
+    xy: Mapped[bytes] = mapped_column(LargeBinary)
+    #: uint8 ``(keypoints, dim)`` quantized descriptors.
+    descriptors: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Source(Base):

@@ -34,7 +34,7 @@ import numpy as np
 
 from imgdb.ann.spec import parse_ann
 from imgdb.db import networks, store, values
-from imgdb.errors import ImgdbError, IndexExists
+from imgdb.errors import ImgdbError
 from imgdb.features import known
 from imgdb.features.spec import parse_spec
 from imgdb.io.reader import ImageFacts

@@ -73,6 +73,14 @@ def test_classification_leaves_unlabelled_images_out() -> None:
     assert float(losses.classification(logits, torch.full((3,), losses.NO_LABEL))) == 0.0
 
 
+def test_cosine_head_scores_scaled_cosines_of_the_descriptor_and_each_class() -> None:
+    head = losses.CosineHead(4, 3, scale=10.0)
+    x = torch.tensor([[3.0, 0.0, 4.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    w = head.weight.detach().numpy()
+    expected = [[10.0 * float(np.dot(r, c) / np.linalg.norm(r) / np.linalg.norm(c)) for c in w] for r in x.numpy()]
+    np.testing.assert_allclose(head(x).detach().numpy(), expected, rtol=1e-5)
+
+
 def test_distillation_is_kl_between_in_batch_similarity_softmaxes() -> None:
     rng = np.random.default_rng(2)
     s, t, tau = _unit(rng, 5, 4), _unit(rng, 5, 7), 0.1  # (the teacher's dimension may differ)

@@ -25,9 +25,23 @@ IndexName = Annotated[str, typer.Option("--index", "-i", help="Index to use.")]
 AnnHelp = ("First stage: hnsw, ivfflat, bq (pgvector), pq, ivfpq, lsh, kdtree (Python-side codes) or none, "
            "with options, e.g. hnsw/m=32/ef_search=80, ivfpq/lists=4096/probes=32.")
 Rerank = Annotated[str, typer.Option("--rerank", help="exact: re-rank the candidates by their stored vectors; "
-                                     "pq: by product-quantization distance; none: first-stage order.")]
+                                     "pq: by product-quantization distance; none: first-stage order; verify: "
+                                     "spatial verification of the top 100 by local features (`imgdb index verify`). "
+                                     "A chain such as exact,verify runs them in turn.")]
+Multi = Annotated[bool, typer.Option("--multi", help="Find every gallery picture the photo shows: "
+                                     "verification that sets each found picture's keypoints aside (rerank multi).")]
+Fusion = Annotated[str, typer.Option("--fusion", help="With --index a,b: rrf (reciprocal-rank fusion) or mean "
+                                     "(of min-max normalised distances).")]
 Candidates = Annotated[Optional[int], typer.Option("--candidates", min=1, help="First-stage candidates to re-rank "
                                                    "(default: 10 per result for approximate first stages).")]
+
+
+def _chain(rerank: str, multi: bool) -> str:
+    """--multi: the chain with ``multi`` for ``verify`` (or after it, when it has none)."""
+    if not multi:
+        return rerank
+    parts = [p.strip() for p in rerank.split(",")]
+    return ",".join(["multi" if p == "verify" else p for p in parts] if "verify" in parts else [*parts, "multi"])
 
 
 def _client():  # noqa: ANN202 - imported lazily: `imgdb --help` should not pay for torch
@@ -88,25 +102,55 @@ def search(
     index: IndexName = "default",
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results.")] = 10,
     filters: Annotated[Optional[list[str]], typer.Option("--filter", "-f", help="FIELD OP VALUE, e.g. meta.author=Joan Miró, width>=800.")] = None,
-    rerank: Rerank = "exact", candidates: Candidates = None,
+    rerank: Rerank = "exact", candidates: Candidates = None, fusion: Fusion = "rrf", multi: Multi = False,
     as_json: Json = False, debug: Debug = False,
 ) -> None:
-    """Find the images most similar to QUERY."""
+    """Find the images most similar to QUERY (--index a,b: in several indexes, fused)."""
 
     def run() -> None:
-        hits = _client().search(query, k=k, filters=filters or [], index=index, rerank=rerank, candidates=candidates)
+        hits = _client().search(query, k=k, filters=filters or [], index=index, rerank=_chain(rerank, multi),
+                                candidates=candidates, fusion=fusion)
         if as_json:
             emit_json([hit.to_json() for hit in hits])
             return
         # The uri gets the rest of the line (cut from its folders, never its name, and not wrapped);
         # the metadata wraps in what is left.
         uris = [shorten(hit.uri, max(24, stdout.width - 40)) for hit in hits]
-        table = Table("id", "distance")
+        verified = any("verified" in hit.notes for hit in hits)
+        table = Table("id", "distance", *(["inliers"] if verified else []))
         table.add_column("uri", no_wrap=True, min_width=max(map(len, uris), default=3))
         table.add_column("metadata", overflow="fold")
         for hit, uri in zip(hits, uris):
-            table.add_row(str(hit.id), f"{hit.distance:.4f}", uri, json.dumps(hit.metadata, ensure_ascii=False))
+            inliers = [f"{hit.notes['inliers']}{' verified' if hit.notes['verified'] else ''}"] if verified else []
+            table.add_row(str(hit.id), f"{hit.distance:.4f}", *inliers, uri, json.dumps(hit.metadata, ensure_ascii=False))
         stdout.print(table)
+        if verified and not any(hit.notes["verified"] for hit in hits):
+            stdout.print("no match: no candidate shows the query's picture (none verified)", markup=False)
+
+    guarded(debug, run)
+
+
+@app.command()
+def explain(
+    query: Annotated[str, typer.Argument(help="Image path, http(s) URL, or id:N.")],
+    image_id: Annotated[int, typer.Argument(help="The hit to explain: a stored image id.")],
+    index: IndexName = "default",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default: explain-ID.png).")] = None,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Draw the local-feature matches that verify (or fail to verify) a hit: a PNG, side by side."""
+    from imgdb.errors import ImgdbError
+
+    def run() -> None:
+        found = _client().explain(query, image_id, index=index)
+        path = out or Path(f"explain-{image_id}.png")
+        try:
+            path.write_bytes(found.png)
+        except OSError as exc:
+            raise ImgdbError(f"cannot write {path}: {exc.strerror or exc}") from None
+        document = {"path": str(path), "inliers": found.inliers, "verified": found.verified}
+        emit_json(document) if as_json else stdout.print(
+            f"{path}: {found.inliers} inliers, {'verified' if found.verified else 'not verified'}", markup=False)
 
     guarded(debug, run)
 
@@ -147,7 +191,7 @@ def evaluate(
     dataset: Annotated[Path, typer.Argument(help="Data set folder: images/, queries.json, optional metadata.json.")],
     index: IndexName = "default",
     per_query: Annotated[bool, typer.Option("--per-query", help="Include every query's result.")] = False,
-    rerank: Rerank = "exact", candidates: Candidates = None,
+    rerank: Rerank = "exact", candidates: Candidates = None, fusion: Fusion = "rrf", multi: Multi = False,
     as_json: Json = False, debug: Debug = False,
 ) -> None:
     """Measure retrieval quality (mAP, recall@1, recall@10) on a data set."""
@@ -156,7 +200,8 @@ def evaluate(
         from imgdb.eval import evaluate as run_eval
 
         with progress_bar("ingesting gallery") as on_progress:
-            report = run_eval(_client(), dataset, index=index, rerank=rerank, candidates=candidates,
+            report = run_eval(_client(), dataset, index=index, rerank=_chain(rerank, multi), candidates=candidates,
+                              fusion=fusion,
                               on_progress=on_progress, on_status=say)
         if as_json:
             emit_json(report.to_json(per_query))
@@ -376,6 +421,34 @@ def index_rebuild(
         info = _client().rebuild_index(name, ann, on_status=say)
         emit_json(info.to_json()) if as_json else stdout.print(f"rebuilt {info.name}: {info.ann} over {info.images} vectors",
                                                                markup=False)
+
+    guarded(debug, run)
+
+
+@index_app.command("verify")
+def index_verify(
+    name: Annotated[str, typer.Argument(help="The index whose hits to verify.")],
+    local: Annotated[str, typer.Option("--local", help="Local features: KIND[/side=S][/keypoints=N], KIND one of "
+                                       "rootsift, sift, surf, orb, kaze, akaze. keypoints is the knob for the "
+                                       "bytes stored per image.")] = "rootsift",
+    off: Annotated[bool, typer.Option("--off", help="Stop verifying this index.")] = False,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Keep the index's local features in the database, for `search --rerank verify`."""
+
+    def run() -> None:
+        with progress_bar("local features") as on_progress:
+            report = _client().verify_index(name, None if off else local, on_progress=on_progress)
+        if as_json:
+            emit_json(report.to_json())
+            return
+        for failure in report.failed:
+            say(f"{failure.path}: {failure.error}")
+        if report.local is None:
+            stdout.print(f"{name} no longer verifies its hits", markup=False)
+        else:
+            stdout.print(f"{name} verifies with {report.local}: {report.images} images, "
+                         f"{report.bytes_per_image / 1024:.1f} KiB each ({report.added} added)", markup=False)
 
     guarded(debug, run)
 

@@ -126,37 +126,48 @@ def _duration(seconds: float) -> str:
 def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     """Progress on stderr, handed out as a ``(done, total)`` callback: a bar on a terminal;
     elsewhere a line every LOG_EVERY_S seconds and one at the end, so that a piped or logged run
-    of many minutes says how far it is."""
-    started = time.monotonic()
+    of many minutes says how far it is. A count that starts again (a new total, or fewer done)
+    is a new step of the same job: its rate and time left are timed from then."""
+    begun = time.monotonic()
+    seen = {"done": 0, "total": 0, "started": begun, "said": begun}
+
+    def track(done: int, total: int) -> None:
+        if total != seen["total"] or done < seen["done"]:
+            seen["started"] = time.monotonic()
+        seen.update(done=done, total=total)
 
     def left(done: int, total: int) -> str:
-        estimate = seconds_left(time.monotonic() - started, done, total)
+        estimate = seconds_left(time.monotonic() - seen["started"], done, total)
         return "" if estimate is None else f"about {_duration(estimate)} left"
 
     if stderr.is_terminal:
         bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[left]}"),
                        console=stderr, transient=False)
         task = bar.add_task(description, total=None, left="")
+
+        def show(done: int, total: int) -> None:
+            track(done, total)
+            bar.update(task, completed=done, total=total, left=left(done, total))
+
         with bar:
-            yield lambda done, total: bar.update(task, completed=done, total=total, left=left(done, total))
+            yield show
         return
-    seen = {"done": 0, "total": 0, "said": started}
 
     def line(done: int, total: int) -> str:
-        elapsed = time.monotonic() - started
+        elapsed = time.monotonic() - seen["started"]
         share = f" ({100 * done // total}%)" if total else ""
         rate = f", {done / elapsed:.1f}/s" if elapsed > 0 else ""
         rest = left(done, total)
         return f"{description}: {done}/{total}{share}{rate}" + (f", {rest}" if rest else f" in {_duration(elapsed)}")
 
     def update(done: int, total: int) -> None:
-        seen.update(done=done, total=total)
+        track(done, total)
         if time.monotonic() - seen["said"] >= LOG_EVERY_S:
             seen["said"] = time.monotonic()
             say(line(done, total))
 
     yield update
-    if seen["done"] and time.monotonic() - started >= LOG_EVERY_S:
+    if seen["done"] and time.monotonic() - begun >= LOG_EVERY_S:
         say(line(seen["done"], seen["total"]))
 
 

@@ -1,40 +1,32 @@
-"""The index layer: keeps every index's first stage current and answers queries through it.
+"""The index layer: keeps every index's first stage current, and caches what queries read of it.
 
-A query is a first stage, then a re-rank:
-
-* pgvector first stages (HNSW, IVFFlat, binary quantization) run inside PostgreSQL, re-rank
-  included, in one statement (:func:`imgdb.db.search.nearest`);
-* Python-side first stages (PQ, IVF-PQ, LSH, KD-tree) run in this process over codes loaded from
-  PostgreSQL, and their candidates are re-ranked by the exact distance to the vectors stored in
-  PostgreSQL (``rerank="exact"``), or kept in the order of their PQ/LSH distances (``"pq"``/``"none"``);
-* ``none``, or a Python-side index that is not trained yet, is an exact scan in SQL.
+Queries themselves are :mod:`imgdb.query`: pgvector first stages (HNSW, IVFFlat, binary
+quantization) run inside PostgreSQL; Python-side ones (PQ, IVF-PQ, LSH, KD-tree) run in this
+process over codes loaded from PostgreSQL by :meth:`AnnLayer.searcher`.
 
 Python-side state lives in PostgreSQL: the trained quantizer in ``index_state`` (keys ``ann.*``),
 each vector's code in its row. Every write to an index bumps ``indexes.version`` (a trigger), and
 a searcher is reloaded when the version it was loaded at is no longer current, so codes added or
 deleted by any process are seen by the next query.
 
-A query costs one round trip for pgvector methods (the registry row is cached for TARGET_TTL
-seconds) and two for Python-side ones (the version check, then the re-rank).
+A query costs one round trip for pgvector methods with an exact re-rank (the registry row is
+cached for TARGET_TTL seconds) and three for Python-side ones (the version check, the re-rank, the
+join).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import psycopg
-from sqlalchemy.sql.elements import ColumnElement
 
 from imgdb.ann.codes import MAX_TRAIN, MIN_TRAIN, CodeIndex, Searcher, code_index
-from imgdb.ann.spec import CANDIDATES_PER_RESULT, RERANKS, AnnSpec, parse_ann
+from imgdb.ann.spec import parse_ann
 from imgdb.db import search as sql
 from imgdb.db import store
 from imgdb.db.engine import Database
-from imgdb.errors import ImgdbError
 from imgdb.orm import SearchIndex
 
 #: Namespace of the index layer's arrays in ``index_state``.
@@ -163,42 +155,3 @@ class AnnLayer:
             return
         self._loaded.pop(index.id, None)
         self._targets.pop(index.name, None)
-
-    def search(self, conn: psycopg.Connection, target: sql.Target, vector: np.ndarray, k: int,
-               filters: Sequence[ColumnElement[bool]] = (), *, rerank: str = "exact",
-               candidates: int | None = None) -> list[sql.Hit]:
-        """The ``k`` nearest images that pass ``filters``: first stage, then re-rank (module doc).
-
-        ``candidates`` is how many first-stage results the re-rank sees (default: 10 per result for
-        approximate first stages). A filter that leaves fewer than ``k`` of them falls back to an
-        exact scan of what passes, so a filter never costs results.
-        """
-        index = target.index
-        ann = parse_ann(index.ann, index.ann_params)
-        check_rerank(ann, rerank)
-        if ann.in_sql and not target.has_ann:
-            # A bulk load dropped it (and builds it when it ends), or one was interrupted. A query
-            # never builds it (that would run DDL behind the load's locks, for as long as a build
-            # takes): it answers by exact scan until a writer does (ingest, sync, index rebuild).
-            return sql.nearest(conn, target, ann, vector, k, k, filters, exact=True)
-        searcher = self.searcher(index, sql.version(conn, index)) if ann.python_side else None
-        approximate = ann.method in ("bq", "pq", "ivfpq", "lsh")
-        n = max(candidates or (k * CANDIDATES_PER_RESULT if approximate and rerank == "exact" else k), k)
-        if searcher is not None:
-            ids, distances = searcher.search(vector, n)
-            hits = sql.by_ids(conn, target, vector, ids, None if rerank == "exact" else distances, k, filters)
-        elif ann.python_side or ann.method == "none":
-            return sql.nearest(conn, target, ann, vector, k, k, filters, exact=True)
-        else:
-            hits = sql.nearest(conn, target, ann, vector, k, n, filters, rerank=rerank != "none")
-        if filters and len(hits) < k:
-            hits = sql.nearest(conn, target, ann, vector, k, k, filters, exact=True)
-        return hits
-
-
-def check_rerank(ann: AnnSpec, rerank: str) -> None:
-    if rerank not in RERANKS:
-        raise ImgdbError(f"unknown re-rank {rerank!r}: use one of {', '.join(RERANKS)}")
-    if rerank == "pq" and not ann.has_pq:
-        raise ImgdbError(f"--rerank pq needs product-quantization codes: this index's first stage is {ann.method} "
-                         "(create or rebuild it with --ann pq or ivfpq)")

@@ -11,14 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from imgdb.db.store import PGVECTOR_METHODS
 from imgdb.errors import ImgdbError
 
 #: First stages served by pgvector inside PostgreSQL.
-SQL_METHODS = ("hnsw", "ivfflat", "bq")
+SQL_METHODS = PGVECTOR_METHODS
 #: First stages served by imgdb's Python-side layer from codes stored in PostgreSQL.
 PY_METHODS = ("pq", "ivfpq", "lsh", "kdtree")
 METHODS = (*SQL_METHODS, *PY_METHODS, "none")
-RERANKS = ("none", "exact", "pq")
 
 #: Defaults, from ``benchmarks/ann.py`` on 1M SIFT descriptors and the museum CNN vectors (README).
 DEFAULTS: dict[str, dict[str, int]] = {

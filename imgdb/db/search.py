@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import io
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,14 +24,10 @@ from psycopg.types.json import Jsonb
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.elements import ColumnElement
 
-from imgdb.ann.spec import AnnSpec
 from imgdb.db import store
 from imgdb.db.attached import TABLE_NAME, Source
 from imgdb.db.schema import SESSION_SETTINGS
 from imgdb.orm import SearchIndex
-
-#: pgvector stops growing the HNSW candidate list here.
-MAX_EF_SEARCH = 1000
 
 _settings: weakref.WeakKeyDictionary[psycopg.Connection, dict[str, str]] = weakref.WeakKeyDictionary()
 _dialect = postgresql.psycopg.dialect()
@@ -40,16 +36,18 @@ _dialect = postgresql.psycopg.dialect()
 @dataclass(frozen=True)
 class Hit:
     """One search result; ``refs`` are the rows of attached tables that hold the image, as
-    ``(table, key)``, the key JSON-typed as its column is."""
+    ``(table, key)``, the key JSON-typed as its column is; ``notes`` what re-rankers found out
+    about it (``inliers``, ``verified``), reported beside the distance."""
 
     id: int
     uri: str
     distance: float
     metadata: dict[str, Any]
     refs: tuple[tuple[str, Any], ...] = ()
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        document = {"id": self.id, "uri": self.uri, "distance": self.distance, "metadata": self.metadata}
+        document = {"id": self.id, "uri": self.uri, "distance": self.distance, **self.notes, "metadata": self.metadata}
         if self.refs:
             # The first row (by table, then key) in CONVENTIONS' two keys; every row in `refs`.
             document |= {"table": self.refs[0][0], "ref": self.refs[0][1],
@@ -102,11 +100,12 @@ def _ref_column(target: Target) -> str:
             f" FROM refs r WHERE r.image_id = images.id AND r.source_id IN ({ids})) AS refs")
 
 
-def _hit(target: Target, row: Sequence[Any], distance: float | None = None) -> Hit:
+def _hit(target: Target, row: Sequence[Any], distance: float | None = None,
+         notes: dict[str, Any] | None = None) -> Hit:
     by_id = {s.id: s for s in target.sources}
     refs = tuple((by_id[source_id].table, by_id[source_id].ref_json(ref))
                  for source_id, ref in (row[4] if len(row) > 4 else None) or ())
-    return Hit(row[0], row[1], float(row[3] if distance is None else distance), row[2], refs)
+    return Hit(row[0], row[1], float(row[3] if distance is None else distance), row[2], refs, notes or {})
 
 
 def version(conn: psycopg.Connection, index: SearchIndex) -> int:
@@ -124,11 +123,6 @@ def configure(conn: psycopg.Connection, wanted: dict[str, str]) -> None:
         calls = ", ".join("set_config(%s, %s, false)" for _ in changed)
         conn.execute(f"SELECT {calls}", [x for kv in changed.items() for x in kv])
         current.update(changed)
-
-
-def _ef_search(conn: psycopg.Connection, ann: AnnSpec, candidates: int) -> None:
-    """HNSW's candidate list grows to the candidates asked for (within pgvector's bound)."""
-    configure(conn, {"hnsw.ef_search": str(min(max(ann.params["ef_search"], candidates), MAX_EF_SEARCH))})
 
 
 def compile_filters(clauses: Sequence[ColumnElement[bool]]) -> tuple[str, dict[str, Any]]:
@@ -150,63 +144,107 @@ def _hits(target: Target, rows: Sequence[tuple[Any, ...]]) -> list[Hit]:
     return sorted((_hit(target, r) for r in rows), key=lambda h: h.distance)
 
 
-def nearest(conn: psycopg.Connection, target: Target, ann: AnnSpec, vector: np.ndarray, k: int,
-            candidates: int, filters: Sequence[ColumnElement[bool]] = (), *, exact: bool = False,
-            rerank: bool = True) -> list[Hit]:
-    """The ``k`` nearest images that pass ``filters``, with pgvector serving the first stage.
+def nearest(conn: psycopg.Connection, target: Target, vector: np.ndarray, k: int, candidates: int,
+            filters: Sequence[ColumnElement[bool]] = (), *, settings: Mapping[str, str] | None = None,
+            hamming: bool = False, exact: bool = False, rerank: bool = True) -> list[Hit]:
+    """The ``k`` nearest images that pass ``filters``, pgvector serving the first stage, in one
+    statement (the fast path of a query: first stage, exact re-rank and the ``images`` join).
 
-    HNSW/IVFFlat: the index returns ``candidates`` rows (ef_search grows to match), the best ``k``
-    are kept. Binary quantization: ``candidates`` rows by Hamming distance of the centred sign
-    bits, re-ranked by the full vectors in the same statement (``rerank=False`` keeps the Hamming
-    order). ``exact`` hides the distance from the index (``+ 0``): an exact scan of what passes.
+    ``settings`` are the pgvector settings the first stage runs with (``hnsw.ef_search``…).
+    HNSW/IVFFlat: the index returns ``candidates`` rows, the best ``k`` are kept. ``hamming``
+    (binary quantization): ``candidates`` rows by Hamming distance of the centred sign bits,
+    re-ranked by the full vectors in the same statement (``rerank=False`` keeps the Hamming order).
+    ``exact`` hides the distance from the index (``+ 0``): an exact scan of what passes.
     """
-    index = target.index
+    configure(conn, dict(settings or {}))
     where, params = compile_filters(filters)
-    params |= {"q": _param(index, vector), "k": k, "n": max(candidates, k)}
-    distance = "(v.embedding <-> %(q)s)" + (" + 0" if exact else "")
-    table = f'"{index.vectors_table}"'
+    params |= {"q": _param(target.index, vector), "k": k, "n": max(candidates, k)}
     refs = _ref_column(target)
-    if ann.method == "bq" and not exact and target.center is not None:
-        bits = (f"{store.sign_bits(index, target.center, 'v.embedding')} <~>"
-                f" {store.sign_bits(index, target.center, '%(q)s')}")
-        _ef_search(conn, ann, candidates)
-        join = " JOIN images ON images.id = v.image_id" if filters else ""
-        inner = (f"SELECT v.image_id, v.embedding, {bits} AS hamming FROM {table} v{join}"
-                 f" WHERE {where} ORDER BY {bits} LIMIT %(n)s")
-        order = "c.embedding <-> %(q)s" if rerank else "c.hamming"
+    if hamming and not exact and target.center is not None:
+        inner = _first_stage_sql(target, where, filters, hamming=True, exact=False, keep_vector=True)
+        order = "c.embedding <-> %(q)s" if rerank else "c.d"
         sql = (f"SELECT {HIT_COLUMNS}, {order} AS d{refs} FROM ({inner}) c JOIN images ON images.id = c.image_id"
                f" ORDER BY d LIMIT %(k)s")
+    elif filters:
+        distance = _distance(exact)
+        sql = (f'SELECT {HIT_COLUMNS}, {distance} AS d{refs} FROM "{target.index.vectors_table}" v'
+               f" JOIN images ON images.id = v.image_id WHERE {where} ORDER BY {distance} LIMIT %(k)s")
     else:
-        if ann.method == "hnsw":
-            _ef_search(conn, ann, candidates)
-        elif ann.method == "ivfflat":
-            configure(conn, {"ivfflat.probes": str(ann.params["probes"])})
-        if filters:
-            sql = (f"SELECT {HIT_COLUMNS}, {distance} AS d{refs} FROM {table} v"
-                   f" JOIN images ON images.id = v.image_id WHERE {where} ORDER BY {distance} LIMIT %(k)s")
-        else:
-            # The index scan alone, then ten primary-key look-ups: the planner never has to weigh
-            # the join against the index order.
-            sql = (f"SELECT {HIT_COLUMNS}, c.d{refs} FROM (SELECT v.image_id, {distance} AS d FROM {table} v"
-                   f" ORDER BY {distance} LIMIT %(n)s) c JOIN images ON images.id = c.image_id ORDER BY c.d LIMIT %(k)s")
+        # The index scan alone, then ten primary-key look-ups: the planner never has to weigh
+        # the join against the index order.
+        inner = _first_stage_sql(target, where, filters, hamming=False, exact=exact)
+        sql = (f"SELECT {HIT_COLUMNS}, c.d{refs} FROM ({inner}) c JOIN images ON images.id = c.image_id"
+               f" ORDER BY c.d LIMIT %(k)s")
     return _hits(target, conn.execute(sql, params, binary=True).fetchall())
 
 
-def by_ids(conn: psycopg.Connection, target: Target, vector: np.ndarray, ids: np.ndarray,
-           distances: np.ndarray | None, k: int, filters: Sequence[ColumnElement[bool]] = ()) -> list[Hit]:
-    """Candidates from a Python-side first stage, as hits: re-ranked by their exact distance to the
-    stored vectors (``distances`` None), or kept in first-stage order with those distances."""
+def _distance(exact: bool) -> str:
+    return "(v.embedding <-> %(q)s)" + (" + 0" if exact else "")
+
+
+def _first_stage_sql(target: Target, where: str, filters: Sequence[ColumnElement[bool]], *, hamming: bool,
+                     exact: bool, keep_vector: bool = False) -> str:
+    """The ``%(n)s`` best rows of the vectors table as ``image_id, d`` (and ``embedding``)."""
     index = target.index
+    if hamming and not exact and target.center is not None:
+        order = (f"{store.sign_bits(index, target.center, 'v.embedding')} <~>"
+                 f" {store.sign_bits(index, target.center, '%(q)s')}")
+    else:
+        order = _distance(exact)
+    join = " JOIN images ON images.id = v.image_id" if filters else ""
+    vector = ", v.embedding" if keep_vector else ""
+    return (f'SELECT v.image_id, {order} AS d{vector} FROM "{index.vectors_table}" v{join}'
+            f" WHERE {where} ORDER BY {order} LIMIT %(n)s")
+
+
+def first_stage(conn: psycopg.Connection, target: Target, vector: np.ndarray, n: int,
+                filters: Sequence[ColumnElement[bool]] = (), *, settings: Mapping[str, str] | None = None,
+                hamming: bool = False, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and first-stage distances of the ``n`` best rows that pass ``filters``, best first (a
+    pgvector index scan, or with ``exact`` a scan), for re-rankers to work on; no ``images`` join
+    but the one filters need."""
+    configure(conn, dict(settings or {}))
     where, params = compile_filters(filters)
-    params |= {"ids": ids.tolist(), "k": k}
-    refs = _ref_column(target)
-    if distances is None:
-        params["q"] = _param(index, vector)
-        sql = (f'SELECT {HIT_COLUMNS}, v.embedding <-> %(q)s AS d{refs} FROM "{index.vectors_table}" v'
-               f" JOIN images ON images.id = v.image_id WHERE v.image_id = ANY(%(ids)s) AND {where}"
-               f" ORDER BY d LIMIT %(k)s")
-        return _hits(target, conn.execute(sql, params, binary=True).fetchall())
-    sql = (f"SELECT {HIT_COLUMNS}, NULL AS d{refs} FROM images WHERE images.id = ANY(%(ids)s) AND {where}")
+    params |= {"q": _param(target.index, vector), "n": n}
+    rows = conn.execute(_first_stage_sql(target, where, filters, hamming=hamming, exact=exact), params,
+                        binary=True).fetchall()
+    return _columns(rows)
+
+
+def exact_distances(conn: psycopg.Connection, target: Target, vector: np.ndarray,
+                    ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stored vectors of ``ids`` ranked by their exact distance to ``vector`` (ids no longer
+    in the index drop out)."""
+    sql = (f'SELECT v.image_id, v.embedding <-> %(q)s AS d FROM "{target.index.vectors_table}" v'
+           " WHERE v.image_id = ANY(%(ids)s) ORDER BY d")
+    rows = conn.execute(sql, {"q": _param(target.index, vector), "ids": ids.tolist()}, binary=True).fetchall()
+    return _columns(rows)
+
+
+def vectors_of(conn: psycopg.Connection, target: Target, ids: np.ndarray) -> np.ndarray:
+    """The stored vectors of ``ids``, float32, row for row (an id no longer in the index: zeros)."""
+    rows = conn.execute(f'SELECT image_id, embedding FROM "{target.index.vectors_table}" WHERE image_id = ANY(%s)',
+                        (ids.tolist(),), binary=True).fetchall()
+    found = {r[0]: r[1] for r in rows}
+    out = np.zeros((len(ids), target.index.dim), np.float32)
+    for row, image_id in enumerate(ids.tolist()):
+        if image_id in found:
+            out[row] = store.as_array(found[image_id])
+    return out
+
+
+def _columns(rows: Sequence[tuple[Any, ...]]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
+            np.fromiter((r[1] for r in rows), np.float32, len(rows)))
+
+
+def hits(conn: psycopg.Connection, target: Target, ids: np.ndarray, distances: np.ndarray, k: int,
+         filters: Sequence[ColumnElement[bool]] = (), notes: Mapping[int, dict[str, Any]] | None = None) -> list[Hit]:
+    """The first ``k`` of a ranking that pass ``filters``, as hits, in the ranking's order, with each
+    one's ``notes``: the one ``images`` join at the end of a query."""
+    notes = notes or {}
+    where, params = compile_filters(filters)
+    params |= {"ids": ids.tolist()}
+    sql = f"SELECT {HIT_COLUMNS}, NULL AS d{_ref_column(target)} FROM images WHERE images.id = ANY(%(ids)s) AND {where}"
     found = {r[0]: r for r in conn.execute(sql, params, binary=True).fetchall()}
-    hits = [_hit(target, found[i], d) for i, d in zip(ids.tolist(), distances) if i in found]
-    return hits[:k]
+    return [_hit(target, found[i], d, notes.get(i)) for i, d in zip(ids.tolist(), distances.tolist()) if i in found][:k]

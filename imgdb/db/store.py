@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pgvector
 import sqlalchemy as sa
 from pgvector import HalfVector
 from pgvector.psycopg import register_vector
@@ -33,7 +34,6 @@ from psycopg.types.json import Jsonb
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
-from imgdb.ann.spec import AnnSpec, parse_ann
 from imgdb.db import derived
 from imgdb.db.values import printable
 from imgdb.errors import ImgdbError, IndexExists, IndexNotFound
@@ -82,15 +82,16 @@ def list_indexes(conn: Connection) -> list[tuple[SearchIndex, int]]:
     return [(index, count_vectors(conn, index)) for index in (SearchIndex(**row) for row in rows)]
 
 
-def create_index(conn: Connection, name: str, extractor: str, dim: int, ann: AnnSpec,
+def create_index(conn: Connection, name: str, extractor: str, dim: int, ann: str, ann_params: dict[str, int],
                  storage: str = "vector") -> SearchIndex:
-    """Register an index and create its vector table, trigger, view and (empty) ANN index."""
+    """Register an index and create its vector table, trigger, view and (empty) ANN index; ``ann``
+    and ``ann_params`` are the first stage's method and every parameter, spelled out."""
     check_name(name)
     check_ann(ann, dim, storage)
     # ON CONFLICT rather than a look-up first: two processes may create the same index at once.
     row = conn.execute(
         pg_insert(SearchIndex.__table__)
-        .values(name=name, extractor=extractor, dim=dim, ann=ann.method, ann_params=ann.params, storage=storage)
+        .values(name=name, extractor=extractor, dim=dim, ann=ann, ann_params=ann_params, storage=storage)
         .on_conflict_do_nothing(index_elements=["name"])
         .returning(*SearchIndex.__table__.c)
     ).mappings().first()
@@ -112,23 +113,23 @@ def _create_vectors_table(conn: Connection, index: SearchIndex, name: str) -> No
     )
 
 
-def check_ann(ann: AnnSpec, dim: int, storage: str) -> None:
+def check_ann(method: str, dim: int, storage: str) -> None:
     """Refuse an ANN method the vectors' type and dimension cannot have."""
     if storage not in STORAGES:
         raise ImgdbError(f"unknown storage {storage!r}: use vector or halfvec")
-    if ann.method in ("hnsw", "ivfflat") and dim > INDEXED_DIM_LIMIT[storage]:
+    if method in ("hnsw", "ivfflat") and dim > INDEXED_DIM_LIMIT[storage]:
         hint = "--storage halfvec, " if storage == "vector" and dim <= INDEXED_DIM_LIMIT["halfvec"] else ""
         raise ImgdbError(f"pgvector indexes {storage} columns of at most {INDEXED_DIM_LIMIT[storage]} dimensions, "
                          f"these vectors have {dim}: use {hint}--ann bq, pq, ivfpq, lsh or none")
-    if ann.method == "bq" and dim > INDEXED_DIM_LIMIT["bit"]:
+    if method == "bq" and dim > INDEXED_DIM_LIMIT["bit"]:
         raise ImgdbError(f"binary quantization indexes at most {INDEXED_DIM_LIMIT['bit']} dimensions, not {dim}")
 
 
-def set_ann(conn: Connection, index: SearchIndex, ann: AnnSpec) -> SearchIndex:
+def set_ann(conn: Connection, index: SearchIndex, ann: str, ann_params: dict[str, int]) -> SearchIndex:
     """Switch an index to another ANN method or parameters (the caller rebuilds what it needs)."""
     check_ann(ann, index.dim, index.storage)
     table = SearchIndex.__table__
-    conn.execute(sa.update(table).where(table.c.id == index.id).values(ann=ann.method, ann_params=ann.params))
+    conn.execute(sa.update(table).where(table.c.id == index.id).values(ann=ann, ann_params=ann_params))
     return require_index(conn, index.name)
 
 
@@ -177,6 +178,11 @@ def load_state(conn: Connection, index: SearchIndex, owner: str = "") -> dict[st
 
 # ---------------------------------------------------------------- ANN index
 
+#: First stages that are a pgvector index on the vectors table (the index's ``ann`` column names
+#: the method, ``ann_params`` its parameters, spelled out when the index was created).
+PGVECTOR_METHODS = ("hnsw", "ivfflat", "bq")
+
+
 def has_ann(conn: Connection, index: SearchIndex) -> bool:
     return conn.execute(sa.text("SELECT to_regclass(format('%I.%I', current_schema(), CAST(:n AS text))) IS NOT NULL"),
                         {"n": index.ann_index}).scalar()
@@ -191,17 +197,16 @@ def drop_ann(conn: Connection, index: SearchIndex) -> None:
 def ensure_ann(conn: Connection, index: SearchIndex) -> bool:
     """Create the index's pgvector index (HNSW, IVFFlat, or HNSW on sign bits) if it is missing;
     returns whether it built one."""
-    ann = parse_ann(index.ann, index.ann_params)
-    if not ann.in_sql or has_ann(conn, index):
+    if index.ann not in PGVECTOR_METHODS or has_ann(conn, index):
         return False
     rows = count_vectors(conn, index)
-    p = ann.params
+    p = index.ann_params
     ops = f"{index.storage}_l2_ops"
-    if ann.method == "ivfflat":
+    if index.ann == "ivfflat":
         method = f"ivfflat (embedding {ops}) WITH (lists = {p['lists'] or ivfflat_lists(rows)})"
     else:
         column = f"embedding {ops}"
-        if ann.method == "bq":
+        if index.ann == "bq":
             column = f"({sign_bits(index, learn_center(conn, index))}) bit_hamming_ops"
         method = f"hnsw ({column}) WITH (m = {p['m']}, ef_construction = {p['ef_construction']})"
     # Build settings for this transaction: the whole HNSW graph in memory (a graph that outgrows
@@ -463,11 +468,12 @@ def ids_with_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int]) -
 def stored_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int]) -> dict[int, np.ndarray]:
     table = vectors_table(index)
     rows = conn.execute(sa.select(table.c.image_id, table.c.embedding).where(table.c.image_id.in_(list(ids))))
-    return {image_id: _as_array(vector) for image_id, vector in rows}
+    return {image_id: as_array(vector) for image_id, vector in rows}
 
 
-def _as_array(vector: Any) -> np.ndarray:
-    return np.asarray(vector.to_numpy() if isinstance(vector, HalfVector) else vector, dtype=np.float32)
+def as_array(vector: Any) -> np.ndarray:
+    """A stored vector as float32 numpy (text and binary reads give lists, arrays, Vector or HalfVector)."""
+    return np.asarray(vector.to_numpy() if isinstance(vector, (pgvector.Vector, HalfVector)) else vector, dtype=np.float32)
 
 
 def read_vectors(conn: Connection, index: SearchIndex, *, without_codes: bool = False,

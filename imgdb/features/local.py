@@ -9,6 +9,7 @@ same Euclidean codebooks apply to every kind.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -29,20 +30,37 @@ def grey(image: Image.Image, side: int) -> np.ndarray:
     return pixels
 
 
+@dataclass(frozen=True)
+class LocalFeatures:
+    """One image's keypoints, ``xy`` ``(n, 2)`` float32 in the detection frame (the grey image of
+    :func:`grey`), with their descriptors ``(n, DESCRIPTOR_DIMS[kind])`` float32, and ``scale``,
+    the detection frame's size over the image's (``xy / scale`` is in the image's pixels)."""
+
+    xy: np.ndarray
+    descriptors: np.ndarray
+    scale: float
+
+
+Detector = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+_NONE = (np.empty((0, 2), np.float32), np.empty((0, 0), np.float32))
+
+
 def _strongest(keypoints: list[cv2.KeyPoint], limit: int) -> list[cv2.KeyPoint]:
     return sorted(keypoints, key=lambda kp: kp.response, reverse=True)[:limit]
 
 
-def _opencv(create: Callable[[int], cv2.Feature2D]) -> Callable[[np.ndarray, int], np.ndarray]:
+def _opencv(create: Callable[[int], cv2.Feature2D]) -> Detector:
     """Detect with an OpenCV feature, keep the strongest ``limit`` keypoints, describe them."""
 
-    def run(pixels: np.ndarray, limit: int) -> np.ndarray:
+    def run(pixels: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
         feature = create(limit)  # per call: OpenCV feature objects are not safe to share across threads
         keypoints = _strongest(list(feature.detect(pixels, None)), limit)
         if not keypoints:
-            return np.empty((0, 0), dtype=np.float32)
-        _, descriptors = feature.compute(pixels, keypoints)
-        return np.empty((0, 0), dtype=np.float32) if descriptors is None else descriptors
+            return _NONE
+        keypoints, descriptors = feature.compute(pixels, keypoints)
+        if descriptors is None:
+            return _NONE
+        return np.asarray([kp.pt for kp in keypoints], np.float32).reshape(-1, 2), descriptors
 
     return run
 
@@ -55,17 +73,22 @@ def rootsift(descriptors: np.ndarray) -> np.ndarray:
     return np.sqrt(descriptors / np.maximum(norms, 1e-12))
 
 
-def _surf(pixels: np.ndarray, limit: int) -> np.ndarray:
+def _surf(pixels: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
     from imgdb.features.surf import surf  # written by hand: SURF is not in OpenCV's PyPI wheels
 
-    _, descriptors = surf(pixels, max_keypoints=limit)
-    return descriptors
+    keypoints, descriptors = surf(pixels, max_keypoints=limit)
+    return keypoints.xy, descriptors
+
+
+def _rootsift(pixels: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    xy, descriptors = _SIFT(pixels, limit)
+    return xy, rootsift(descriptors)
 
 
 _SIFT = _opencv(lambda n: cv2.SIFT_create(nfeatures=n))
-_DETECTORS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
+_DETECTORS: dict[str, Detector] = {
     "sift": _SIFT,
-    "rootsift": lambda pixels, limit: rootsift(_SIFT(pixels, limit)),
+    "rootsift": _rootsift,
     "surf": _surf,
     "orb": _opencv(lambda n: cv2.ORB_create(nfeatures=n)),
     "kaze": _opencv(lambda n: cv2.KAZE_create()),
@@ -73,11 +96,17 @@ _DETECTORS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
 }
 
 
+def local_features(image: Image.Image, kind: str, *, side: int, max_keypoints: int) -> LocalFeatures:
+    """Keypoints and descriptors of an RGB image (there may be none)."""
+    pixels = grey(image, side)
+    xy, descriptors = _DETECTORS[kind](pixels, max_keypoints)
+    if descriptors.size == 0:
+        xy, descriptors = _NONE[0], np.empty((0, DESCRIPTOR_DIMS[kind]), dtype=np.float32)
+    elif descriptors.dtype == np.uint8 and kind in ("orb", "akaze"):
+        descriptors = np.unpackbits(descriptors, axis=1)[:, : DESCRIPTOR_DIMS[kind]]
+    return LocalFeatures(xy.astype(np.float32), descriptors.astype(np.float32), pixels.shape[1] / image.width)
+
+
 def describe_local(image: Image.Image, kind: str, *, side: int, max_keypoints: int) -> np.ndarray:
     """Local descriptors of an RGB image, ``(n, DESCRIPTOR_DIMS[kind])`` float32 (n may be 0)."""
-    descriptors = _DETECTORS[kind](grey(image, side), max_keypoints)
-    if descriptors.size == 0:
-        return np.empty((0, DESCRIPTOR_DIMS[kind]), dtype=np.float32)
-    if descriptors.dtype == np.uint8 and kind in ("orb", "akaze"):
-        descriptors = np.unpackbits(descriptors, axis=1)[:, : DESCRIPTOR_DIMS[kind]]
-    return descriptors.astype(np.float32)
+    return local_features(image, kind, side=side, max_keypoints=max_keypoints).descriptors

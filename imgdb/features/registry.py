@@ -4,10 +4,9 @@ to ingest, search or the CLI."""
 
 from __future__ import annotations
 
-import importlib
 from functools import lru_cache
-from importlib.metadata import entry_points
 
+from imgdb import plugins
 from imgdb.errors import ExtractorSpecError
 from imgdb.features.base import Extractor
 from imgdb.features.spec import Spec, parse_spec
@@ -31,18 +30,14 @@ DEFAULT_SPEC = "cnn:tf_efficientnet_lite2/gem"
 
 def families() -> dict[str, str]:
     """Every known family mapped to its ``module:Class``."""
-    found = dict(BUILTIN)
-    for ep in entry_points(group="imgdb.extractors"):
-        found.setdefault(ep.name, ep.value)
-    return found
+    return plugins.named("imgdb.extractors", BUILTIN)
 
 
 def extractor_class(family: str) -> type[Extractor]:
     target = families().get(family)
     if target is None:
         raise ExtractorSpecError(f"unknown extractor family {family!r} (known: {', '.join(sorted(families()))})")
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
+    return plugins.load(target)
 
 
 def canonical_spec(text: str) -> str:

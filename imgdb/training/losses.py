@@ -7,7 +7,7 @@ Each is the textbook formula on a batch, so that a test can check it against a d
 * :func:`contrastive` (Hadsell et al. 2006; Radenović et al. 2018): positives pulled together,
   negatives pushed apart until ``margin``;
 * :func:`classification` (the category term of ``category``/``multitask``): cross-entropy of a
-  linear head over the descriptor, images without a label left out;
+  :class:`CosineHead` over the descriptor, images without a label left out;
 * :func:`distillation`: KL divergence from the teacher's softmax over in-batch similarities to the
   student's, so that the student learns the teacher's similarity *structure*, not its vectors
   (which may not even have the same dimension).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 #: Label of an image that has no value for a head's key: ignored by the cross-entropy.
 NO_LABEL = -1
@@ -40,6 +41,21 @@ def contrastive(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.T
 
 
 LOSSES = {"triplet": triplet, "contrastive": contrastive}
+
+
+class CosineHead(nn.Module):
+    """A label head on a unit descriptor: ``scale · cos(descriptor, class weight)`` (NormFace, Wang
+    et al. 2017). A plain linear head on a vector of norm 1 starts with logits near 0 and, at the
+    small rates fine-tuning uses, stays at the chance cross-entropy ``ln(classes)`` for epochs; with
+    unit class weights and a fixed scale the logits span ``±scale`` from the first step."""
+
+    def __init__(self, dim: int, classes: int, scale: float = 16.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(F.normalize(torch.randn(classes, dim), dim=1))
+        self.scale = scale
+
+    def forward(self, descriptor: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(descriptor, dim=-1) @ F.normalize(self.weight, dim=1).T
 
 
 def classification(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ shaped for a 2-core machine:
   photo, its positive the clean image, as a query photo meets its gallery image at search time;
 * its negatives are the clean images the current network puts nearest that photo, mined again at
   the start of every epoch (:mod:`imgdb.training.mining`);
-* ``category``/``multitask`` add a linear head per label key over the descriptor; ``distill`` trains
+* ``category``/``multitask`` add a cosine head per label key over the descriptor; ``distill`` trains
   a smaller student to reproduce a fixed teacher's in-batch similarities (:mod:`imgdb.training.losses`);
 * training stops after ``epochs``, or before an epoch that would end past the time budget.
 
@@ -181,7 +181,7 @@ def train(net: RetrievalNet, prepare: Prepare, members: Sequence[Member], option
     if net.whiten is None:
         net.identity_whitening()
     net.to(device).eval()
-    heads = nn.ModuleList(nn.Linear(net.dim, n) for n in classes).to(device)
+    heads = nn.ModuleList(losses.CosineHead(net.dim, n) for n in classes).to(device)
     optimiser = torch.optim.Adam([
         {"params": [p for m in net.stages[net.trained_from:] for p in m.parameters()] + list(net.pool.parameters()),
          "lr": options.lr},

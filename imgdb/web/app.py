@@ -241,19 +241,32 @@ def _routes(app: FastAPI) -> None:
     @app.post("/search")
     async def search(request: Request, k: int = Query(10, ge=1, le=1000), index: str = DEFAULT_INDEX,
                      filter: list[str] = Query(default_factory=list),  # noqa: A002 - CONVENTIONS' name
-                     rerank: str = "exact",
+                     rerank: str = Query("exact", max_length=200), fusion: str = Query("rrf", max_length=20),
                      candidates: int | None = Query(None, ge=1, le=MAX_CANDIDATES)) -> list[dict[str, Any]]:
-        """The k images most similar to an upload (`file`), a URL or a stored image id."""
+        """The k images most similar to an upload (`file`), a URL or a stored image id; ``index``
+        may name several (``a,b``), fused by ``fusion``; ``rerank=verify`` marks verified hits."""
         db = _db(request)
         kind, (value, _) = await _query(request)
         query = f"id:{value}" if kind == "id" else await _fetched(request, value) if kind == "url" else value
         hits = await run_in_threadpool(db.search, query, k=k, filters=filter, index=index, rerank=rerank,
-                                       candidates=candidates)
+                                       candidates=candidates, fusion=fusion)
         # Relative to the server (or IMGDB_PUBLIC_URL): never built from the request's Host header,
         # which the client chooses. One route lookup per response, not one per hit.
         prefix, _, suffix = request.app.url_path_for("thumbnail", image_id=0).rpartition("/0/")
         base = db.settings.public_url.rstrip("/") if db.settings.public_url else ""
         return [{**hit.to_json(), "thumbnail": f"{base}{prefix}/{hit.id}/{suffix}"} for hit in hits]
+
+    @app.post("/explain")
+    async def explain(request: Request, image_id: int = Query(..., ge=1, le=store.MAX_ID),
+                      index: str = DEFAULT_INDEX) -> Response:
+        """A PNG of the local-feature matches between the query (the body, as for /search) and a
+        stored image, with the inlier count in ``X-Inliers`` and ``X-Verified``."""
+        db = _db(request)
+        kind, (value, _) = await _query(request)
+        query = f"id:{value}" if kind == "id" else await _fetched(request, value) if kind == "url" else value
+        found = await run_in_threadpool(db.explain, query, image_id, index=index)
+        return Response(found.png, media_type="image/png",
+                        headers={"X-Inliers": str(found.inliers), "X-Verified": str(found.verified).lower()})
 
     @app.get("/images/{image_id}", name="original")
     async def original_image(request: Request, image_id: ImageId) -> Response:
