@@ -1,13 +1,14 @@
 """The offline stage: images in, descriptors and metadata out, written to PostgreSQL.
 
 Per image, in worker threads: read (or fetch) the bytes, hash them, skip content the index already
-holds, decode safely, and let the extractor prepare the pixels. In the main thread, in order: batch
+holds, decode safely, and let the extractor prepare the pixels (and, for an index that verifies its
+hits, extract the image's local features from the same decode). In the main thread, in order: batch
 the prepared images through the extractor and write each batch in its own transaction (images upserted
-by content hash, vectors and their first-stage codes by binary COPY). A crash or Ctrl-C therefore
-loses at most the batch in flight, and a rerun skips everything committed. When a load of
-BULK_LOAD images or more at least doubles an index, its ANN index is dropped first and built once at
-the end, instead of growing the graph vector by vector; a Python-side first stage is trained at the
-end of the first load.
+by content hash, vectors and their first-stage codes by binary COPY, local features beside them). A
+crash or Ctrl-C therefore loses at most the batch in flight, and a rerun skips everything committed.
+When a load of BULK_LOAD images or more at least doubles an index, its ANN index is dropped first and
+built once at the end, instead of growing the graph vector by vector; a Python-side first stage is
+trained at the end of the first load.
 """
 
 from __future__ import annotations

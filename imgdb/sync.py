@@ -253,7 +253,7 @@ class Syncer:
             seen: set[str] = set()  # content embedded once, however many rows hold it
             pending: list[Prepared] = []
             embedded: list[tuple[list[Prepared], np.ndarray, np.ndarray | None]] = []
-            for (row, item), loaded in zip(items, ingester.load([item for _, item in items], known)):
+            for (row, item), loaded in zip(items, ingester.load([item for _, item in items], known, local=True)):
                 if isinstance(loaded, Failure):
                     failed.append((row, loaded.error if isinstance(item, Blob) else f"{loaded.path}: {loaded.error}"))
                     continue

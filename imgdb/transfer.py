@@ -8,7 +8,9 @@ The file is a zip of plain parts, readable without imgdb:
 * ``vectors.npy``: the vectors, float32, one row per image;
 * ``state/KEY.npy``: what the extractor learned from the collection (codebooks, PCA);
 * ``networks/SHA256.safetensors`` and ``.json``: the fine-tuned network the spec names, and how it
-  was trained.
+  was trained;
+* ``local/*.npy``, for an index that verifies its hits: the local features of its images, in image
+  order (``counts`` per image, -1 for none; ``scale`` per image; ``xy`` and ``codes`` concatenated).
 
 So a query in the database it is imported into is encoded exactly as the collection was. What a
 first stage learned (PQ, LSH codes) is not carried: it is learned again from the same vectors on
@@ -33,14 +35,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgdb.ann.spec import parse_ann
-from imgdb.db import networks, store, values
+from imgdb.db import local_features, networks, store, values
 from imgdb.errors import ImgdbError
-from imgdb.features import known
+from imgdb.features import keypoints, known
 from imgdb.features.spec import parse_spec
 from imgdb.io.reader import ImageFacts
 
 if TYPE_CHECKING:
     from imgdb.client import Imgdb
+    from imgdb.orm import SearchIndex
 
 FORMAT = "imgdb-index"
 VERSION = 1
@@ -60,12 +63,13 @@ def export_index(db: Imgdb, name: str, path: str | Path) -> dict[str, Any]:
         state = store.load_state(conn, index)
         sha = parse_spec(index.extractor).options.get("net")
         network = networks.record(conn, sha) if sha else None
+    local = _local_arrays(db, index, ids) if index.local else {}
     if sha and network is None:
         raise ImgdbError(f"network {sha[:12]} of index {name!r} is missing from the database")
     if [row["id"] for row in rows] != ids.tolist():
         raise ImgdbError(f"index {name!r} changed while it was read: export it again")
     manifest = {"format": FORMAT, "version": VERSION, "images": len(rows), "state": sorted(state),
-                "networks": [sha] if sha else [],
+                "networks": [sha] if sha else [], "local": index.local,
                 "index": {"name": index.name, "extractor": index.extractor, "dim": index.dim, "ann": index.ann,
                           "ann_params": index.ann_params, "storage": index.storage}}
     images = [{"uri": r["uri"], "sha256": r["sha256"], "metadata": r["metadata"], "direct": r["direct"],
@@ -79,7 +83,44 @@ def export_index(db: Imgdb, name: str, path: str | Path) -> dict[str, Any]:
         if network is not None:
             archive.writestr(f"networks/{sha}.safetensors", network.pop("weights"))
             archive.writestr(f"networks/{sha}.json", json.dumps(network, default=str))
+        for key, array in local.items():
+            archive.writestr(f"local/{key}.npy", store.npy_bytes(array))
     return manifest
+
+
+def _local_arrays(db: Imgdb, index: SearchIndex, ids: np.ndarray) -> dict[str, np.ndarray]:
+    spec = keypoints.parse_keypoints(index.local or "")
+    found = db.database.searching(lambda conn: local_features.read(conn, str(spec), spec.dim, ids.tolist()))
+    rows = [found.get(i) for i in ids.tolist()]
+    present = [r for r in rows if r is not None]
+    return {"counts": np.array([-1 if r is None else len(r[1]) for r in rows], np.int32),
+            "scale": np.array([0.0 if r is None else r[0] for r in rows], np.float32),
+            "xy": np.concatenate([r[1] for r in present]) if present else np.empty((0, 2), np.float32),
+            "codes": np.concatenate([r[2] for r in present]) if present else np.empty((0, spec.dim), np.uint8)}
+
+
+def _local_rows(archive: zipfile.ZipFile, text: str,
+                count: int) -> tuple[keypoints.KeypointSpec, list[tuple[int, float, np.ndarray, np.ndarray]]]:
+    """The file's local features as ``(image row, scale, xy, codes)``, every array checked."""
+    try:
+        spec = keypoints.parse_keypoints(text)
+    except ImgdbError as exc:
+        raise ImgdbError(f"the file's local feature spec: {exc}") from None
+    counts, scale, xy, codes = (_array(archive, f"local/{key}.npy") for key in ("counts", "scale", "xy", "codes"))
+    if counts.dtype != np.int32 or counts.shape != (count,) or counts.min(initial=0) < -1 \
+            or counts.max(initial=0) > spec.keypoints:
+        raise ImgdbError(f"local/counts.npy must hold {count} int32 counts from -1 to {spec.keypoints}")
+    total = int(counts[counts > 0].sum())
+    if scale.dtype != np.float32 or scale.shape != (count,) or not np.isfinite(scale).all() \
+            or (scale[counts >= 0] <= 0).any():
+        raise ImgdbError(f"local/scale.npy must hold {count} positive float32 scales")
+    if xy.dtype != np.float32 or xy.shape != (total, 2) or not np.isfinite(xy).all():
+        raise ImgdbError(f"local/xy.npy must hold {total} finite float32 positions")
+    if codes.dtype != np.uint8 or codes.shape != (total, spec.dim):
+        raise ImgdbError(f"local/codes.npy must hold {total} uint8 rows of {spec.dim}")
+    ends = np.cumsum(np.maximum(counts, 0))
+    return spec, [(row, float(scale[row]), xy[end - n:end], codes[end - n:end])
+                  for row, (n, end) in enumerate(zip(counts.tolist(), ends.tolist())) if n >= 0]
 
 
 def import_index(db: Imgdb, path: str | Path, name: str | None = None) -> dict[str, Any]:
@@ -101,6 +142,10 @@ def import_index(db: Imgdb, path: str | Path, name: str | None = None) -> dict[s
             raise ImgdbError(f"vectors.npy must hold {len(images)} finite float32 rows of {dim} values")
         state = {key: _array(archive, f"state/{key}.npy") for key in _keys(manifest)}
         nets = [_network(archive, sha) for sha in _field(manifest, "networks", list)]
+        local = manifest.get("local")
+        if local is not None and not isinstance(local, str):
+            raise ImgdbError("manifest.json: local must be a local feature spec")
+        features = _local_rows(archive, local, len(images)) if local else None
     if parse_spec(extractor).options.get("net") not in {None, *(n["sha256"] for n in nets)}:
         raise ImgdbError("the index's extractor names a network the file does not hold")
     with db.database.engine.begin() as conn:
@@ -118,6 +163,10 @@ def import_index(db: Imgdb, path: str | Path, name: str | None = None) -> dict[s
             ids = store.upsert_images(conn, [(i["uri"], i["facts"], i["metadata"]) for i in images])
             store.copy_vectors(conn, target, ids, vectors, direct=[i["direct"] for i in images])
             store.save_state(conn, target, state)
+            if features is not None:
+                local_features.set_spec(conn, target, str(features[0]))
+                local_features.write(conn, str(features[0]), [(ids[row], scale, xy, codes)
+                                                              for row, scale, xy, codes in features[1]])
     except Exception:
         db.drop_index(name)
         raise

@@ -461,3 +461,19 @@ def test_a_broken_table_never_holds_up_the_others_nor_the_application(client, ap
     assert client.detach("public.broken").index == "sturdy"
     assert client.sync("sturdy").failed == []
     client.detach("fine")
+
+
+def test_rows_synced_into_an_index_that_verifies_get_their_local_features(client, app_sql, gallery: list[Path],  # noqa: ANN001
+                                                                          tmp_path: Path) -> None:
+    client.create_index("shop_checked", COLOR)
+    client.verify_index("shop_checked", "rootsift/keypoints=100")
+    make_table(app_sql, "checked_photos", "id int PRIMARY KEY, photo text")
+    paths = [tmp_path / f"c{i}.png" for i in range(2)]
+    for i, path in enumerate(paths):
+        painting = Image.open(gallery[50 + i])  # cropped PNG copies: content no other test has
+        painting.crop((0, 0, painting.width - 5, painting.height - 5)).save(path)
+        app_sql.execute("INSERT INTO checked_photos VALUES (%s, %s)", (i, str(path)))
+    client.attach("checked_photos", "photo", index="shop_checked")
+    assert client.sync("shop_checked").embedded == 2
+    hit = client.search(paths[1], index="shop_checked", k=1, rerank="verify")[0]
+    assert hit.refs == (("checked_photos", 1),) and hit.notes["verified"]

@@ -103,3 +103,33 @@ def test_refused_url_shows_its_reason(browser: webdriver.Chrome, live_server: Li
     status = browser.find_element(By.ID, "status")
     assert status.get_attribute("class") == "error"
     assert "loopback" in status.text and "private and local addresses are not fetched" in status.text
+
+
+def test_verified_hits_are_marked_their_matches_shown_and_absent_paintings_say_no_match(
+        browser: webdriver.Chrome, live_server: LiveServer, client, museum_sample: Path, museum: Path) -> None:  # noqa: ANN001
+    from selenium.webdriver.support.ui import Select
+
+    client.create_index("page_checked", "color:hsv")
+    client.verify_index("page_checked")
+    client.ingest([museum_sample / "images"], index="page_checked")
+    inside = json.loads((museum_sample / "queries.json").read_text())
+    present = {q["query"] for q in inside}
+    absent = next(q for q in json.loads((museum / "queries.json").read_text()) if q["query"] not in present)
+    browser.get(f"{live_server.url}/")
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#index option[value=page_checked]"))
+    Select(browser.find_element(By.ID, "index")).select_by_value("page_checked")
+    assert browser.find_element(By.ID, "verify").is_enabled()
+    browser.find_element(By.ID, "verify").click()
+    browser.find_element(By.ID, "file").send_keys(str((museum_sample / inside[0]["query"]).resolve()))
+    assert "1 verified match" in wait_for_status(browser, "verified match")
+    first = browser.find_element(By.CSS_SELECTOR, "#results .hit")
+    assert "verified" in first.get_attribute("class")
+    assert first.find_element(By.CSS_SELECTOR, ".name").text == Path(inside[0]["relevant"][0]).name
+    first.find_element(By.XPATH, ".//button[text()='show the matches']").click()
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script(
+        "const i = document.querySelector('#explain img'); return i.complete && i.naturalWidth > 0"))
+    assert browser.find_element(By.ID, "explain").is_displayed()
+    browser.find_element(By.ID, "explain").click()
+    browser.find_element(By.ID, "file").send_keys(str((museum / absent["query"]).resolve()))
+    assert "no match" in wait_for_status(browser, "no match")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#results .hit.verified")

@@ -69,7 +69,7 @@ def test_index_list_extractors_and_create(sample_index: str) -> None:
     assert all({"family", "spec", "description"} <= set(f) for f in families)
     created = run_json("index", "create", "cli_made", "--extractor", "color:hsv/bins=6x6x6", "--ann", "ivfflat")
     assert created == {"name": "cli_made", "extractor": "color:hsv/bins=6x6x6/size=256", "dim": 216, "images": 0,
-                       "ann": "ivfflat", "ann_params": {"lists": 0, "probes": 10}, "storage": "vector"}
+                       "ann": "ivfflat", "ann_params": {"lists": 0, "probes": 10}, "storage": "vector", "local": None}
     result = runner.invoke(app, ["index", "create", "cli_made", "--extractor", "color"])
     assert result.exit_code == 1 and "exists already" in result.stderr
 

@@ -138,3 +138,30 @@ def test_a_file_that_is_not_an_export_is_refused(elsewhere, tmp_path: Path) -> N
     (tmp_path / "x.zip").write_bytes(b"not a zip")
     with pytest.raises(ImgdbError, match="not an imgdb index export"):
         elsewhere.import_index(tmp_path / "x.zip")
+
+
+def test_an_index_that_verifies_moves_with_its_local_features(client, elsewhere, museum_sample: Path,  # noqa: ANN001
+                                                              museum: Path, tmp_path: Path) -> None:
+    client.create_index("checked", "color:hsv", ann="none")
+    client.verify_index("checked", "rootsift/keypoints=100")
+    client.ingest(sorted((museum_sample / "images").glob("*.jpg"))[:6], index="checked")
+    path = tmp_path / "checked.zip"
+    assert client.export_index("checked", path)["local"] == "rootsift/side=640/keypoints=100"
+    elsewhere.import_index(path)
+    assert elsewhere.index("checked").local == "rootsift/side=640/keypoints=100"
+    photo = sorted((museum_sample / "images").glob("*.jpg"))[2]
+    here = client.search(photo, k=2, index="checked", rerank="verify")
+    there = elsewhere.search(photo, k=2, index="checked", rerank="verify")
+    assert [h.uri for h in here] == [h.uri for h in there] and [h.notes for h in here] == [h.notes for h in there]
+    assert there[0].notes["verified"]
+    # Counts that do not add up to the stored keypoints are refused, and nothing is left behind.
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(bad, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "local/counts.npy":
+                data = store.npy_bytes(np.full(6, 100, np.int32))
+            target.writestr(item, data)
+    with pytest.raises(ImgdbError, match="local/xy.npy must hold"):
+        elsewhere.import_index(bad, name="checked_bad")
+    assert "checked_bad" not in {i.name for i in elsewhere.indexes()}

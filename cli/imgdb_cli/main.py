@@ -124,8 +124,10 @@ def search(
             inliers = [f"{hit.notes['inliers']}{' verified' if hit.notes['verified'] else ''}"] if verified else []
             table.add_row(str(hit.id), f"{hit.distance:.4f}", *inliers, uri, json.dumps(hit.metadata, ensure_ascii=False))
         stdout.print(table)
-        if verified and not any(hit.notes["verified"] for hit in hits):
-            stdout.print("no match: no candidate shows the query's picture (none verified)", markup=False)
+        if verified:
+            good = ", ".join(f"id {h.id} ({h.notes['inliers']} inliers)" for h in hits if h.notes["verified"])
+            stdout.print(f"verified: {good}" if good else "no match: no candidate shows the query's picture (none verified)",
+                         markup=False)
 
     guarded(debug, run)
 
