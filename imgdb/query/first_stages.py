@@ -37,11 +37,10 @@ class Pgvector(FirstStage):
                                         settings=self.settings(n), hamming=self.hamming))
 
     def single_statement(self, probe: Probe, n: int, chain: Sequence[Reranker]) -> list[sql.Hit] | None:
-        names = [r.name for r in chain]
-        if not probe.target.has_ann or names not in (["exact"], ["none"]):
+        if not probe.target.has_ann or not _by_distance_only(chain):
             return None
         return sql.nearest(probe.conn, probe.target, probe.vector, probe.k, n, probe.filters,
-                           settings=self.settings(n), hamming=self.hamming, rerank=names == ["exact"])
+                           settings=self.settings(n), hamming=self.hamming, rerank=chain[0].name == "exact")
 
 
 class Codes(FirstStage):
@@ -64,6 +63,11 @@ class Exact(FirstStage):
         return Ranking(*sql.first_stage(probe.conn, probe.target, probe.vector, n, probe.filters, exact=True))
 
     def single_statement(self, probe: Probe, n: int, chain: Sequence[Reranker]) -> list[sql.Hit] | None:
-        if [r.name for r in chain] not in (["exact"], ["none"]):
+        if not _by_distance_only(chain):
             return None
         return sql.nearest(probe.conn, probe.target, probe.vector, probe.k, probe.k, probe.filters, exact=True)
+
+
+def _by_distance_only(chain: Sequence[Reranker]) -> bool:
+    """Whether the chain is one ``exact`` or ``none`` re-rank: what a single SQL statement can do."""
+    return [r.name for r in chain] in (["exact"], ["none"])

@@ -246,8 +246,7 @@ def _routes(app: FastAPI) -> None:
         """The k images most similar to an upload (`file`), a URL or a stored image id; ``index``
         may name several (``a,b``), fused by ``fusion``; ``rerank=verify`` marks verified hits."""
         db = _db(request)
-        kind, (value, _) = await _query(request)
-        query = f"id:{value}" if kind == "id" else await _fetched(request, value) if kind == "url" else value
+        query = await _search_query(request)
         hits = await run_in_threadpool(db.search, query, k=k, filters=filter, index=index, rerank=rerank,
                                        candidates=candidates, fusion=fusion)
         # Relative to the server (or IMGDB_PUBLIC_URL): never built from the request's Host header,
@@ -262,8 +261,7 @@ def _routes(app: FastAPI) -> None:
         """A PNG of the local-feature matches between the query (the body, as for /search) and a
         stored image, with the inlier count in ``X-Inliers`` and ``X-Verified``."""
         db = _db(request)
-        kind, (value, _) = await _query(request)
-        query = f"id:{value}" if kind == "id" else await _fetched(request, value) if kind == "url" else value
+        query = await _search_query(request)
         found = await run_in_threadpool(db.explain, query, image_id, index=index)
         return Response(found.png, media_type="image/png",
                         headers={"X-Inliers": str(found.inliers), "X-Verified": str(found.verified).lower()})
@@ -316,6 +314,14 @@ def _routes(app: FastAPI) -> None:
         if not deleted:
             raise ApiError(404, f"no image {image_id}")
         return {"deleted": deleted}
+
+
+async def _search_query(request: Request) -> str | bytes:
+    """What a search or an explanation looks for: ``id:N``, or the bytes uploaded or fetched."""
+    kind, (value, _) = await _query(request)
+    if kind == "id":
+        return f"id:{value}"
+    return await _fetched(request, value) if kind == "url" else value
 
 
 async def _fetched(request: Request, url: str) -> bytes:
