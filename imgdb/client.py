@@ -207,7 +207,8 @@ class Imgdb:
 
     def _store_weights_file(self, spec: str) -> str:
         """A spec's ``weights=PATH`` stored in the database, and the spec naming it by hash."""
-        from imgdb.features.cnn import CnnConfig, network_from_file  # torch, loaded when used
+        from imgdb.features.cnn import CnnConfig
+        from imgdb.features.torch_net import network_from_file  # torch, loaded when used
 
         config, sha, blob = network_from_file(CnnConfig.parse(parse_spec(spec)))
         path = parse_spec(spec).options["weights"]

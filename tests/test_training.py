@@ -19,8 +19,9 @@ from PIL import Image
 from imgdb.db import networks, store
 from imgdb.errors import ExtractorSpecError, ImgdbError
 from imgdb.features.base import l2_normalize
-from imgdb.features.cnn import CnnConfig, CnnExtractor, build_net
+from imgdb.features.cnn import CnnConfig, CnnExtractor
 from imgdb.features.network import deserialize, serialize, trunk_stages
+from imgdb.features.torch_net import build_net
 from imgdb.features.pooling import POOLINGS
 from imgdb.features.spec import parse_spec
 from imgdb.features.whitening import learn_projection, project
@@ -130,7 +131,7 @@ def _museum_images(museum: Path, count: int) -> list[Image.Image]:
 def test_the_module_reproduces_the_backbones_own_maths(museum: Path, spec: str) -> None:
     """Descriptors as the extractor computed them before it was one module: timm's own forward,
     the pooling function, numpy's whitening, numpy's L2."""
-    extractor = CnnExtractor(CnnConfig.parse(parse_spec(spec)))
+    extractor = CnnExtractor(CnnConfig.parse(parse_spec(spec)), runtime="torch")
     images = _museum_images(museum, 6)
     prepared = [extractor.prepare(image) for image in images]
     config, model = extractor.config, extractor.model
@@ -165,7 +166,7 @@ def test_trunk_stages_run_in_sequence_are_forward_features() -> None:
 
 def test_trained_weights_round_trip_by_their_hash(museum: Path) -> None:
     config = CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/gem/size=128"))
-    extractor = CnnExtractor(config)
+    extractor = CnnExtractor(config, runtime="torch")
     net = build_net(config, extractor.model)
     net.detach_from(len(net.stages) - 1)
     net.identity_whitening()

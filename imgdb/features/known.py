@@ -9,9 +9,13 @@ from here. Kept free of torch, so that the search path can ask without loading i
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 
 from imgdb.errors import ExtractorSpecError
+
+#: How a network is named: the sha256 of its weights.
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 _known: dict[str, bytes] = {}
 _lock = threading.Lock()

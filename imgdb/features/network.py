@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import re
 from collections.abc import Callable, Mapping
 
 import torch
@@ -31,9 +30,6 @@ from torch import nn
 
 from imgdb.errors import ExtractorSpecError
 from imgdb.features.pooling import POOLINGS, gem
-
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
 
 # ------------------------------------------------------------------ stages
 
@@ -169,6 +165,12 @@ class RetrievalNet(nn.Module):
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(self.frozen(x))
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The map after every stage (what the pooling pools)."""
+        for stage in self.stages:
+            x = stage(x)
+        return x
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """L2 → whitening → L2 of pooled (or summed multi-scale) vectors."""

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from imgdb.ann.spec import parse_ann
 from imgdb.db import networks, store
@@ -28,6 +27,7 @@ from imgdb.errors import ImgdbError, IndexExists
 from imgdb.features.cnn import CnnConfig, CnnExtractor
 from imgdb.features.known import provide
 from imgdb.features.network import serialize
+from imgdb.features.torch_net import torch_device
 from imgdb.features.registry import create_extractor
 from imgdb.features.spec import parse_spec
 from imgdb.ingest import Failure, Ingester, IngestReport, ProgressCallback, StatusCallback
@@ -68,15 +68,6 @@ class TrainReport:
                 "train_seconds": round(self.train_seconds, 1), "encoded": self.encoded.added,
                 "failed": [{"path": f.path, "error": f.error} for f in self.failed + self.encoded.failed],
                 "seconds": round(self.seconds, 1)}
-
-
-def torch_device(setting: str) -> torch.device:
-    """``IMGDB_DEVICE``: ``auto`` takes CUDA when torch sees a GPU; ``cuda`` insists on one."""
-    if setting not in ("auto", "cpu", "cuda"):
-        raise ImgdbError(f"IMGDB_DEVICE={setting!r}: use auto, cpu or cuda")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ImgdbError("IMGDB_DEVICE=cuda, but torch sees no CUDA device")
-    return torch.device("cuda" if setting != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def label_heads(keys: Sequence[str]) -> list[str]:
@@ -135,7 +126,7 @@ def train_network(db: Imgdb, name: str, source_name: str, *, method: str = "trip
         raise ImgdbError(f"index {source.name!r} ({source.extractor}) has no network to fine-tune: use a cnn: index")
     if len(images) > MAX_TRAINING_IMAGES:
         images = sorted(random.Random(0).sample(images, MAX_TRAINING_IMAGES), key=lambda row: row.image_id)
-    trainee = CnnExtractor(student_spec(student, teacher.config) if student else teacher.config)
+    trainee = CnnExtractor(student_spec(student, teacher.config) if student else teacher.config, runtime="torch")
     if not student:
         trainee.load_state(state)  # (a whitening the source learned is where training starts)
     device = torch_device(db.settings.device)

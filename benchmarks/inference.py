@@ -1,0 +1,133 @@
+"""CNN forward passes under PyTorch and ONNX Runtime, ingest with each, and cold-process searches.
+
+    python benchmarks/inference.py [--images 96] [--repeats 5] [--out benchmarks/results]
+
+All in one run, on this machine, nothing else running:
+(a) model only: images/second of the network, pooling and whitening (``describe``) on images
+    decoded and resized beforehand to one 347×260 shape, at batch 1 and batch 16, per runtime;
+(b) ingest: images/second of ``Imgdb.ingest`` end to end (read, decode, resize, forward, store) of
+    ``--images`` museum images into a fresh index, per runtime;
+(c) cold start: wall time of a whole new process ``imgdb search photo.jpg --json`` and
+    ``imgdb search id:N --json`` against a warm database, graph cached, median of ``--repeats``.
+Writes ``inference.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import museum_or_exit, private_imgdb  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SPECS = {"default (GeM)": "cnn:tf_efficientnet_lite2/gem/whiten=off",
+         "R-MAC multi-scale": "cnn:tf_efficientnet_lite2/rmac/scales=1,0.707,0.5/whiten=off"}
+RUNTIMES = ("torch", "onnx")
+SHAPE = (347, 260)  # (width, height): the shape of a landscape painting at the default size
+
+
+def extractor_for(spec: str, runtime: str):  # noqa: ANN201
+    from imgdb.features.registry import create_extractor
+
+    os.environ["IMGDB_RUNTIME"] = runtime
+    create_extractor.cache_clear()
+    extractor = create_extractor(spec)
+    assert extractor.runtime == runtime, (spec, extractor.runtime)
+    return extractor
+
+
+def model_rate(extractor, images: list[Image.Image], batch: int, rounds: int = 2) -> float:  # noqa: ANN001
+    """Best of ``rounds`` passes over the images, ``batch`` at a time, warm."""
+    prepared = [extractor.prepare(image) for image in images]
+    extractor.describe(prepared[:batch])
+    best = 0.0
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for i in range(0, len(prepared), batch):
+            extractor.describe(prepared[i:i + batch])
+        best = max(best, len(prepared) / (time.perf_counter() - started))
+    return best
+
+
+def cold(command: list[str], repeats: int) -> float:
+    """Median wall seconds of a new process running ``command``."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        times.append(time.perf_counter() - started)
+        if done.returncode != 0:
+            sys.exit(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=96, help="museum images per measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="cold processes per command")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    museum = museum_or_exit()
+    paths = sorted((museum / "images").glob("*.jpg"))[: args.images]
+    fixed = [Image.open(p).convert("RGB").resize(SHAPE, Image.Resampling.BILINEAR) for p in paths]
+    imgdb_cli = shutil.which("imgdb", path=str(Path(sys.executable).parent)) or "imgdb"
+    import onnxruntime
+    import torch
+
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+               f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+               f"onnxruntime {onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})")
+    rows, lines = [], [f"Machine: {machine}.", ""]
+    with private_imgdb() as db:
+        for label, spec in SPECS.items():
+            rates: dict[str, list[float]] = {}
+            for runtime in RUNTIMES:
+                extractor = extractor_for(spec, runtime)
+                rates[runtime] = [model_rate(extractor, fixed, 1), model_rate(extractor, fixed, 16)]
+                name = f"bench_{runtime}_{len(rows)}"
+                db.create_index(name, spec, ann="none")
+                started = time.perf_counter()
+                report = db.ingest(paths, index=name)
+                rates[runtime].append(report.added / (time.perf_counter() - started))
+                print(f"{label} {runtime}: model b1 {rates[runtime][0]:.1f}, b16 {rates[runtime][1]:.1f}, "
+                      f"ingest {rates[runtime][2]:.1f} img/s", file=sys.stderr)
+            best = {r: max(rates[r][:2]) for r in RUNTIMES}
+            rows.append(f"| {label} | " + " | ".join(f"{rates[r][0]:.1f} / {rates[r][1]:.1f}" for r in RUNTIMES)
+                        + f" | {best['onnx'] / best['torch']:.2f}x | "
+                        + " | ".join(f"{rates[r][2]:.1f} ({rates[r][2] / max(best.values()):.0%})" for r in RUNTIMES)
+                        + " |")
+        # (c): the default index holds the images; a new process searches it.
+        os.environ["IMGDB_RUNTIME"] = "onnx"
+        db.ingest(paths[:20])
+        image_id = db.search(str(paths[3]), k=1)[0].id
+        photo = str(sorted((museum / "queries").glob("*.jpg"))[0])
+        env_cmd = [imgdb_cli, "search"]
+        cold(env_cmd + [photo, "--json"], 1)  # (the graph is cached, the database warm)
+        photo_s = cold(env_cmd + [photo, "--json"], args.repeats)
+        id_s = cold(env_cmd + [f"id:{image_id}", "--json"], args.repeats)
+        os.environ["IMGDB_RUNTIME"] = "torch"
+        torch_photo_s = cold(env_cmd + [photo, "--json"], args.repeats)
+    lines += ["| extractor | PyTorch img/s, batch 1 / 16 | ONNX Runtime img/s, batch 1 / 16 | best ONNX / best PyTorch "
+              "| ingest img/s, PyTorch (of the best model rate) | ingest img/s, ONNX Runtime |",
+              "| --- | --- | --- | --- | --- | --- |", *rows, "",
+              f"Cold `imgdb search photo.jpg --json` (new process, warm database, median of {args.repeats}): "
+              f"**{photo_s:.2f} s** with ONNX Runtime, {torch_photo_s:.2f} s with `IMGDB_RUNTIME=torch`; "
+              f"cold `imgdb search id:N --json`: **{id_s:.2f} s**."]
+    text = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "inference.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

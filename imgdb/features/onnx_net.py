@@ -1,0 +1,145 @@
+"""The CNN extractor's default runtime: the network as an ONNX graph, run by ONNX Runtime.
+
+On this project's 2-core reference machine ONNX Runtime runs the same network about twice as fast
+as PyTorch eager, and a process that loads a graph instead of building the model answers its
+first photo search in well under a second, where importing torch, torchvision and timm alone
+takes several (benchmarks/inference.py).
+
+The graph is derived state: exported once from the weights by :func:`imgdb.features.torch_net.export_graph`
+and cached under ``IMGDB_HOME/cache/onnx``, named by a hash of everything that determines it (the
+network's part of the spec, the identity of the backbone's weights, a fine-tuned network's
+sha256, the exporter's versions). A missing or unreadable graph is exported again; a network that
+cannot be exported is remembered as such and runs on PyTorch. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from imgdb.errors import ExtractorSpecError, ImgdbError
+from imgdb.features.backbone_weights import weights_identity
+from imgdb.features.pooling_numpy import NUMPY_POOLINGS
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+    from imgdb.features.cnn import CnnConfig
+
+#: Bump when what :func:`~imgdb.features.torch_net.export_graph` writes changes: old graphs go stale.
+GRAPH_FORMAT = 1
+
+
+class GraphUnavailable(Exception):
+    """This network does not export to ONNX (a layer the exporter cannot trace): use PyTorch."""
+
+
+def graph_key(config: CnnConfig) -> str:
+    """The sha256 a config's graph is cached under: equal keys, equal graphs."""
+    versions = {name: _version(name) for name in ("torch", "timm", "onnx")}
+    identity = {
+        "format": GRAPH_FORMAT, "backbone": config.backbone, "layer": config.layer, "pooling": config.pooling,
+        "params": [list(p) for p in config.params], "net": config.net, "versions": versions,
+        "weights": weights_identity(config.backbone, config.weights),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def cached_graph(config: CnnConfig, cache: Path) -> tuple[Path, dict]:
+    """The graph file of a config and its description, exported into ``cache`` first if missing."""
+    key = graph_key(config)
+    graph, described, failed = (cache / f"{key}{suffix}" for suffix in (".onnx", ".json", ".failed"))
+    if failed.exists():
+        raise GraphUnavailable(failed.read_text(errors="replace").strip())
+    if graph.exists() and described.exists():
+        try:
+            return graph, json.loads(described.read_text())
+        except (OSError, ValueError):
+            pass  # (an unreadable description: export again)
+    return export_into(config, cache, key)
+
+
+def export_into(config: CnnConfig, cache: Path, key: str) -> tuple[Path, dict]:
+    """Export a config's graph into ``cache`` (atomically: a reader never sees half a file)."""
+    from imgdb.features.torch_net import export_graph  # torch: only when a graph is missing
+
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        blob, meta = export_graph(config)
+    except ExtractorSpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any exporter failure means: this network runs on PyTorch
+        reason = f"{config.backbone} does not export to ONNX ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        _write(cache / f"{key}.failed", reason.encode())
+        raise GraphUnavailable(reason) from None
+    graph, described = cache / f"{key}.onnx", cache / f"{key}.json"
+    _write(graph, blob)
+    _write(described, json.dumps(meta).encode())
+    return graph, meta
+
+
+def _write(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def providers(device: str) -> list[str]:
+    """ONNX Runtime execution providers for ``IMGDB_DEVICE``: CUDA first where the installed
+    onnxruntime (``onnxruntime-gpu``) offers it and the setting allows, the CPU always last."""
+    import onnxruntime as ort
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ImgdbError(f"IMGDB_DEVICE={device!r}: use auto, cpu or cuda")
+    available = ort.get_available_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise ImgdbError("IMGDB_DEVICE=cuda, but onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+    cuda = device != "cpu" and "CUDAExecutionProvider" in available
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+
+class OnnxNetwork:
+    """A config's network under ONNX Runtime: pooled vectors of a batch, as :class:`TorchNetwork` gives."""
+
+    runtime = "onnx"
+
+    def __init__(self, config: CnnConfig, cache: Path, device: str = "auto") -> None:
+        path, meta = cached_graph(config, cache)
+        try:
+            self.session = self._session(path, device)
+        except ImgdbError:
+            raise
+        except Exception:  # noqa: BLE001 - a damaged file in the cache: export it again, once
+            path, meta = export_into(config, cache, graph_key(config))
+            self.session = self._session(path, device)
+        self.dim = int(meta["dim"])
+        self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
+        self._pool = None if meta["output"] == "pooled" else NUMPY_POOLINGS[config.pooling]
+        self._params = dict(config.params)
+
+    @staticmethod
+    def _session(path: Path, device: str) -> onnxruntime.InferenceSession:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        options.log_severity_level = 3  # (warnings about unused initialisers are not the user's business)
+        return ort.InferenceSession(str(path), options, providers=providers(device))
+
+    def pooled(self, batch: np.ndarray) -> np.ndarray:
+        """Pooled vectors ``(N, dim)`` of normalised pixels ``(N, 3, H, W)``."""
+        out = self.session.run(None, {"pixels": batch})[0]
+        return out if self._pool is None else self._pool(out, **self._params)

@@ -1,0 +1,120 @@
+"""The CNN forward pass under ONNX Runtime against PyTorch, the cached graph, and a search process
+that never loads torch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgdb.eval import average_precision
+from imgdb.features.cnn import CnnConfig, CnnExtractor
+from imgdb.features.onnx_net import graph_key
+from imgdb.features.pooling_kinds import KINDS
+from imgdb.features.spec import parse_spec
+
+POOLING_SPECS = [f"cnn:tf_efficientnet_lite0/{name}/size=160" for name in KINDS] + [
+    "cnn:tf_efficientnet_lite0@blocks.4/rmac/size=160/scales=1,0.707"]
+
+
+def _images(paths: list[Path]) -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def _both(spec: str) -> tuple[CnnExtractor, CnnExtractor]:
+    config = CnnConfig.parse(parse_spec(spec))
+    return CnnExtractor(config, runtime="onnx"), CnnExtractor(config, runtime="torch")
+
+
+@pytest.mark.parametrize("spec", POOLING_SPECS)
+def test_onnx_runtime_gives_pytorchs_vectors_and_rankings(museum: Path, spec: str) -> None:
+    onnx, torch_ = _both(spec)
+    assert (onnx.runtime, torch_.runtime) == ("onnx", "torch") and onnx.dim == torch_.dim
+    gallery = sorted((museum / "images").glob("*.jpg"))[:8]
+    queries = sorted((museum / "queries").glob("*.jpg"))[:3]
+    images = _images(gallery + queries)  # (paintings and photos: many aspect ratios, so many map sizes)
+    got, want = ([e.embed([e.prepare(i) for i in images]) for e in (onnx, torch_)])
+    assert float(np.min(np.sum(got * want, axis=1))) >= 0.9999
+    for vectors in (got, want):
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    ranks = [np.argsort(((v[8:, None] - v[None, :8]) ** 2).sum(-1), axis=1) for v in (got, want)]
+    np.testing.assert_array_equal(*ranks)
+
+
+def test_onnx_runtime_gives_the_same_retrieval_figures(museum_sample: Path) -> None:
+    """mAP of the museum sample's queries, default extractor, under each runtime."""
+    onnx, torch_ = _both("cnn:tf_efficientnet_lite2/gem/whiten=off")
+    gallery = sorted((museum_sample / "images").glob("*.jpg"))
+    queries = json.loads((museum_sample / "queries.json").read_text())
+    names = [f"images/{p.name}" for p in gallery]
+    figures = []
+    for extractor in (onnx, torch_):
+        base = extractor.embed([extractor.prepare(i) for i in _images(gallery)])
+        photos = extractor.embed([extractor.prepare(i) for i in _images([museum_sample / q["query"] for q in queries])])
+        order = np.argsort(-(photos @ base.T), axis=1)
+        figures.append([average_precision(np.isin(np.asarray(names)[row], q["relevant"])) for row, q in zip(order, queries)])
+    assert len(figures[0]) >= 5
+    assert figures[0] == figures[1]
+
+
+def test_the_graph_is_exported_once_and_re_exported_when_damaged(imgdb_home: Path, museum: Path) -> None:
+    config = CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/max/size=96"))
+    graph = imgdb_home / "cache" / "onnx" / f"{graph_key(config)}.onnx"
+    first = CnnExtractor(config, runtime="onnx")
+    assert graph.is_file()
+    stamp = graph.stat().st_mtime_ns
+    CnnExtractor(config, runtime="onnx")
+    assert graph.stat().st_mtime_ns == stamp  # read back, not exported again
+    image = _images(sorted((museum / "images").glob("*.jpg"))[:1])
+    vector = first.embed([first.prepare(image[0])])
+    graph.write_bytes(b"not a graph")
+    again = CnnExtractor(config, runtime="onnx")
+    assert again.runtime == "onnx" and graph.stat().st_size > 1000
+    np.testing.assert_allclose(again.embed([again.prepare(image[0])]), vector, atol=1e-6)
+    # A different network is a different graph: the key follows what determines it.
+    assert graph_key(CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/max/size=200"))) == graph_key(config)
+    assert graph_key(CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/gem/size=96"))) != graph_key(config)
+    assert graph_key(CnnConfig.parse(parse_spec(f"cnn:tf_efficientnet_lite0/max/size=96/net={'a' * 64}"))) != graph_key(config)
+
+
+def test_a_network_that_does_not_export_runs_on_pytorch(imgdb_home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/avg/size=96"))
+    cache = imgdb_home / "cache" / "onnx"
+    cache.mkdir(parents=True, exist_ok=True)
+    marker = cache / f"{graph_key(config)}.failed"
+    marker.write_text("tf_efficientnet_lite0 does not export to ONNX (a test's stand-in for an exporter error)")
+    try:
+        with caplog.at_level(logging.WARNING, logger="imgdb.features.cnn"):
+            extractor = CnnExtractor(config, runtime="onnx")
+        assert extractor.runtime == "torch"
+        assert "does not export to ONNX" in caplog.text and "runs on PyTorch" in caplog.text
+    finally:
+        marker.unlink()
+
+
+def test_a_photo_search_never_imports_torch(client, museum: Path, imgdb_home: Path) -> None:  # noqa: ANN001
+    """A new process that searches by photo (graph cached, database warm) loads no torch, timm or torchvision."""
+    client.create_index("runtime_probe", "cnn:tf_efficientnet_lite0/gem/size=128")
+    gallery = sorted((museum / "images").glob("*.jpg"))[40:44]
+    client.ingest(gallery, index="runtime_probe")
+    script = (
+        "import sys, imgdb\n"
+        "with imgdb.connect() as db:\n"
+        f"    hits = db.search(open({str(gallery[2])!r}, 'rb').read(), k=2, index='runtime_probe')\n"
+        "print(hits[0].uri)\n"
+        "print(','.join(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'torchvision'})))\n"
+    )
+    env = {**os.environ, "IMGDB_HOME": str(imgdb_home)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    found, loaded = done.stdout.splitlines()
+    assert found.endswith(gallery[2].name)
+    assert loaded == ""
+    client.drop_index("runtime_probe")
