@@ -8,7 +8,8 @@ For each spec, in one private embedded PostgreSQL: create an index (exact search
 gallery (timed), then run the 60 query photos through ``imgdb.eval`` (mAP over full rankings,
 recall@1, recall@10). Bytes per image is what PostgreSQL stores for the vector
 (``pg_column_size``). For CNN specs, the model-only forward rate on the same images is printed next
-to the ingest rate.
+to the ingest rate, and *runtime* says what ran the network (``IMGDB_RUNTIME``: ONNX Runtime by
+default, PyTorch where a network does not export).
 """
 
 from __future__ import annotations
@@ -54,14 +55,17 @@ def main() -> None:
                     f'SELECT avg(pg_column_size(embedding))::int FROM "{index.vectors_table}"').scalar_one()
                 assert store.count_vectors(conn, index) == len(gallery)
             model = f"{model_only_rate(extractor, gallery):.1f}" if canonical.startswith("cnn:") else ""
-            rows.append((canonical, result.mAP, result.recall_at_1, result.recall_at_10, rate, model,
+            network = getattr(extractor, "cnn", extractor)  # (MOP runs a CNN extractor inside)
+            runtime = getattr(network, "runtime", "-")
+            rows.append((canonical, result.mAP, result.recall_at_1, result.recall_at_10, rate, model, runtime,
                          trained, info.dim, size))
             print(f"{canonical}: mAP {result.mAP:.3f} r@1 {result.recall_at_1:.3f} "
                   f"{rate:.1f} img/s (model {model or '-'}) train {trained:.1f}s", file=sys.stderr, flush=True)
-    print("| extractor | mAP | recall@1 | recall@10 | ingest img/s | model-only img/s | training s | dim | bytes/image |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for spec, m, r1, r10, rate, model, trained, dim, size in rows:
-        print(f"| `{spec}` | {m:.3f} | {r1:.3f} | {r10:.3f} | {rate:.1f} | {model or '-'} | "
+    print("| extractor | mAP | recall@1 | recall@10 | ingest img/s | model-only img/s | runtime | training s | dim "
+          "| bytes/image |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for spec, m, r1, r10, rate, model, runtime, trained, dim, size in rows:
+        print(f"| `{spec}` | {m:.3f} | {r1:.3f} | {r10:.3f} | {rate:.1f} | {model or '-'} | {runtime} | "
               f"{trained:.1f} | {dim} | {size} |")
 
 

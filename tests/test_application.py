@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 from typer.testing import CliRunner
 
+import imgdb_migrations
 from imgdb.db.engine import alembic_config, sqlalchemy_url
 from imgdb_cli.main import app
 from tests import shop
@@ -169,6 +170,7 @@ def test_imgdb_lives_in_the_application_database_as_a_guest(shop_db: Shop, as_im
         assert conn.execute("SELECT filename FROM public.images").fetchall() == [("logo.png",)]
         head = ScriptDirectory.from_config(alembic_config()).get_current_head()
         assert conn.execute("SELECT version_num FROM imgdb.alembic_version").fetchone()[0] == head
+    assert imgdb_migrations.HEAD == head  # (what every process compares with, to skip loading alembic)
 
 
 def serve_as_imgdb(shop_db: Shop, museum_sample: Path, query: dict) -> None:

@@ -301,3 +301,19 @@ def test_cam_pools_the_last_map_with_the_backbones_classifier() -> None:
     assert canonical_spec("cnn:tf_efficientnet_lite2/cam") == "cnn:tf_efficientnet_lite2/cam/classes=5/size=260/whiten=auto"
     with pytest.raises(ExtractorSpecError, match="no @blocks.4"):
         canonical_spec("cnn:tf_efficientnet_lite2@blocks.4/cam")
+
+
+def test_numpy_poolings_pool_as_the_torch_ones() -> None:
+    """The shape-dependent poolings the ONNX runtime applies to the map its graph returns, in numpy:
+    the same cells, the same sums, on maps of several shapes (square, wide, tall, tiny)."""
+    from imgdb.features.pooling_kinds import KINDS
+    from imgdb.features.pooling_numpy import NUMPY_POOLINGS
+
+    assert set(NUMPY_POOLINGS) == {name for name, kind in KINDS.items() if kind.shape_dependent}
+    rng = np.random.default_rng(0)
+    for shape in [(2, 16, 9, 9), (1, 16, 9, 35), (1, 16, 12, 5), (1, 16, 2, 3)]:
+        x = rng.normal(size=shape).astype(np.float32)
+        for name, fn in NUMPY_POOLINGS.items():
+            params = KINDS[name].params
+            want = POOLINGS[name].fn(torch.from_numpy(x), **params).numpy()
+            np.testing.assert_allclose(fn(x, **params), want, rtol=1e-5, atol=1e-5, err_msg=f"{name} {shape}")

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from imgdb.eval import average_precision
+from imgdb.features import cnn
 from imgdb.features.cnn import CnnConfig, CnnExtractor
 from imgdb.features.onnx_net import graph_key
 from imgdb.features.pooling_kinds import KINDS
@@ -67,6 +68,7 @@ def test_onnx_runtime_gives_the_same_retrieval_figures(museum_sample: Path) -> N
 def test_the_graph_is_exported_once_and_re_exported_when_damaged(imgdb_home: Path, museum: Path) -> None:
     config = CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/max/size=96"))
     graph = imgdb_home / "cache" / "onnx" / f"{graph_key(config)}.onnx"
+    cnn._onnx_network.cache_clear()
     first = CnnExtractor(config, runtime="onnx")
     assert graph.is_file()
     stamp = graph.stat().st_mtime_ns
@@ -75,6 +77,7 @@ def test_the_graph_is_exported_once_and_re_exported_when_damaged(imgdb_home: Pat
     image = _images(sorted((museum / "images").glob("*.jpg"))[:1])
     vector = first.embed([first.prepare(image[0])])
     graph.write_bytes(b"not a graph")
+    cnn._onnx_network.cache_clear()  # (a new process: the session in memory is gone)
     again = CnnExtractor(config, runtime="onnx")
     assert again.runtime == "onnx" and graph.stat().st_size > 1000
     np.testing.assert_allclose(again.embed([again.prepare(image[0])]), vector, atol=1e-6)
@@ -90,6 +93,7 @@ def test_a_network_that_does_not_export_runs_on_pytorch(imgdb_home: Path, caplog
     cache.mkdir(parents=True, exist_ok=True)
     marker = cache / f"{graph_key(config)}.failed"
     marker.write_text("tf_efficientnet_lite0 does not export to ONNX (a test's stand-in for an exporter error)")
+    cnn._onnx_network.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="imgdb.features.cnn"):
             extractor = CnnExtractor(config, runtime="onnx")

@@ -664,7 +664,3 @@ def db_upgrade(as_json: Json = False, debug: Debug = False) -> None:
             f"schema {database.schema} at revision {revision}", markup=False)
 
     guarded(debug, run)
-
-
-def main() -> None:
-    app()

@@ -19,15 +19,18 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from imgdb.ann.codes import MAX_TRAIN, MIN_TRAIN, CodeIndex, Searcher, code_index
 from imgdb.ann.spec import parse_ann
 from imgdb.db import search as sql
 from imgdb.db import store
 from imgdb.db.engine import Database
 from imgdb.orm import SearchIndex
+
+if TYPE_CHECKING:
+    from imgdb.ann.codes import CodeIndex, Searcher
 
 #: Namespace of the index layer's arrays in ``index_state``.
 STATE_OWNER = "ann."
@@ -60,6 +63,8 @@ class AnnLayer:
         ann = parse_ann(index.ann, index.ann_params)
         if not ann.python_side:
             return None
+        from imgdb.ann.codes import code_index  # faiss and scipy: loaded by Python-side indexes only
+
         codes = code_index(ann, index.dim)
         with self.database.connect() as conn:
             codes.load_state(store.load_state(conn, index, STATE_OWNER))
@@ -76,6 +81,8 @@ class AnnLayer:
             return
         with self.database.engine.begin() as conn:
             if retrain or not codes.trained:
+                from imgdb.ann.codes import MAX_TRAIN, MIN_TRAIN
+
                 if store.count_vectors(conn, index) < MIN_TRAIN:
                     return
                 _, sample = store.read_vectors(conn, index, sample=MAX_TRAIN)
@@ -90,6 +97,8 @@ class AnnLayer:
     def train_from(self, index: SearchIndex, vectors: np.ndarray) -> CodeIndex | None:
         """Train an untrained Python-side first stage on vectors about to be written (a bulk load
         of vectors made elsewhere), so that they are written with their codes in one pass."""
+        from imgdb.ann.codes import MAX_TRAIN, MIN_TRAIN
+
         codes = self.code_index(index)
         if codes is None or not codes.uses_codes or codes.trained or len(vectors) < MIN_TRAIN:
             return codes
@@ -127,6 +136,8 @@ class AnnLayer:
         return cached.searcher
 
     def _load(self, index: SearchIndex) -> _Loaded | None:
+        from imgdb.ann.codes import code_index
+
         codes = code_index(parse_ann(index.ann, index.ann_params), index.dim)
         # One snapshot: the version, the quantizer and the codes must agree.
         with self.database.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:

@@ -8,23 +8,24 @@ from contextlib import contextmanager
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import psycopg
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from pgvector.psycopg import register_vector
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+import imgdb_migrations
+
 from imgdb.config import Settings
 from imgdb.db.embedded import EmbeddedServer
 from imgdb.db.schema import DEFAULT_SCHEMA, check_schema, first_line, place
 from imgdb.errors import DatabaseError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 T = TypeVar("T")
 log = logging.getLogger("imgdb")
@@ -41,6 +42,8 @@ def sqlalchemy_url(url: str) -> str:
 def alembic_config(connection: Connection | None = None, schema: str = DEFAULT_SCHEMA) -> Config:
     """An alembic config over the installed migrations, optionally bound to an open connection of
     imgdb's (whose search path starts with ``schema``)."""
+    from alembic.config import Config  # (alembic is loaded by migrations only)
+
     config = Config()
     config.set_main_option("script_location", str(Path(str(resources.files("imgdb_migrations")))))
     if connection is not None:
@@ -91,15 +94,19 @@ class Database:
         return sa.create_engine(sqlalchemy_url(self.url), connect_args={"options": self.placement.connect_options(existing)},
                                 execution_options=translate, **kwargs)
 
-    @cached_property
-    def head(self) -> str | None:
+    @property
+    def head(self) -> str:
         """The newest migration shipped with this imgdb."""
-        return ScriptDirectory.from_config(alembic_config()).get_current_head()
+        return imgdb_migrations.HEAD
 
     def revision(self) -> str | None:
-        """The revision imgdb's schema is at (None before the first migration)."""
+        """The revision imgdb's schema is at (None before the first migration): alembic's version
+        table, read by one plain query."""
+        table = f'"{self.schema}".alembic_version'
         with self.connect() as conn:
-            return MigrationContext.configure(conn, opts={"version_table_schema": self.schema}).get_current_revision()
+            if conn.execute(sa.text("SELECT to_regclass(:table)"), {"table": table}).scalar() is None:
+                return None
+            return conn.execute(sa.text(f"SELECT version_num FROM {table}")).scalar()
 
     def upgrade(self, *, only_if_needed: bool = False) -> bool:
         """Apply pending migrations; returns whether any ran here.
@@ -109,6 +116,8 @@ class Database:
         before = self.revision()
         if only_if_needed and before == self.head:
             return False
+        from alembic import command
+
         try:
             with self.engine.begin() as conn:
                 command.upgrade(alembic_config(conn, self.schema), "head")

@@ -102,9 +102,11 @@ def _ref_column(target: Target) -> str:
 
 def _hit(target: Target, row: Sequence[Any], distance: float | None = None,
          notes: dict[str, Any] | None = None) -> Hit:
-    by_id = {s.id: s for s in target.sources}
-    refs = tuple((by_id[source_id].table, by_id[source_id].ref_json(ref))
-                 for source_id, ref in (row[4] if len(row) > 4 else None) or ())
+    refs: tuple[tuple[str, Any], ...] = ()
+    if target.sources:
+        by_id = {s.id: s for s in target.sources}
+        refs = tuple((by_id[source_id].table, by_id[source_id].ref_json(ref))
+                     for source_id, ref in (row[4] if len(row) > 4 else None) or ())
     return Hit(row[0], row[1], float(row[3] if distance is None else distance), row[2], refs, notes or {})
 
 

@@ -28,9 +28,10 @@ imports neither torch nor ONNX Runtime itself: a process that only searches neve
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -152,15 +153,25 @@ def load_network(config: CnnConfig, settings: Settings, runtime: str | None = No
     if runtime not in RUNTIMES:
         raise ExtractorSpecError(f"IMGDB_RUNTIME={runtime!r}: use onnx or torch")
     if runtime == "onnx":
-        from imgdb.features.onnx_net import GraphUnavailable, OnnxNetwork
+        from imgdb.features.onnx_net import GraphUnavailable
 
         try:
-            return OnnxNetwork(config, settings.home / "cache" / "onnx", settings.device)
+            # Size, scales and whitening happen outside the graph: extractors that differ only
+            # there (an index's trainable instance and the shared one) share one session.
+            return _onnx_network(replace(config, size=DEFAULT_SIZE, scales=(1.0,), whiten="off"),
+                                 settings.home / "cache" / "onnx", settings.device)
         except GraphUnavailable as exc:
             log.warning("%s: runs on PyTorch", exc)
     from imgdb.features.torch_net import TorchNetwork
 
-    return TorchNetwork(config, settings.device)
+    return TorchNetwork(config, settings.device)  # (one per extractor: its whitening is its own)
+
+
+@functools.lru_cache(maxsize=16)
+def _onnx_network(config: CnnConfig, cache: Path, device: str) -> Network:
+    from imgdb.features.onnx_net import OnnxNetwork
+
+    return OnnxNetwork(config, cache, device)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from imgdb import plugins
 from imgdb.ann.spec import AnnSpec
 from imgdb.errors import ImgdbError
@@ -31,17 +33,29 @@ MAX_CHAIN = 8
 
 
 def first_stage(ann: AnnSpec) -> FirstStage:
-    target = plugins.named("imgdb.first_stages", FIRST_STAGES).get(ann.method)
+    return _first_stage_class(ann.method)(ann)
+
+
+@functools.lru_cache(maxsize=32)
+def _first_stage_class(method: str) -> type[FirstStage]:
+    target = plugins.named("imgdb.first_stages", FIRST_STAGES).get(method)
     if target is None:
-        raise ImgdbError(f"no first stage serves ANN method {ann.method!r}")
-    return plugins.load(target)(ann)
+        raise ImgdbError(f"no first stage serves ANN method {method!r}")
+    return plugins.load(target)
 
 
 def rerankers(text: str) -> list[Reranker]:
     """The chain a ``--rerank`` value names: comma-separated re-rankers, such as ``exact``,
     ``pq`` or ``exact,verify``."""
-    known = plugins.named("imgdb.rerankers", RERANKERS)
-    names = [part.strip().lower() for part in str(text).split(",")]
+    return list(_chain(str(text), tuple(plugins.named("imgdb.rerankers", RERANKERS).items())))
+
+
+@functools.lru_cache(maxsize=128)
+def _chain(text: str, registered: tuple[tuple[str, str], ...]) -> tuple[Reranker, ...]:
+    """Re-rankers hold no state of their own, so a chain is resolved once per spelling and set of
+    registered re-rankers (every query of a process asks for the same few)."""
+    known = dict(registered)
+    names = [part.strip().lower() for part in text.split(",")]
     if len(names) > MAX_CHAIN:
         raise ImgdbError(f"at most {MAX_CHAIN} re-rankers in a chain, not {len(names)}")
     for name in names:
@@ -52,4 +66,4 @@ def rerankers(text: str) -> list[Reranker]:
     for name in names[1:]:
         if name in BASES:
             raise ImgdbError(f"re-rank {name!r} orders the first stage's candidates: it can only come first")
-    return [plugins.load(known[name])() for name in names]
+    return tuple(plugins.load(known[name])() for name in names)
