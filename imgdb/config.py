@@ -72,6 +72,7 @@ class Settings:
                 max_pixels=_env_int("IMGDB_MAX_PIXELS", DecodeLimits.max_pixels),
                 max_bytes=_env_int("IMGDB_DECODE_MAX_BYTES", DecodeLimits.max_bytes),
                 in_flight=_env_int("IMGDB_DECODE_IN_FLIGHT", DecodeLimits.in_flight),
+                jpeg_draft=_env_bool("IMGDB_JPEG_DRAFT", DecodeLimits.jpeg_draft),
             ),
             fetch=FetchLimits(
                 max_bytes=_env_int("IMGDB_FETCH_MAX_BYTES", FetchLimits.max_bytes),

@@ -4,6 +4,7 @@ refused with a one-line reason."""
 from __future__ import annotations
 
 import time
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,22 @@ def test_draft_decoding_respects_the_scale_hint(photo: bytes) -> None:
     small = decode(photo, max_pixels=LIMIT, scale_hint=lambda w, h: 0.1)
     assert small.pixels.size[0] < full.pixels.size[0]
     assert small.facts == full.facts  # facts describe the file, not the reduced decode
+
+
+def test_without_jpeg_drafts_a_jpeg_is_decoded_whole_then_averaged(photo: bytes) -> None:
+    """``IMGDB_JPEG_DRAFT=0``: no DCT scaling; the whole image, box-averaged to twice the target."""
+    from imgdb.config import Settings
+    from imgdb.io.reader import DecodeLimits
+
+    hint = lambda w, h: 0.1  # noqa: E731
+    exact = decode(photo, limits=DecodeLimits(max_pixels=LIMIT, jpeg_draft=False), scale_hint=hint)
+    drafted = decode(photo, limits=DecodeLimits(max_pixels=LIMIT), scale_hint=hint)
+    whole = Image.open(BytesIO(photo)).convert("RGB")
+    np.testing.assert_array_equal(np.asarray(exact.pixels), np.asarray(whole.reduce(5)))
+    assert not np.array_equal(np.asarray(drafted.pixels), np.asarray(exact.pixels))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("IMGDB_JPEG_DRAFT", "0")
+        assert Settings.from_env().decoding.jpeg_draft is False
 
 
 @pytest.mark.parametrize(
