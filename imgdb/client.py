@@ -23,7 +23,6 @@ import numpy as np
 import psycopg
 from PIL import Image
 
-from imgdb import local_index, transfer
 from imgdb.ann.layer import AnnLayer
 from imgdb.ann.spec import AnnSpec, parse_ann
 from imgdb.config import Settings
@@ -36,26 +35,19 @@ from imgdb.features import keypoints, known
 from imgdb.features.base import Extractor
 from imgdb.features.registry import DEFAULT_SPEC, canonical_spec, create_extractor, extractor_class
 from imgdb.features.spec import parse_spec
-from imgdb.ingest import (
-    IngestReport,
-    Ingester,
-    ProgressCallback,
-    StatusCallback,
-    embed_image,
-    embed_pixels,
-    load_metadata_file,
-)
 from imgdb.io import sources
-from imgdb.local_index import VerifyReport
 from imgdb.orm import SearchIndex
 from imgdb.query import fusion as fusion_of
 from imgdb.query import plan
 from imgdb.query.parts import EncodedQuery, QueryImage
-from imgdb.reencode import retrain
-from imgdb.sync import AttachReport, Syncer, SyncReport
 
+# Ingest, sync, re-encoding, local features and transfer are imported by the methods that use
+# them: a process that only searches (a cold `imgdb search`) does not pay for loading them.
 if TYPE_CHECKING:
     from imgdb.explain import Explanation
+    from imgdb.ingest import IngestReport, ProgressCallback, StatusCallback
+    from imgdb.local_index import VerifyReport
+    from imgdb.sync import AttachReport, SyncReport
     from imgdb.training.job import TrainReport
     from imgdb.training.trainer import EpochCallback, TrainOptions
 
@@ -161,6 +153,8 @@ class Imgdb:
         """Make index ``name`` keep its images' local features (spec such as
         ``rootsift/side=640/keypoints=500``, see :mod:`imgdb.features.keypoints`) for
         ``rerank="verify"``, storing those of the images it holds; ``local=None`` stops it."""
+        from imgdb import local_index
+
         index = self.index(name)
         if local is None:
             return local_index.disable(self, index)
@@ -168,10 +162,14 @@ class Imgdb:
 
     def export_index(self, name: str, path: str | Path) -> dict[str, Any]:
         """Write an index, with its learned state and network, to one file (:mod:`imgdb.transfer`)."""
+        from imgdb import transfer
+
         return transfer.export_index(self, name, path)
 
     def import_index(self, path: str | Path, name: str | None = None) -> dict[str, Any]:
         """Create an index from :meth:`export_index`'s file (under ``name``, default its own)."""
+        from imgdb import transfer
+
         return transfer.import_index(self, path, name)
 
     def index(self, name: str = DEFAULT_INDEX) -> SearchIndex:
@@ -233,6 +231,8 @@ class Imgdb:
                on_progress: ProgressCallback | None = None,
                on_status: StatusCallback | None = None) -> IngestReport:
         """Add files, folders (recursively) and URLs to ``index``; see :class:`~imgdb.ingest.Ingester`."""
+        from imgdb.ingest import Ingester, load_metadata_file
+
         target = self.index(index)
         metadata = load_metadata_file(Path(metadata_file)) if metadata_file else None
         ingester = Ingester(self.database, target, self.extractor(target), self.settings, self.layer)
@@ -245,6 +245,8 @@ class Imgdb:
         re-encode its images with it; returns the report of that re-encoding. Nothing changes
         until it is complete, and images that cannot be read again keep their old vectors
         (:mod:`imgdb.reencode`)."""
+        from imgdb.reencode import retrain
+
         target = self.index(index)
         if not self.extractor(target).trainable:
             raise ImgdbError(f"index {target.name!r} ({target.extractor}) has nothing to train")
@@ -305,6 +307,8 @@ class Imgdb:
         path or an http(s) URL, or the image as ``bytea``), ``key`` identifies the row (default: the
         primary key). Installs triggers that queue every change and queues every row there is now;
         :meth:`sync` embeds them. Relative paths resolve under ``root`` (and nothing outside it is read)."""
+        from imgdb.sync import AttachReport
+
         target = self.index(index)
         root_text = None
         if root is not None:
@@ -319,6 +323,8 @@ class Imgdb:
     def detach(self, table: str, *, index: str | None = None) -> AttachReport:
         """Stop following a table (in ``index``, or in every index it is attached to): its triggers
         go, and so does everything imgdb kept of its rows. The table itself is left as it was."""
+        from imgdb.sync import AttachReport
+
         with self.database.engine.begin() as conn:
             target = store.require_index(conn, index) if index else None
             found = attached.find(conn, table, target)
@@ -338,6 +344,8 @@ class Imgdb:
              on_round: Callable[[SyncReport], None] | None = None) -> SyncReport:
         """Embed what attached tables queued (those of ``index``, or every one); with ``watch``, keep
         doing it as changes come, until ``stop`` is set. See :mod:`imgdb.sync`."""
+        from imgdb.sync import Syncer
+
         syncer = Syncer(self)
         if watch:
             return syncer.watch(index, stop=stop, on_round=on_round, on_status=on_status)
@@ -444,6 +452,8 @@ class Imgdb:
             if image_id not in found:
                 raise ImgdbError(f"image {digits[:30]} is not in index {index.name!r}")
             return found[image_id], QueryImage(image_id=image_id)
+        from imgdb.ingest import embed_image, embed_pixels  # (the decoding pipeline: photos only)
+
         extractor = self.extractor(index)
         if isinstance(query, Image.Image):
             pixels = query.convert("RGB")
