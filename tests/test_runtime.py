@@ -122,3 +122,27 @@ def test_a_photo_search_never_imports_torch(client, museum: Path, imgdb_home: Pa
     assert found.endswith(gallery[2].name)
     assert loaded == ""
     client.drop_index("runtime_probe")
+
+
+def test_a_cache_that_cannot_be_written_costs_an_export_not_the_search(tmp_path: Path, museum: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from imgdb.features.onnx_net import OnnxNetwork
+
+    blocked = tmp_path / "home-cache"
+    blocked.write_text("a file where the cache directory would go")
+    config = CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/max/size=96"))
+    with caplog.at_level(logging.WARNING, logger="imgdb.features.onnx_net"):
+        network = OnnxNetwork(config, blocked / "onnx", "cpu")
+    assert "exported for this process only" in caplog.text
+    extractor = CnnExtractor(config, runtime="torch")
+    image = _images(sorted((museum / "images").glob("*.jpg"))[:1])[0]
+    batch = np.stack(extractor.prepare(image))
+    got, want = network.pooled(batch), extractor.network.pooled(batch)
+    assert float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.9999
+
+
+def test_an_unknown_runtime_is_refused_with_the_choices() -> None:
+    from imgdb.errors import ExtractorSpecError
+
+    with pytest.raises(ExtractorSpecError, match="IMGDB_RUNTIME='tensorflow': use onnx or torch"):
+        CnnExtractor(CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/max/size=96")), runtime="tensorflow")

@@ -14,8 +14,10 @@ cannot be exported is remembered as such and runs on PyTorch. Nothing here impor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from importlib import metadata
 from pathlib import Path
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
     import onnxruntime
 
     from imgdb.features.cnn import CnnConfig
+
+log = logging.getLogger(__name__)
 
 #: Bump when what :func:`~imgdb.features.torch_net.export_graph` writes changes: old graphs go stale.
 GRAPH_FORMAT = 1
@@ -58,8 +62,9 @@ def _version(distribution: str) -> str:
         return "absent"
 
 
-def cached_graph(config: CnnConfig, cache: Path) -> tuple[Path, dict]:
-    """The graph file of a config and its description, exported into ``cache`` first if missing."""
+def cached_graph(config: CnnConfig, cache: Path) -> tuple[Path | bytes, dict]:
+    """A config's graph (its file, or its bytes where the cache cannot be written) and its
+    description, exported into ``cache`` first if missing."""
     key = graph_key(config)
     graph, described, failed = (cache / f"{key}{suffix}" for suffix in (".onnx", ".json", ".failed"))
     if failed.exists():
@@ -72,22 +77,30 @@ def cached_graph(config: CnnConfig, cache: Path) -> tuple[Path, dict]:
     return export_into(config, cache, key)
 
 
-def export_into(config: CnnConfig, cache: Path, key: str) -> tuple[Path, dict]:
-    """Export a config's graph into ``cache`` (atomically: a reader never sees half a file)."""
+def export_into(config: CnnConfig, cache: Path, key: str) -> tuple[Path | bytes, dict]:
+    """Export a config's graph into ``cache`` (atomically: a reader never sees half a file). A cache
+    that cannot be written (a read-only ``IMGDB_HOME``) costs an export per process, not the search."""
     from imgdb.features.torch_net import export_graph  # torch: only when a graph is missing
 
-    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         blob, meta = export_graph(config)
     except ExtractorSpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - any exporter failure means: this network runs on PyTorch
-        reason = f"{config.backbone} does not export to ONNX ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-        _write(cache / f"{key}.failed", reason.encode())
+        reason = f"{config.backbone} does not export to ONNX ({type(exc).__name__}: {(str(exc) or '-').splitlines()[0][:200]})"
+        if not isinstance(exc, (OSError, MemoryError)):  # (those may pass: the next process tries again)
+            with contextlib.suppress(OSError):
+                cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+                _write(cache / f"{key}.failed", reason.encode())
         raise GraphUnavailable(reason) from None
     graph, described = cache / f"{key}.onnx", cache / f"{key}.json"
-    _write(graph, blob)
-    _write(described, json.dumps(meta).encode())
+    try:
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _write(graph, blob)
+        _write(described, json.dumps(meta).encode())
+    except OSError as exc:
+        log.warning("cannot cache the ONNX graph in %s (%s): exported for this process only", cache, exc)
+        return blob, meta
     return graph, meta
 
 
@@ -117,27 +130,28 @@ class OnnxNetwork:
     runtime = "onnx"
 
     def __init__(self, config: CnnConfig, cache: Path, device: str = "auto") -> None:
-        path, meta = cached_graph(config, cache)
+        graph, meta = cached_graph(config, cache)
         try:
-            self.session = self._session(path, device)
+            self.session = self._session(graph, device)
         except ImgdbError:
             raise
         except Exception:  # noqa: BLE001 - a damaged file in the cache: export it again, once
-            path, meta = export_into(config, cache, graph_key(config))
-            self.session = self._session(path, device)
+            graph, meta = export_into(config, cache, graph_key(config))
+            self.session = self._session(graph, device)
         self.dim = int(meta["dim"])
         self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
         self._pool = None if meta["output"] == "pooled" else NUMPY_POOLINGS[config.pooling]
         self._params = dict(config.params)
 
     @staticmethod
-    def _session(path: Path, device: str) -> onnxruntime.InferenceSession:
+    def _session(graph: Path | bytes, device: str) -> onnxruntime.InferenceSession:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = os.cpu_count() or 1
         options.log_severity_level = 3  # (warnings about unused initialisers are not the user's business)
-        return ort.InferenceSession(str(path), options, providers=providers(device))
+        source = graph if isinstance(graph, bytes) else str(graph)
+        return ort.InferenceSession(source, options, providers=providers(device))
 
     def pooled(self, batch: np.ndarray) -> np.ndarray:
         """Pooled vectors ``(N, dim)`` of normalised pixels ``(N, 3, H, W)``."""
