@@ -160,23 +160,24 @@ def nearest(conn: psycopg.Connection, target: Target, vector: np.ndarray, k: int
     """
     configure(conn, dict(settings or {}))
     where, params = compile_filters(filters)
-    params |= {"q": _param(target.index, vector), "k": k, "n": max(candidates, k)}
+    params |= {"q": _param(target.index, vector)}
+    k, n = int(k), max(int(candidates), int(k))
     refs = _ref_column(target)
     if hamming and not exact and target.center is not None:
-        inner = _first_stage_sql(target, where, filters, hamming=True, exact=False, keep_vector=True)
+        inner = _first_stage_sql(target, where, filters, n, hamming=True, exact=False, keep_vector=True)
         order = "c.embedding <-> %(q)s" if rerank else "c.d"
         sql = (f"SELECT {HIT_COLUMNS}, {order} AS d{refs} FROM ({inner}) c JOIN images ON images.id = c.image_id"
-               f" ORDER BY d LIMIT %(k)s")
+               f" ORDER BY d LIMIT {k}")
     elif filters:
         distance = _distance(exact)
         sql = (f'SELECT {HIT_COLUMNS}, {distance} AS d{refs} FROM "{target.index.vectors_table}" v'
-               f" JOIN images ON images.id = v.image_id WHERE {where} ORDER BY {distance} LIMIT %(k)s")
+               f" JOIN images ON images.id = v.image_id WHERE {where} ORDER BY {distance} LIMIT {k}")
     else:
         # The index scan alone, then ten primary-key look-ups: the planner never has to weigh
         # the join against the index order.
-        inner = _first_stage_sql(target, where, filters, hamming=False, exact=exact)
+        inner = _first_stage_sql(target, where, filters, n, hamming=False, exact=exact)
         sql = (f"SELECT {HIT_COLUMNS}, c.d{refs} FROM ({inner}) c JOIN images ON images.id = c.image_id"
-               f" ORDER BY c.d LIMIT %(k)s")
+               f" ORDER BY c.d LIMIT {k}")
     return _hits(target, conn.execute(sql, params, binary=True).fetchall())
 
 
@@ -184,9 +185,14 @@ def _distance(exact: bool) -> str:
     return "(v.embedding <-> %(q)s)" + (" + 0" if exact else "")
 
 
-def _first_stage_sql(target: Target, where: str, filters: Sequence[ColumnElement[bool]], *, hamming: bool,
+def _first_stage_sql(target: Target, where: str, filters: Sequence[ColumnElement[bool]], n: int, *, hamming: bool,
                      exact: bool, keep_vector: bool = False) -> str:
-    """The ``%(n)s`` best rows of the vectors table as ``image_id, d`` (and ``embedding``)."""
+    """The ``n`` best rows of the vectors table as ``image_id, d`` (and ``embedding``).
+
+    Limits are written into the statement rather than bound: psycopg prepares a statement after a
+    few runs, and PostgreSQL's generic plan for a bound LIMIT ran the HNSW query about 15% slower
+    than the same statement with the number in it (benchmarks/search_path.py). They are ints, and
+    few distinct ones occur (k and the candidates a chain asks for)."""
     index = target.index
     if hamming and not exact and target.center is not None:
         order = (f"{store.sign_bits(index, target.center, 'v.embedding')} <~>"
@@ -196,7 +202,7 @@ def _first_stage_sql(target: Target, where: str, filters: Sequence[ColumnElement
     join = " JOIN images ON images.id = v.image_id" if filters else ""
     vector = ", v.embedding" if keep_vector else ""
     return (f'SELECT v.image_id, {order} AS d{vector} FROM "{index.vectors_table}" v{join}'
-            f" WHERE {where} ORDER BY {order} LIMIT %(n)s")
+            f" WHERE {where} ORDER BY {order} LIMIT {int(n)}")
 
 
 def first_stage(conn: psycopg.Connection, target: Target, vector: np.ndarray, n: int,
@@ -207,8 +213,8 @@ def first_stage(conn: psycopg.Connection, target: Target, vector: np.ndarray, n:
     but the one filters need."""
     configure(conn, dict(settings or {}))
     where, params = compile_filters(filters)
-    params |= {"q": _param(target.index, vector), "n": n}
-    rows = conn.execute(_first_stage_sql(target, where, filters, hamming=hamming, exact=exact), params,
+    params |= {"q": _param(target.index, vector)}
+    rows = conn.execute(_first_stage_sql(target, where, filters, n, hamming=hamming, exact=exact), params,
                         binary=True).fetchall()
     return _columns(rows)
 
