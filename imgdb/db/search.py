@@ -191,8 +191,9 @@ def _first_stage_sql(target: Target, where: str, filters: Sequence[ColumnElement
 
     Limits are written into the statement rather than bound: psycopg prepares a statement after a
     few runs, and PostgreSQL's generic plan for a bound LIMIT ran the HNSW query about 15% slower
-    than the same statement with the number in it (benchmarks/search_path.py). They are ints, and
-    few distinct ones occur (k and the candidates a chain asks for)."""
+    than the same statement with the number in it (benchmarks/search_path.py). They are ints; a client
+    that varies them makes more statements, of which psycopg keeps at most ``prepared_max`` (100)
+    prepared per connection."""
     index = target.index
     if hamming and not exact and target.center is not None:
         order = (f"{store.sign_bits(index, target.center, 'v.embedding')} <~>"
