@@ -21,7 +21,9 @@ OFFLINE_LITE_PACKAGES: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _version(distribution: str) -> str:
+def installed_version(distribution: str) -> str:
+    """The installed version of a distribution, ``absent`` where it is not installed (read from
+    its metadata: nothing is imported)."""
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
@@ -48,5 +50,5 @@ def weights_identity(backbone: str, weights: str | None) -> str:
     arch = backbone.partition(".")[0]
     if arch in OFFLINE_LITE_PACKAGES:
         distribution = OFFLINE_LITE_PACKAGES[arch][2]
-        return f"{distribution}=={_version(distribution)}"
-    return f"timm=={_version('timm')};torchvision=={_version('torchvision')}:{backbone}"
+        return f"{distribution}=={installed_version(distribution)}"
+    return f"timm=={installed_version('timm')};torchvision=={installed_version('torchvision')}:{backbone}"

@@ -191,8 +191,7 @@ class CnnExtractor(Extractor):
         self._whitening = stored_whitening(config.net) if config.net else None
         if self._whitening is not None and config.whiten != "off":
             raise ExtractorSpecError(f"network {config.net[:12]} carries its own whitening: use whiten=off")
-        self._settings = Settings.from_env()
-        self.network = load_network(config, self._settings, runtime)
+        self.network = load_network(config, Settings.from_env(), runtime)
         self.runtime = self.network.runtime
         self.dim = self.network.dim
         self._mean = np.asarray(self.network.mean, dtype=np.float32) * 255.0

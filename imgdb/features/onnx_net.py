@@ -19,14 +19,13 @@ import hashlib
 import json
 import logging
 import os
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from imgdb.errors import ExtractorSpecError, ImgdbError
-from imgdb.features.backbone_weights import weights_identity
+from imgdb.features.backbone_weights import installed_version, weights_identity
 from imgdb.features.pooling_numpy import NUMPY_POOLINGS
 
 if TYPE_CHECKING:
@@ -46,20 +45,13 @@ class GraphUnavailable(Exception):
 
 def graph_key(config: CnnConfig) -> str:
     """The sha256 a config's graph is cached under: equal keys, equal graphs."""
-    versions = {name: _version(name) for name in ("torch", "timm", "onnx")}
+    versions = {name: installed_version(name) for name in ("torch", "timm", "onnx")}
     identity = {
         "format": GRAPH_FORMAT, "backbone": config.backbone, "layer": config.layer, "pooling": config.pooling,
         "params": [list(p) for p in config.params], "net": config.net, "versions": versions,
         "weights": weights_identity(config.backbone, config.weights),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def _version(distribution: str) -> str:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "absent"
 
 
 def cached_graph(config: CnnConfig, cache: Path) -> tuple[Path | bytes, dict]:
