@@ -49,6 +49,25 @@ def test_onnx_runtime_gives_pytorchs_vectors_and_rankings(museum: Path, spec: st
     np.testing.assert_array_equal(*ranks)
 
 
+def test_images_of_many_shapes_run_side_by_side_with_the_vectors_of_one_at_a_time(museum: Path) -> None:
+    extractor = CnnExtractor(CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/gem/size=128")), runtime="onnx")
+    prepared = [extractor.prepare(i) for i in _images(sorted((museum / "queries").glob("*.jpg"))[:6])]
+    assert len({p[0].shape for p in prepared}) > 1  # (photos of several aspect ratios: several passes)
+    together = extractor.embed(prepared)
+    one_by_one = np.concatenate([extractor.embed([p]) for p in prepared])
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+
+def test_normalising_is_the_per_channel_formula(museum: Path) -> None:
+    extractor = CnnExtractor(CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/gem/size=128")), runtime="onnx")
+    pixels = np.asarray(_images(sorted((museum / "queries").glob("*.jpg"))[:1])[0])[::7, ::5]  # (not contiguous)
+    mean, std = (np.asarray(v, dtype=np.float32) * 255 for v in (extractor.network.mean, extractor.network.std))
+    want = ((pixels.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+    got = extractor.normalise(pixels)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_onnx_runtime_gives_the_same_retrieval_figures(museum_sample: Path) -> None:
     """mAP of the museum sample's queries, default extractor, under each runtime."""
     onnx, torch_ = _both("cnn:tf_efficientnet_lite2/gem/whiten=off")

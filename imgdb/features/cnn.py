@@ -143,6 +143,10 @@ class Network(Protocol):
 
     def pooled(self, batch: np.ndarray) -> np.ndarray: ...
 
+    def pooled_each(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """``pooled`` of each batch (batches of different shapes, which cannot share a pass)."""
+        ...
+
 
 RUNTIMES = ("onnx", "torch")
 
@@ -194,8 +198,9 @@ class CnnExtractor(Extractor):
         self.network = load_network(config, Settings.from_env(), runtime)
         self.runtime = self.network.runtime
         self.dim = self.network.dim
-        self._mean = np.asarray(self.network.mean, dtype=np.float32) * 255.0
-        self._inv_std = 1.0 / (np.asarray(self.network.std, dtype=np.float32) * 255.0)
+        #: Per channel, in 0-255 units (what :meth:`normalise` hands OpenCV).
+        self._mean = tuple(float(m) * 255.0 for m in self.network.mean)
+        self._inv_std = tuple(1.0 / (float(s) * 255.0) for s in self.network.std)
         self._torch: Network | None = self.network if self.runtime == "torch" else None
         self._state: dict[str, np.ndarray] = {}
 
@@ -256,9 +261,11 @@ class CnnExtractor(Extractor):
         return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
 
     def normalise(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 RGB ``(H, W, 3)`` to the network's normalised float32 ``(3, H, W)``."""
-        normalised = (pixels.astype(np.float32) - self._mean) * self._inv_std
-        return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+        """uint8 RGB ``(H, W, 3)`` to the network's normalised float32 ``(3, H, W)``: ``(x - mean) / std``
+        per channel, by OpenCV in one pass over the pixels (numpy's cast, arithmetic and transposing
+        copy made four, about 1 ms of an image's 10 ms of decoding and resizing)."""
+        params = cv2.dnn.Image2BlobParams(scalefactor=self._inv_std, mean=self._mean, ddepth=cv2.CV_32F)
+        return cv2.dnn.blobFromImageWithParams(np.ascontiguousarray(pixels), params)[0]
 
     def _single_scale(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """Pooled vectors of same-scale arrays; arrays of equal shape share a forward pass."""
@@ -266,8 +273,9 @@ class CnnExtractor(Extractor):
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, array in enumerate(arrays):
             by_shape.setdefault(array.shape, []).append(i)
-        for rows in by_shape.values():
-            out[rows] = self.network.pooled(np.stack([arrays[i] for i in rows]))
+        groups = list(by_shape.values())
+        for rows, pooled in zip(groups, self.network.pooled_each([np.stack([arrays[i] for i in rows]) for rows in groups])):
+            out[rows] = pooled
         return out
 
     def _unwhitened(self, prepared: Sequence[list[np.ndarray]]) -> np.ndarray:

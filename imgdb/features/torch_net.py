@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +64,10 @@ class TorchNetwork:
         """Pooled vectors ``(N, dim)`` of normalised pixels ``(N, 3, H, W)``."""
         with torch.inference_mode():
             return self.net.pooled(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+
+    def pooled_each(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """:meth:`pooled` of each batch, in turn (torch's operators use every core already)."""
+        return [self.pooled(batch) for batch in batches]
 
 
 def build_net(config: CnnConfig, model: torch.nn.Module) -> RetrievalNet:
