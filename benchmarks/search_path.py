@@ -50,7 +50,7 @@ def main() -> None:
         bare = f"SELECT image_id FROM {table} ORDER BY embedding <-> %s LIMIT 10"
         joined = (f"SELECT i.id, i.uri, i.metadata FROM (SELECT image_id, embedding <-> %s AS d FROM {table}"
                   f" ORDER BY d LIMIT 10) c JOIN {db.database.schema}.images i ON i.id = c.image_id ORDER BY c.d")
-        engine = db.database.search_engine
+        pool = db.database.search_pool
         db.search(queries[0], k=10, index="sift", rerank="none")  # (its connection now has ef_search 40)
 
         def statement(sql: str):  # noqa: ANN202
@@ -58,13 +58,10 @@ def main() -> None:
             alternating backends would cost the way that runs alone on its own), timed without the
             pool's check-out."""
             def run(q: np.ndarray) -> tuple[list[int], float]:
-                pooled = engine.raw_connection()
-                try:
+                with pool.connection() as conn:
                     started = time.perf_counter()
-                    ids = [r[0] for r in pooled.driver_connection.execute(sql, (q,), binary=True).fetchall()]
+                    ids = [r[0] for r in conn.execute(sql, (q,), binary=True).fetchall()]
                     return ids, time.perf_counter() - started
-                finally:
-                    pooled.close()
             return run
 
         def imgdb_search(q: np.ndarray) -> tuple[list[int], float]:

@@ -23,33 +23,39 @@ import numpy as np
 import psycopg
 from PIL import Image
 
+from imgdb import lazy
 from imgdb.ann.layer import AnnLayer
 from imgdb.ann.spec import AnnSpec, parse_ann
 from imgdb.config import Settings
-from imgdb.db import attached, derived, networks, store
+from imgdb.db import records
 from imgdb.db import search as sql
 from imgdb.db.engine import Database
-from imgdb.db.filters import parse_filters
 from imgdb.errors import ImgdbError, IndexExists
 from imgdb.features import keypoints, known
 from imgdb.features.base import Extractor
 from imgdb.features.registry import DEFAULT_SPEC, canonical_spec, create_extractor, extractor_class
 from imgdb.features.spec import parse_spec
 from imgdb.io import sources
-from imgdb.orm import SearchIndex
 from imgdb.query import fusion as fusion_of
 from imgdb.query import plan
 from imgdb.query.parts import EncodedQuery, QueryImage
 
-# Ingest, sync, re-encoding, local features and transfer are imported by the methods that use
-# them: a process that only searches (a cold `imgdb search`) does not pay for loading them.
+# A process that only searches (a cold `imgdb search`) loads none of what writes: ingest, sync,
+# re-encoding, local features and transfer are imported by the methods that use them, and the
+# modules that write through SQLAlchemy are stand-ins until first used (:mod:`imgdb.lazy`).
 if TYPE_CHECKING:
+    from imgdb.db import attached, derived, networks, store
+    from imgdb.db import filters as filtering
     from imgdb.explain import Explanation
     from imgdb.ingest import IngestReport, ProgressCallback, StatusCallback
     from imgdb.local_index import VerifyReport
     from imgdb.sync import AttachReport, SyncReport
     from imgdb.training.job import TrainReport
+    from imgdb.orm import SearchIndex
     from imgdb.training.trainer import EpochCallback, TrainOptions
+else:
+    attached, derived, networks, store = (lazy.module(f"imgdb.db.{name}") for name in ("attached", "derived", "networks", "store"))
+    filtering = lazy.module("imgdb.db.filters")
 
 #: What a query can be: a path, an http(s) URL, ``"id:N"``, image bytes, a Pillow image, a vector, or
 #: a query encoded already (:meth:`Imgdb.encode_query`).
@@ -199,8 +205,7 @@ class Imgdb:
             self._trained[index.id] = extractor_class(spec.family).from_spec(spec)
         trainable = self._trained[index.id]
         if not trainable.trained:
-            with self.database.connect() as conn:
-                trainable.load_state(store.load_state(conn, index))
+            trainable.load_state(self.database.searching(lambda conn: sql.state(conn, index)))
         return trainable
 
     def _store_weights_file(self, spec: str) -> str:
@@ -411,14 +416,14 @@ class Imgdb:
         if len(names) > 1:
             fusion_of.check(fusion, names)
             for name in names:
-                store.check_name(name)
+                records.check_name(name)
             if isinstance(query, (str, Path)) and not _ID_QUERY.match(str(query).strip()):
                 query = sources.load(query, self.settings.fetch)  # read once, decoded by each index
             depth = max(k, fusion_of.DEPTH)
             return fusion_of.fuse({name: self.search(query, k=depth, filters=filters, index=name, rerank=rerank,
                                                      candidates=candidates) for name in names}, k, fusion)
-        store.check_name(index)
-        clauses = parse_filters(filters)
+        records.check_name(index)
+        clauses = filtering.parse_filters(filters) if filters else []
         for attempt in (1, 2):
             target = self.layer.target(index)
             if target is None:
@@ -446,13 +451,13 @@ class Imgdb:
             return query.astype(np.float32), QueryImage()
         if isinstance(query, str) and (match := _ID_QUERY.match(query.strip())):
             digits = match.group(1)
-            image_id = int(digits) if len(digits) <= 19 else store.MAX_ID + 1  # (longer: no such image)
-            with self.database.connect() as conn:
-                found = store.stored_vectors(conn, index, [image_id]) if 0 < image_id <= store.MAX_ID else {}
+            image_id = int(digits) if len(digits) <= 19 else records.MAX_ID + 1  # (longer: no such image)
+            found = self.database.searching(lambda conn: sql.stored_vectors(conn, index, [image_id])) \
+                if 0 < image_id <= records.MAX_ID else {}
             if image_id not in found:
                 raise ImgdbError(f"image {digits[:30]} is not in index {index.name!r}")
             return found[image_id], QueryImage(image_id=image_id)
-        from imgdb.ingest import embed_image, embed_pixels  # (the decoding pipeline: photos only)
+        from imgdb.encoding import embed_image, embed_pixels  # (the decoding pipeline: photos only)
 
         extractor = self.extractor(index)
         if isinstance(query, Image.Image):

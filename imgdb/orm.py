@@ -41,17 +41,9 @@ from sqlalchemy.dialects.postgresql import JSONB, OID
 from sqlalchemy.exc import NoSuchTableError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, registry
 
+from imgdb.db.records import VIEW_PREFIX, IndexNames, view_name  # noqa: F401 - (VIEW_PREFIX: the ORM's name too)
 from imgdb.db.schema import DEFAULT_SCHEMA
 from imgdb.errors import IndexNotFound
-
-
-#: Prefix of the per-index view users query. No other relation of the schema starts with it.
-VIEW_PREFIX = "images_"
-
-
-def view_name(index_name: str) -> str:
-    """The view plain SQL queries for index ``index_name``."""
-    return VIEW_PREFIX + index_name
 
 
 class Base(DeclarativeBase):
@@ -80,7 +72,7 @@ class Image(Base):
     added_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
-class SearchIndex(Base):
+class SearchIndex(Base, IndexNames):
     """A named index: which extractor fills it, and how its vectors are searched."""
 
     __tablename__ = "indexes"
@@ -98,25 +90,6 @@ class SearchIndex(Base):
     #: Goes up with every statement that writes this index's vectors (a trigger on its table).
     version: Mapped[int] = mapped_column(BigInteger, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-
-    # Objects made per index are named by its id, so that no index name can make two of them
-    # collide (``a`` and ``a_ann``); only the view users query carries the name, and no other
-    # relation in the schema starts with ``images_`` (migration 0003 renamed the ones that did).
-
-    @property
-    def vectors_table(self) -> str:
-        """The table holding this index's vectors."""
-        return f"vectors_{self.id}"
-
-    @property
-    def relation(self) -> str:
-        """The view that plain SQL queries: every ``images`` column plus ``embedding``, ``ref``, ``source``."""
-        return view_name(self.name)
-
-    @property
-    def ann_index(self) -> str:
-        """The pgvector HNSW/IVFFlat index on :attr:`vectors_table`, when the method has one."""
-        return f"{self.vectors_table}_ann"
 
 
 class IndexState(Base):

@@ -169,3 +169,34 @@ def test_ivfflat_index_is_built_after_the_load_and_searched(client, museum: Path
     for image_id in ids:
         hits = client.search(f"id:{image_id}", index="ivf", k=3)
         assert hits[0].id == image_id and len(hits) == 3
+
+
+def test_a_search_outlives_its_connection_being_dropped(client, synthetic) -> None:  # noqa: ANN001
+    """A server restart (here: every search backend terminated) costs the next query one reconnect,
+    not an error; a query that fails for another reason is not run twice."""
+    import psycopg
+
+    from imgdb.errors import DatabaseError
+
+    name, vectors, ids = synthetic
+    before = client.search(vectors[5], k=3, index=name)
+    pids = client.database.searching(lambda conn: [conn.info.backend_pid])
+    with psycopg.connect(client.database.url, autocommit=True) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", pids).fetchone()[0]
+    after = client.search(vectors[5], k=3, index=name)
+    assert [h.id for h in after] == [h.id for h in before] and after[0].id == ids[5]
+    assert client.database.searching(lambda conn: conn.info.backend_pid) != pids[0]
+
+    runs = []
+
+    def cancelled(conn: psycopg.Connection) -> None:
+        runs.append(1)
+        conn.execute("SET statement_timeout = 1")
+        try:
+            conn.execute("SELECT pg_sleep(1)")
+        finally:
+            conn.execute("RESET statement_timeout")
+
+    with pytest.raises(DatabaseError, match="search failed: canceling statement due to statement timeout"):
+        client.database.searching(cancelled)
+    assert runs == [1]

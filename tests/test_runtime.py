@@ -122,23 +122,26 @@ def test_a_network_that_does_not_export_runs_on_pytorch(imgdb_home: Path, caplog
         marker.unlink()
 
 
-def test_a_photo_search_never_imports_torch(client, museum: Path, imgdb_home: Path) -> None:  # noqa: ANN001
-    """A new process that searches by photo (graph cached, database warm) loads no torch, timm or torchvision."""
+def test_a_search_imports_neither_torch_nor_sqlalchemy(client, museum: Path, imgdb_home: Path) -> None:  # noqa: ANN001
+    """A new process that searches by photo and by id (graph cached, database warm) loads no torch,
+    timm or torchvision, and no SQLAlchemy or alembic: only what the search path needs."""
     client.create_index("runtime_probe", "cnn:tf_efficientnet_lite0/gem/size=128")
     gallery = sorted((museum / "images").glob("*.jpg"))[40:44]
     client.ingest(gallery, index="runtime_probe")
     script = (
         "import sys, imgdb\n"
         "with imgdb.connect() as db:\n"
-        f"    hits = db.search(open({str(gallery[2])!r}, 'rb').read(), k=2, index='runtime_probe')\n"
-        "print(hits[0].uri)\n"
-        "print(','.join(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'torchvision'})))\n"
+        f"    by_photo = db.search(open({str(gallery[2])!r}, 'rb').read(), k=2, index='runtime_probe')\n"
+        "    by_id = db.search(f'id:{by_photo[0].id}', k=2, index='runtime_probe')\n"
+        "print(by_photo[0].uri, by_id[0].uri)\n"
+        "print(','.join(sorted({m.split('.')[0] for m in sys.modules}\n"
+        "                      & {'torch', 'timm', 'torchvision', 'sqlalchemy', 'alembic'})))\n"
     )
     env = {**os.environ, "IMGDB_HOME": str(imgdb_home)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     found, loaded = done.stdout.splitlines()
-    assert found.endswith(gallery[2].name)
+    assert found.split() == [str(gallery[2])] * 2
     assert loaded == ""
     client.drop_index("runtime_probe")
 

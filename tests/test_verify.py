@@ -15,7 +15,7 @@ import imgdb
 from imgdb.db import local_features
 from imgdb.errors import ImgdbError
 from imgdb.features import keypoints
-from imgdb.ingest import decode_scale
+from imgdb.encoding import decode_scale
 from imgdb.io.reader import decode
 from imgdb.query import verify
 from imgdb_cli.main import app

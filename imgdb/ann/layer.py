@@ -23,14 +23,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from imgdb import lazy
 from imgdb.ann.spec import parse_ann
 from imgdb.db import search as sql
-from imgdb.db import store
-from imgdb.db.engine import Database
-from imgdb.orm import SearchIndex
 
 if TYPE_CHECKING:
     from imgdb.ann.codes import CodeIndex, Searcher
+    from imgdb.db import store
+    from imgdb.db.engine import Database
+    from imgdb.orm import SearchIndex
+else:  # (writes and Python-side first stages only: a pgvector query reads through `sql`)
+    store = lazy.module("imgdb.db.store")
 
 #: Namespace of the index layer's arrays in ``index_state``.
 STATE_OWNER = "ann."

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from imgdb.db.store import PGVECTOR_METHODS
+from imgdb.db.records import PGVECTOR_METHODS
 from imgdb.errors import ImgdbError
 
 #: First stages served by pgvector inside PostgreSQL.

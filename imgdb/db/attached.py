@@ -26,14 +26,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from imgdb.db import derived
+from imgdb.db.records import TABLE_NAME, Source
 from imgdb.db.schema import first_line, quote
 from imgdb.errors import ImgdbError
 from imgdb.orm import SearchIndex
 
-#: Key types whose values are JSON integers, or other JSON numbers, in search hits; booleans are
-#: booleans, and every other type a string.
-_INTEGER_TYPES = ("smallint", "integer", "bigint")
-_NUMBER_TYPES = ("numeric", "real", "double precision")
 #: Trigger events, each with the transition tables its trigger declares.
 _EVENTS = (("insert", "INSERT", "REFERENCING NEW TABLE AS new_rows"),
            ("update", "UPDATE", "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"),
@@ -42,32 +39,6 @@ _EVENTS = (("insert", "INSERT", "REFERENCING NEW TABLE AS new_rows"),
 #: Failed rows are tried again after this many seconds, doubled per attempt, at most RETRY_MAX.
 RETRY_BASE_S = 60
 RETRY_MAX_S = 24 * 3600
-
-
-@dataclass(frozen=True)
-class Source:
-    """One attached table, as the sync worker and search hits need it."""
-
-    id: int
-    index_id: int
-    index_name: str
-    #: The table's name now (``regclass`` text: unqualified where the search path finds it).
-    table: str
-    column: str
-    column_kind: str
-    key: str
-    key_type: str
-    root: str | None
-
-    def ref_json(self, ref: str) -> Any:
-        """A key in text form as the JSON value its SQL type is (a number stays a number)."""
-        if self.key_type in _INTEGER_TYPES:
-            return int(ref)
-        if self.key_type in _NUMBER_TYPES or self.key_type.startswith("numeric("):
-            return float(ref)
-        if self.key_type == "boolean":
-            return ref == "true"
-        return ref
 
 
 @dataclass(frozen=True)
@@ -88,8 +59,6 @@ class Claimed:
 
 
 #: A source's table as SQL names it now (it follows renames), or, once dropped, as it was attached.
-TABLE_NAME = ("CASE WHEN EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = s.relid) THEN s.relid::regclass::text"
-              " ELSE s.table_name END")
 _SOURCE_COLUMNS = (f"SELECT s.id, s.index_id, x.name AS index_name, {TABLE_NAME} AS table,"
                    " s.column_name AS column, s.column_kind, s.key_column AS key, s.key_type, s.root"
                    " FROM sources s JOIN indexes x ON x.id = s.index_id")

@@ -1,4 +1,9 @@
-"""Which PostgreSQL imgdb talks to, the SQLAlchemy engines on it, and keeping its schema current."""
+"""Which PostgreSQL imgdb talks to, the connections on it, and keeping its schema current.
+
+Two kinds of connection: the search path's plain psycopg ones (:mod:`imgdb.db.pool`), and a
+SQLAlchemy engine for everything that writes, made on first use: a process that only searches
+checks the schema's revision and runs its queries without ever importing SQLAlchemy.
+"""
 
 from __future__ import annotations
 
@@ -11,31 +16,47 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import psycopg
-import sqlalchemy as sa
 from pgvector.psycopg import register_vector
 from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session, sessionmaker
 
 import imgdb_migrations
 
+from imgdb import lazy
 from imgdb.config import Settings
 from imgdb.db.embedded import EmbeddedServer
+from imgdb.db.pool import ConnectionPool
 from imgdb.db.schema import DEFAULT_SCHEMA, check_schema, first_line, place
 from imgdb.errors import DatabaseError
 
 if TYPE_CHECKING:
+    import sqlalchemy as sa
     from alembic.config import Config
+    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.orm import Session, sessionmaker
+else:
+    sa = lazy.module("sqlalchemy")
 
 T = TypeVar("T")
 log = logging.getLogger("imgdb")
 
 
+_URL_PREFIXES = ("postgresql+psycopg://", "postgresql://", "postgres://")
+
+
 def sqlalchemy_url(url: str) -> str:
     """Point a plain ``postgresql://`` URL at the psycopg 3 driver."""
-    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+    return "postgresql+psycopg://" + _after_scheme(url)
+
+
+def libpq_url(url: str) -> str:
+    """The same URL as libpq (psycopg) takes it: ``postgresql://``."""
+    return "postgresql://" + _after_scheme(url)
+
+
+def _after_scheme(url: str) -> str:
+    for prefix in _URL_PREFIXES:
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return url[len(prefix):]
     raise DatabaseError(f"not a PostgreSQL URL: {url.split('@')[-1]!r}")
 
 
@@ -59,7 +80,7 @@ def lost_to_a_conflict(exc: sa.exc.OperationalError) -> bool:
 
 
 class Database:
-    """Engines on imgdb's schema in one database, migrated to the current revision.
+    """Connections on imgdb's schema in one database, migrated to the current revision.
 
     ``migrate``: apply pending migrations now (first use). ``create``: install pgvector and the
     schema where they are missing (default: when migrating); without it nothing is written.
@@ -70,8 +91,9 @@ class Database:
         self.url = url
         self.schema = check_schema(schema)
         self.placement = place(url, self.schema, create=migrate if create is None else create)
-        self.engine: Engine = self._engine(pool_pre_ping=True)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._options = self._connect_options()
+        #: The search path's connections (:meth:`searching`).
+        self.search_pool = ConnectionPool(self._search_connection)
         if migrate:
             self.upgrade(only_if_needed=True)
 
@@ -83,16 +105,37 @@ class Database:
         url = settings.database_url or EmbeddedServer(settings.home).start()
         return cls(url, schema=settings.schema, migrate=migrate, create=create)
 
-    def _engine(self, **kwargs: object) -> Engine:
-        """An engine whose connections start in imgdb's schema (:mod:`imgdb.db.schema`); ORM and
-        Core statements name the models' schema, translated where ``IMGDB_SCHEMA`` is not the default."""
+    def _connect_options(self) -> str:
+        """libpq ``options`` of every connection: the URL's own, then imgdb's schema and settings
+        (:mod:`imgdb.db.schema`)."""
         try:
             existing = conninfo_to_dict(self.url).get("options", "")
         except psycopg.ProgrammingError as exc:
             raise DatabaseError(f"not a valid PostgreSQL URL: {first_line(exc)}") from exc
+        return self.placement.connect_options(existing)
+
+    @cached_property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine of everything but the search path, made (and SQLAlchemy imported)
+        on first use. ORM and Core statements name the models' schema, translated where
+        ``IMGDB_SCHEMA`` is not the default."""
         translate = {} if self.schema == DEFAULT_SCHEMA else {"schema_translate_map": {DEFAULT_SCHEMA: self.schema}}
-        return sa.create_engine(sqlalchemy_url(self.url), connect_args={"options": self.placement.connect_options(existing)},
-                                execution_options=translate, **kwargs)
+        return sa.create_engine(sqlalchemy_url(self.url), connect_args={"options": self._options},
+                                execution_options=translate, pool_pre_ping=True)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        from sqlalchemy.orm import sessionmaker
+
+        return sessionmaker(self.engine, expire_on_commit=False)
+
+    def _search_connection(self) -> psycopg.Connection:
+        """A new search connection: autocommit (no transaction round trips), pgvector's types
+        registered once pgvector is installed (a schema not migrated yet may lack it)."""
+        conn = psycopg.connect(libpq_url(self.url), autocommit=True, options=self._options)
+        if self.placement.extension_schema is not None:
+            register_vector(conn)
+        return conn
 
     @property
     def head(self) -> str:
@@ -103,10 +146,14 @@ class Database:
         """The revision imgdb's schema is at (None before the first migration): alembic's version
         table, read by one plain query."""
         table = f'"{self.schema}".alembic_version'
-        with self.connect() as conn:
-            if conn.execute(sa.text("SELECT to_regclass(:table)"), {"table": table}).scalar() is None:
+
+        def read(conn: psycopg.Connection) -> str | None:
+            if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is None:
                 return None
-            return conn.execute(sa.text(f"SELECT version_num FROM {table}")).scalar()
+            row = conn.execute(f"SELECT version_num FROM {table}").fetchone()
+            return None if row is None else row[0]
+
+        return self.searching(read)
 
     def upgrade(self, *, only_if_needed: bool = False) -> bool:
         """Apply pending migrations; returns whether any ran here.
@@ -123,8 +170,10 @@ class Database:
                 command.upgrade(alembic_config(conn, self.schema), "head")
                 if before != self.head:
                     self._say_where_settings_hold(conn)
-            # Pooled connections predate database-level settings a migration made (ALTER DATABASE).
+            # Pooled connections predate database-level settings a migration made (ALTER DATABASE),
+            # and the search connections pgvector, where the migration installed it.
             self.engine.dispose()
+            self.search_pool.close()
         except sa.exc.OperationalError as exc:
             raise DatabaseError(f"cannot migrate the database: {first_line(exc.orig)}") from exc
         except (sa.exc.ProgrammingError, sa.exc.InternalError, sa.exc.IntegrityError) as exc:
@@ -153,36 +202,18 @@ class Database:
         with conn:
             yield conn
 
-    @cached_property
-    def search_engine(self) -> Engine:
-        """A second pool, of autocommit connections with pgvector's types registered, whose raw
-        psycopg connections serve the search path (:mod:`imgdb.db.search`): no transaction round
-        trips, no execution layer, no pre-ping (:meth:`searching` retries on a dropped connection
-        instead of paying a round trip per query)."""
-        engine = self._engine(isolation_level="AUTOCOMMIT", pool_size=8, max_overflow=24)
-        sa.event.listen(engine, "connect", lambda dbapi_connection, _record: register_vector(dbapi_connection))
-        return engine
-
     def searching(self, work: Callable[[psycopg.Connection], T]) -> T:
         """Run ``work`` on a pooled search connection. A connection the server dropped (a restart)
         is discarded and the work runs once more on a fresh one; any other failure is final."""
         for attempt in (1, 2):
-            try:
-                pooled = self.search_engine.raw_connection()
-            except sa.exc.OperationalError as exc:
-                raise DatabaseError(f"cannot connect to PostgreSQL: {first_line(exc.orig)}") from exc
-            try:
-                return work(pooled.driver_connection)
-            except psycopg.OperationalError as exc:
-                # Only a lost connection (a server restart) is worth a second try on a fresh one; a
-                # statement that was cancelled (statement_timeout) or refused would fail again.
-                if not pooled.driver_connection.broken and not pooled.driver_connection.closed:
-                    raise DatabaseError(f"search failed: {first_line(exc)}") from exc
-                pooled.invalidate()
-                if attempt == 2:
-                    raise DatabaseError(f"search failed: {first_line(exc)}") from exc
-            finally:
-                pooled.close()
+            with self.search_pool.connection() as conn:
+                try:
+                    return work(conn)
+                except psycopg.OperationalError as exc:
+                    # Only a lost connection (a server restart) is worth a second try on a fresh one; a
+                    # statement that was cancelled (statement_timeout) or refused would fail again.
+                    if not conn.broken and not conn.closed or attempt == 2:
+                        raise DatabaseError(f"search failed: {first_line(exc)}") from exc
         raise AssertionError("unreachable")
 
     def writing(self, work: Callable[[Connection], T], attempts: int = 3) -> T:
@@ -205,6 +236,6 @@ class Database:
             yield session
 
     def dispose(self) -> None:
-        if "search_engine" in self.__dict__:
-            self.__dict__.pop("search_engine").dispose()
-        self.engine.dispose()
+        self.search_pool.close()
+        if "engine" in self.__dict__:
+            self.engine.dispose()

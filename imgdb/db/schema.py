@@ -22,12 +22,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import psycopg
-import sqlalchemy as sa
 from psycopg import sql
-from sqlalchemy.engine import Connection
 
 from imgdb.errors import DatabaseError, ImgdbError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 DEFAULT_SCHEMA = "imgdb"
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -161,6 +164,8 @@ def adopt_legacy(conn: Connection, schema: str) -> str | None:
     Only an install that has every table of that layout (:data:`_LEGACY_SHAPE`) and one of those
     revisions is taken; an application's own ``images`` or ``alembic_version`` never is.
     """
+    import sqlalchemy as sa  # (migrations only: this module is on every search's path too)
+
     if conn.execute(sa.text("SELECT to_regclass(format('%I.alembic_version', CAST(:s AS text))) IS NOT NULL"),
                     {"s": schema}).scalar():
         return None

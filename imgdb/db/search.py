@@ -4,33 +4,36 @@ Search is the latency-critical path, so it skips what the rest of imgdb happily 
 SQLAlchemy execution layer, no transaction (autocommit: no BEGIN/COMMIT round trips), pgvector's
 settings set once per connection and only when they change, and one statement per stage, which
 psycopg prepares after a few runs. Filters are compiled from the same SQLAlchemy clauses as
-everywhere else (:mod:`imgdb.db.filters`), then run here as plain SQL with bound parameters.
+everywhere else (:mod:`imgdb.db.filters`), then run here as plain SQL with bound parameters; a
+query without filters never imports SQLAlchemy at all (nor does anything else here), so that a
+process that only searches does not pay for loading it.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psycopg
-import sqlalchemy as sa
+import pgvector
 from pgvector import HalfVector
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from sqlalchemy.dialects import postgresql
-from sqlalchemy.sql.elements import ColumnElement
 
-from imgdb.db import store
-from imgdb.db.attached import TABLE_NAME, Source
+from imgdb.db.records import TABLE_NAME, IndexRecord, Source
 from imgdb.db.schema import SESSION_SETTINGS
-from imgdb.orm import SearchIndex
+
+if TYPE_CHECKING:
+    from sqlalchemy.sql.elements import ColumnElement
 
 _settings: weakref.WeakKeyDictionary[psycopg.Connection, dict[str, str]] = weakref.WeakKeyDictionary()
-_dialect = postgresql.psycopg.dialect()
+#: Key (in the index layer's ``ann.`` namespace) of the centre binary quantization subtracts.
+CENTER_KEY = "center"
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class Target:
     interrupted bulk load can leave it dropped), for binary quantization the centre its bits
     are taken around (:func:`imgdb.db.store.learn_center`), and the tables attached to it."""
 
-    index: SearchIndex
+    index: IndexRecord
     has_ann: bool
     center: np.ndarray | None = None
     sources: tuple[Source, ...] = ()
@@ -77,12 +80,12 @@ def lookup(conn: psycopg.Connection, name: str) -> Target | None:
         "   'key', s.key_column, 'key_type', s.key_type, 'root', s.root) ORDER BY s.id)"
         "  FROM sources s WHERE s.index_id = indexes.id) AS sources"
         " FROM indexes WHERE name = %s",
-        ("ann." + store.CENTER_KEY, name),
+        ("ann." + CENTER_KEY, name),
     ).fetchone()
     if row is None:
         return None
     has_ann, center, sources = row.pop("has_ann"), row.pop("center"), row.pop("sources")
-    return Target(SearchIndex(**row), has_ann, None if center is None else np.load(io.BytesIO(center)),
+    return Target(IndexRecord(**row), has_ann, None if center is None else np.load(io.BytesIO(center)),
                   tuple(Source(**s) for s in sources or ()))
 
 
@@ -110,7 +113,7 @@ def _hit(target: Target, row: Sequence[Any], distance: float | None = None,
     return Hit(row[0], row[1], float(row[3] if distance is None else distance), row[2], refs, notes or {})
 
 
-def version(conn: psycopg.Connection, index: SearchIndex) -> int:
+def version(conn: psycopg.Connection, index: IndexRecord) -> int:
     """The index's change counter now (Python-side searchers reload when it moved)."""
     row = conn.execute("SELECT version FROM indexes WHERE id = %s", (index.id,)).fetchone()
     return -1 if row is None else int(row[0])
@@ -127,17 +130,26 @@ def configure(conn: psycopg.Connection, wanted: dict[str, str]) -> None:
         current.update(changed)
 
 
+@functools.cache
+def _dialect() -> Any:
+    from sqlalchemy.dialects import postgresql
+
+    return postgresql.psycopg.dialect()
+
+
 def compile_filters(clauses: Sequence[ColumnElement[bool]]) -> tuple[str, dict[str, Any]]:
     """``AND``-ed filter clauses as SQL on the ``images`` table, with their bound parameters."""
     if not clauses:
         return "TRUE", {}
-    compiled = sa.and_(*clauses).compile(dialect=_dialect, compile_kwargs={"render_postcompile": True})
+    import sqlalchemy as sa  # (there are clauses: the filters module has loaded it already)
+
+    compiled = sa.and_(*clauses).compile(dialect=_dialect(), compile_kwargs={"render_postcompile": True})
     # Values SQLAlchemy would serialise through the JSONB type (containment filters) go as Jsonb.
     params = {k: Jsonb(v) if isinstance(v, (dict, list)) else v for k, v in compiled.params.items()}
     return str(compiled), params
 
 
-def _param(index: SearchIndex, vector: np.ndarray) -> Any:
+def _param(index: IndexRecord, vector: np.ndarray) -> Any:
     return HalfVector(vector) if index.storage == "halfvec" else np.asarray(vector, dtype=np.float32)
 
 
@@ -196,8 +208,8 @@ def _first_stage_sql(target: Target, where: str, filters: Sequence[ColumnElement
     prepared per connection."""
     index = target.index
     if hamming and not exact and target.center is not None:
-        order = (f"{store.sign_bits(index, target.center, 'v.embedding')} <~>"
-                 f" {store.sign_bits(index, target.center, '%(q)s')}")
+        order = (f"{sign_bits(index, target.center, 'v.embedding')} <~>"
+                 f" {sign_bits(index, target.center, '%(q)s')}")
     else:
         order = _distance(exact)
     join = " JOIN images ON images.id = v.image_id" if filters else ""
@@ -238,8 +250,37 @@ def vectors_of(conn: psycopg.Connection, target: Target, ids: np.ndarray) -> np.
     out = np.zeros((len(ids), target.index.dim), np.float32)
     for row, image_id in enumerate(ids.tolist()):
         if image_id in found:
-            out[row] = store.as_array(found[image_id])
+            out[row] = as_array(found[image_id])
     return out
+
+
+def stored_vectors(conn: psycopg.Connection, index: IndexRecord, ids: Sequence[int]) -> dict[int, np.ndarray]:
+    """The stored vectors of those of ``ids`` the index holds, by id (binary: a search connection,
+    which has pgvector's types registered)."""
+    rows = conn.execute(f'SELECT image_id, embedding FROM "{index.vectors_table}" WHERE image_id = ANY(%s)',
+                        (list(ids),), binary=True).fetchall()
+    return {image_id: as_array(vector) for image_id, vector in rows}
+
+
+def state(conn: psycopg.Connection, index: IndexRecord, owner: str = "") -> dict[str, np.ndarray]:
+    """The arrays an index learned, in ``owner``'s namespace (``ann.``: the index layer's; the
+    default: the extractor's, whose keys have no dot), by key within it."""
+    sql = "SELECT key, value FROM index_state WHERE index_id = %s AND "
+    rows = conn.execute(sql + "starts_with(key, %s)", (index.id, owner)) if owner else \
+        conn.execute(sql + "strpos(key, '.') = 0", (index.id,))
+    return {key[len(owner):]: np.load(io.BytesIO(value), allow_pickle=False) for key, value in rows.fetchall()}
+
+
+def as_array(vector: Any) -> np.ndarray:
+    """A stored vector as float32 numpy (text and binary reads give lists, arrays, Vector or HalfVector)."""
+    return np.asarray(vector.to_numpy() if isinstance(vector, (pgvector.Vector, HalfVector)) else vector, dtype=np.float32)
+
+
+def sign_bits(index: IndexRecord, center: np.ndarray, column: str = "embedding") -> str:
+    """The bit expression of a binary-quantization index; queries must spell it identically (the
+    centre is a literal in the SQL text) for the planner to match the index."""
+    literal = "[" + ",".join(f"{x:.9g}" for x in center.tolist()) + "]"
+    return f"binary_quantize({column} - '{literal}'::{index.storage})::bit({index.dim})"
 
 
 def _columns(rows: Sequence[tuple[Any, ...]]) -> tuple[np.ndarray, np.ndarray]:

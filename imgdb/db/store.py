@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import io
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pgvector
 import sqlalchemy as sa
 from pgvector import HalfVector
 from pgvector.psycopg import register_vector
@@ -35,30 +33,22 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
 from imgdb.db import derived
-from imgdb.db.values import printable
+from imgdb.db import search as reads
+from imgdb.db.records import MAX_ID, NAME, PGVECTOR_METHODS, check_name  # noqa: F401 - (the registry's rules)
+from imgdb.db.search import CENTER_KEY, as_array, sign_bits  # noqa: F401 - (shared with the search path)
 from imgdb.errors import ImgdbError, IndexExists, IndexNotFound
 from imgdb.io.reader import ImageFacts
 from imgdb.orm import Image, IndexState, SearchIndex
 
-NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 STORAGES = ("vector", "halfvec")
 #: pgvector's limits on indexed dimensions, per column type (binary quantization indexes bits).
 INDEXED_DIM_LIMIT = {"vector": 2000, "halfvec": 4000, "bit": 64000}
 #: Rows per page when reading a whole index's vectors or codes back.
 READ_PAGE = 65_536
-#: Image ids are ``bigint``: nothing larger can name an image (and PostgreSQL would refuse it).
-MAX_ID = 2**63 - 1
 #: First key of the advisory lock that serialises training an index (the second is its id).
 TRAINING_LOCK = 0x7EA1
 
 _images = Image.__table__
-
-
-def check_name(name: str) -> str:
-    if not NAME.fullmatch(name):
-        raise ImgdbError(f"bad index name {printable(name)[:60]!r}: use lower-case letters, digits and _, "
-                         "starting with a letter (at most 40)")
-    return name
 
 
 # ---------------------------------------------------------------- registry
@@ -170,18 +160,11 @@ def lock_training(conn: Connection, index: SearchIndex) -> None:
 
 
 def load_state(conn: Connection, index: SearchIndex, owner: str = "") -> dict[str, np.ndarray]:
-    table = IndexState.__table__
-    mine = table.c.key.startswith(owner) if owner else ~table.c.key.contains(".")
-    rows = conn.execute(sa.select(table.c.key, table.c.value).where(table.c.index_id == index.id, mine))
-    return {key[len(owner):]: np.load(io.BytesIO(value), allow_pickle=False) for key, value in rows}
+    """:func:`imgdb.db.search.state`, in ``conn``'s transaction."""
+    return reads.state(conn.connection.driver_connection, index, owner)
 
 
 # ---------------------------------------------------------------- ANN index
-
-#: First stages that are a pgvector index on the vectors table (the index's ``ann`` column names
-#: the method, ``ann_params`` its parameters, spelled out when the index was created).
-PGVECTOR_METHODS = ("hnsw", "ivfflat", "bq")
-
 
 def has_ann(conn: Connection, index: SearchIndex) -> bool:
     return conn.execute(sa.text("SELECT to_regclass(format('%I.%I', current_schema(), CAST(:n AS text))) IS NOT NULL"),
@@ -217,10 +200,6 @@ def ensure_ann(conn: Connection, index: SearchIndex) -> bool:
     return True
 
 
-#: Key (in the index layer's ``ann.`` namespace) of the centre binary quantization subtracts.
-CENTER_KEY = "center"
-
-
 def learn_center(conn: Connection, index: SearchIndex) -> np.ndarray:
     """The mean of the index's vectors, stored with the index (zeros while it is empty).
 
@@ -234,13 +213,6 @@ def learn_center(conn: Connection, index: SearchIndex) -> np.ndarray:
         [float(x) for x in mean.strip("[]").split(",")], dtype=np.float32)
     save_state(conn, index, {CENTER_KEY: center}, owner="ann.")
     return center
-
-
-def sign_bits(index: SearchIndex, center: np.ndarray, column: str = "embedding") -> str:
-    """The bit expression of a binary-quantization index; queries must spell it identically (the
-    centre is a literal in the SQL text) for the planner to match the index."""
-    literal = "[" + ",".join(f"{x:.9g}" for x in center.tolist()) + "]"
-    return f"binary_quantize({column} - '{literal}'::{index.storage})::bit({index.dim})"
 
 
 def build_memory_mb(rows: int, index: SearchIndex, m: int) -> int:
@@ -466,14 +438,11 @@ def ids_with_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int]) -
 
 
 def stored_vectors(conn: Connection, index: SearchIndex, ids: Sequence[int]) -> dict[int, np.ndarray]:
+    """The stored vectors of those of ``ids`` the index holds, by id (the search path's own reader,
+    :func:`imgdb.db.search.stored_vectors`, needs pgvector's types registered on its connection)."""
     table = vectors_table(index)
     rows = conn.execute(sa.select(table.c.image_id, table.c.embedding).where(table.c.image_id.in_(list(ids))))
     return {image_id: as_array(vector) for image_id, vector in rows}
-
-
-def as_array(vector: Any) -> np.ndarray:
-    """A stored vector as float32 numpy (text and binary reads give lists, arrays, Vector or HalfVector)."""
-    return np.asarray(vector.to_numpy() if isinstance(vector, (pgvector.Vector, HalfVector)) else vector, dtype=np.float32)
 
 
 def read_vectors(conn: Connection, index: SearchIndex, *, without_codes: bool = False,

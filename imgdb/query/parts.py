@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import psycopg
 from PIL import Image
-from sqlalchemy.sql.elements import ColumnElement
 
 from imgdb.ann.spec import AnnSpec
 from imgdb.db.search import Hit, Target
 
 if TYPE_CHECKING:
+    from sqlalchemy.sql.elements import ColumnElement
+
     from imgdb.ann.layer import AnnLayer
 
 

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import psycopg
-from sqlalchemy.sql.elements import ColumnElement
 
 from imgdb.ann.spec import parse_ann
 from imgdb.db import search as sql
@@ -23,6 +22,7 @@ from imgdb.query.parts import FirstStage, Probe, QueryImage, Reranker
 from imgdb.query.registry import first_stage, rerankers
 
 if TYPE_CHECKING:
+    from sqlalchemy.sql.elements import ColumnElement
     from imgdb.ann.layer import AnnLayer
 
 
