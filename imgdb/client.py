@@ -50,12 +50,12 @@ if TYPE_CHECKING:
     from imgdb.ingest import IngestReport, ProgressCallback, StatusCallback
     from imgdb.local_index import VerifyReport
     from imgdb.sync import AttachReport, SyncReport
-    from imgdb.training.job import TrainReport
     from imgdb.orm import SearchIndex
+    from imgdb.training.job import TrainReport
     from imgdb.training.trainer import EpochCallback, TrainOptions
 else:
-    attached, derived, networks, store = (lazy.module(f"imgdb.db.{name}") for name in ("attached", "derived", "networks", "store"))
-    filtering = lazy.module("imgdb.db.filters")
+    attached, derived, filtering, networks, store = (
+        lazy.module(f"imgdb.db.{name}") for name in ("attached", "derived", "filters", "networks", "store"))
 
 #: What a query can be: a path, an http(s) URL, ``"id:N"``, image bytes, a Pillow image, a vector, or
 #: a query encoded already (:meth:`Imgdb.encode_query`).

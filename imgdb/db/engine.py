@@ -170,8 +170,8 @@ class Database:
                 command.upgrade(alembic_config(conn, self.schema), "head")
                 if before != self.head:
                     self._say_where_settings_hold(conn)
-            # Pooled connections predate database-level settings a migration made (ALTER DATABASE),
-            # and the search connections pgvector, where the migration installed it.
+            # Pooled connections, of both kinds, predate database-level settings a migration made
+            # (ALTER DATABASE).
             self.engine.dispose()
             self.search_pool.close()
         except sa.exc.OperationalError as exc:
@@ -212,7 +212,7 @@ class Database:
                 except psycopg.OperationalError as exc:
                     # Only a lost connection (a server restart) is worth a second try on a fresh one; a
                     # statement that was cancelled (statement_timeout) or refused would fail again.
-                    if not conn.broken and not conn.closed or attempt == 2:
+                    if (not conn.broken and not conn.closed) or attempt == 2:
                         raise DatabaseError(f"search failed: {first_line(exc)}") from exc
         raise AssertionError("unreachable")
 

@@ -274,7 +274,8 @@ class CnnExtractor(Extractor):
         for i, array in enumerate(arrays):
             by_shape.setdefault(array.shape, []).append(i)
         groups = list(by_shape.values())
-        for rows, pooled in zip(groups, self.network.pooled_each([np.stack([arrays[i] for i in rows]) for rows in groups])):
+        batches = [np.stack([arrays[i] for i in rows]) for rows in groups]
+        for rows, pooled in zip(groups, self.network.pooled_each(batches)):
             out[rows] = pooled
         return out
 

@@ -125,10 +125,10 @@ class OnnxNetwork:
     Two ways to spend the cores. One image (a query) runs on a session whose operators use every
     core: the lowest latency. Several batches of different shapes (an ingest batch: images keep
     their aspect, so they rarely share one) run side by side, one per core, each on a one-thread
-    session: no operator waits at a barrier for a core that decoding took meanwhile, and on the
-    2-core reference machine that ran 20–25% more images a second, decoding included
-    (benchmarks/inference.py). The second session is made on first use, so a process that only
-    searches never makes it.
+    session: no operator waits at a barrier for a core that decoding took meanwhile. On the 2-core
+    reference machine that ran about a fifth more images a second, with or without decoding beside
+    it (the "own shapes" column of benchmarks/inference.py). The second session is made on first
+    use, so a process that only searches never makes it.
     """
 
     runtime = "onnx"
