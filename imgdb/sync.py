@@ -27,8 +27,9 @@ import psycopg
 import sqlalchemy as sa
 
 from imgdb.db import attached, derived, store
-from imgdb.db.attached import Claimed, Source
+from imgdb.db.attached import Claimed
 from imgdb.db.engine import lost_to_a_conflict
+from imgdb.db.records import Source
 from imgdb.db.schema import first_line
 from imgdb.errors import ImgdbError
 from imgdb.ingest import (Blob, ContentInIndex, Failure, Ingester, Item, Known, Prepared, ProgressCallback,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -172,12 +173,8 @@ def test_ivfflat_index_is_built_after_the_load_and_searched(client, museum: Path
 
 
 def test_a_search_outlives_its_connection_being_dropped(client, synthetic) -> None:  # noqa: ANN001
-    """A server restart (here: every search backend terminated) costs the next query one reconnect,
-    not an error; a query that fails for another reason is not run twice."""
-    import psycopg
-
-    from imgdb.errors import DatabaseError
-
+    """A server restart (here: the search connection's backend terminated) costs the next query one
+    reconnect, not an error (a statement that fails for another reason is not run twice: test_hostile)."""
     name, vectors, ids = synthetic
     before = client.search(vectors[5], k=3, index=name)
     pids = client.database.searching(lambda conn: [conn.info.backend_pid])
@@ -186,17 +183,3 @@ def test_a_search_outlives_its_connection_being_dropped(client, synthetic) -> No
     after = client.search(vectors[5], k=3, index=name)
     assert [h.id for h in after] == [h.id for h in before] and after[0].id == ids[5]
     assert client.database.searching(lambda conn: conn.info.backend_pid) != pids[0]
-
-    runs = []
-
-    def cancelled(conn: psycopg.Connection) -> None:
-        runs.append(1)
-        conn.execute("SET statement_timeout = 1")
-        try:
-            conn.execute("SELECT pg_sleep(1)")
-        finally:
-            conn.execute("RESET statement_timeout")
-
-    with pytest.raises(DatabaseError, match="search failed: canceling statement due to statement timeout"):
-        client.database.searching(cancelled)
-    assert runs == [1]
