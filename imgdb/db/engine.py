@@ -8,6 +8,7 @@ checks the schema's revision and runs its queries without ever importing SQLAlch
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
@@ -92,6 +93,8 @@ class Database:
         self.schema = check_schema(schema)
         self.placement = place(url, self.schema, create=migrate if create is None else create)
         self._options = self._connect_options()
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
         #: The search path's connections (:meth:`searching`).
         self.search_pool = ConnectionPool(self._search_connection)
         if migrate:
@@ -114,14 +117,19 @@ class Database:
             raise DatabaseError(f"not a valid PostgreSQL URL: {first_line(exc)}") from exc
         return self.placement.connect_options(existing)
 
-    @cached_property
+    @property
     def engine(self) -> Engine:
         """The SQLAlchemy engine of everything but the search path, made (and SQLAlchemy imported)
-        on first use. ORM and Core statements name the models' schema, translated where
-        ``IMGDB_SCHEMA`` is not the default."""
-        translate = {} if self.schema == DEFAULT_SCHEMA else {"schema_translate_map": {DEFAULT_SCHEMA: self.schema}}
-        return sa.create_engine(sqlalchemy_url(self.url), connect_args={"options": self._options},
-                                execution_options=translate, pool_pre_ping=True)
+        on first use, once even when the web server's threads ask at the same moment. ORM and Core
+        statements name the models' schema, translated where ``IMGDB_SCHEMA`` is not the default."""
+        if self._engine is None:
+            with self._engine_lock:
+                if self._engine is None:
+                    translate = {} if self.schema == DEFAULT_SCHEMA else {
+                        "schema_translate_map": {DEFAULT_SCHEMA: self.schema}}
+                    self._engine = sa.create_engine(sqlalchemy_url(self.url), connect_args={"options": self._options},
+                                                    execution_options=translate, pool_pre_ping=True)
+        return self._engine
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:
@@ -237,5 +245,5 @@ class Database:
 
     def dispose(self) -> None:
         self.search_pool.close()
-        if "engine" in self.__dict__:
-            self.engine.dispose()
+        if self._engine is not None:
+            self._engine.dispose()
