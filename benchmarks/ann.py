@@ -39,7 +39,7 @@ WARMUP = 300
 
 def placeholder_images(db, n: int, tag: str) -> np.ndarray:  # noqa: ANN001
     """One ``images`` row per descriptor, for ``add_vectors`` to hang the vectors on (not timed)."""
-    from imgdb.db import store
+    from imgdb.db import images, vectors
     from imgdb.io.reader import ImageFacts
 
     ids: list[int] = []
@@ -47,22 +47,24 @@ def placeholder_images(db, n: int, tag: str) -> np.ndarray:  # noqa: ANN001
         rows = [(f"sift://{tag}/{i}", ImageFacts(hashlib.sha256(f"{tag}/{i}".encode()).hexdigest(), 1, 1, "SIFT",
                                                  0, None, None), {}) for i in range(start, min(n, start + 50_000))]
         with db.database.engine.begin() as conn:
-            ids += store.upsert_images(conn, rows)
+            ids += images.upsert(conn, rows)
     return np.asarray(ids, dtype=np.int64)
 
 
 def first_stage_bytes(db, name: str, rows: int) -> float | None:  # noqa: ANN001
     """Bytes per vector of what the first stage adds to the vectors: the pgvector index, or the codes."""
-    from imgdb.ann.spec import parse_ann
+    from imgdb.ann.codes import CodesMethod
+    from imgdb.ann.pgvector import PgvectorMethod
+    from imgdb.ann.registry import method
 
     index = db.index(name)
-    ann = parse_ann(index.ann, index.ann_params)
-    if ann.in_sql:
+    found = method(index.ann)
+    if isinstance(found, PgvectorMethod):
         with db.database.connect() as conn:
             return conn.exec_driver_sql(f"SELECT pg_relation_size('{index.ann_index}')").scalar_one() / rows
-    if ann.python_side:
-        code_index = db.layer.code_index(index)
-        return float(code_index.code_size) if code_index.uses_codes else 4.0 * index.dim
+    if isinstance(found, CodesMethod):
+        code_index = db.catalog.layer.code_index(index)
+        return float(code_index.code_size) if code_index is not None else 4.0 * index.dim
     return None
 
 
@@ -194,10 +196,10 @@ def museum_benchmark() -> str:
     with private_imgdb() as db:
         db.create_index("cnn", ann="none")
         db.ingest([museum / "images"], index="cnn")
-        from imgdb.db import store
+        from imgdb.db import images, vectors
 
         with db.database.connect() as conn:
-            ids, base = store.read_vectors(conn, db.index("cnn"))
+            ids, base = vectors.read(conn, db.index("cnn"))
         queries = np.stack([db.embed(p, index="cnn") for p in sorted((museum / "queries").glob("*.jpg"))])
         exact = np.argsort(((queries[:, None, :] - base[None]) ** 2).sum(-1), axis=1)[:, :100]
         rows = []

@@ -5,7 +5,7 @@ multi-scale deep settings)
 
 For each spec, in one private embedded PostgreSQL: create an index (exact search above pgvector's
 2000 indexable dimensions), learn its codebook/whitening if it has one (timed apart), ingest the
-gallery (timed), then run the 60 query photos through ``imgdb.eval`` (mAP over full rankings,
+gallery (timed), then run the 60 query photos through ``Imgdb.evaluate`` (mAP over full rankings,
 recall@1, recall@10). Bytes per image is what PostgreSQL stores for the vector
 (``pg_column_size``). For CNN specs, the model-only forward rate on the same images is printed next
 to the ingest rate, and *runtime* says what ran the network (``IMGDB_RUNTIME``: ONNX Runtime by
@@ -28,8 +28,7 @@ EXTRA = [
 
 
 def main() -> None:
-    from imgdb.db import store
-    from imgdb.eval import evaluate
+    from imgdb.db import vectors
     from imgdb.features.registry import canonical_spec, list_extractors
 
     museum = museum_or_exit()
@@ -42,18 +41,18 @@ def main() -> None:
             canonical = canonical_spec(spec)
             info = db.create_index(name, canonical, ann="none")
             index = db.index(name)
-            extractor = db.extractor(index)
+            extractor = db.catalog.extractor(index)
             started = time.perf_counter()
             if extractor.trainable:
                 db.train(name, gallery)
             trained = time.perf_counter() - started
             report = db.ingest(gallery, index=name, metadata_file=museum / "metadata.json")
             rate = report.added / report.seconds
-            result = evaluate(db, museum, index=name)
+            result = db.evaluate(museum, index=name)
             with db.database.connect() as conn:
                 size = conn.exec_driver_sql(
                     f'SELECT avg(pg_column_size(embedding))::int FROM "{index.vectors_table}"').scalar_one()
-                assert store.count_vectors(conn, index) == len(gallery)
+                assert vectors.count(conn, index) == len(gallery)
             model = f"{model_only_rate(extractor, gallery):.1f}" if canonical.startswith("cnn:") else ""
             network = getattr(extractor, "cnn", extractor)  # (MOP runs a CNN extractor inside)
             runtime = getattr(network, "runtime", "-")

@@ -42,11 +42,11 @@ SHAPE = (347, 260)  # (width, height): the shape of a landscape painting at the 
 
 
 def extractor_for(spec: str, runtime: str):  # noqa: ANN201
+    from imgdb.catalog import extractor_context
+    from imgdb.config import Settings
     from imgdb.features.registry import create_extractor
 
-    os.environ["IMGDB_RUNTIME"] = runtime
-    create_extractor.cache_clear()
-    extractor = create_extractor(spec)
+    extractor = create_extractor(spec, dataclasses.replace(extractor_context(Settings.from_env()), runtime=runtime))
     assert extractor.runtime == runtime, (spec, extractor.runtime)
     return extractor
 
@@ -78,23 +78,23 @@ def cold(command: list[str], repeats: int) -> float:
 
 def draft_rows(db, museum: Path) -> list[str]:  # noqa: ANN001
     """(d): ingest and eval of the museum set with and without JPEG drafts, decoding of the queries included."""
-    from imgdb.eval import evaluate
     from imgdb.features.registry import DEFAULT_SPEC
 
     rows, settings = [], db.settings
     gallery = sorted((museum / "images").glob("*.jpg"))
     for draft in (True, False):
-        db.settings = dataclasses.replace(settings, decoding=dataclasses.replace(settings.decoding, jpeg_draft=draft))
+        db.catalog.settings = dataclasses.replace(settings, decoding=dataclasses.replace(settings.decoding,
+                                                                                          jpeg_draft=draft))
         name = f"draft_{int(draft)}"
         db.create_index(name, DEFAULT_SPEC, ann="none")
         started = time.perf_counter()
         report = db.ingest(gallery, index=name)
         rate = report.added / (time.perf_counter() - started)
-        result = evaluate(db, museum, index=name)
+        result = db.evaluate(museum, index=name)
         label = "reduced-size JPEG decoding (default)" if draft else "whole JPEGs (`IMGDB_JPEG_DRAFT=0`)"
         rows.append(f"| {label} | {rate:.1f} | {result.mAP:.3f} | {result.recall_at_1:.3f} |")
         print(rows[-1], file=sys.stderr)
-    db.settings = settings
+    db.catalog.settings = settings
     return rows
 
 
@@ -112,6 +112,8 @@ def main() -> None:
     import onnxruntime
     import torch
 
+    import imgdb
+
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
                f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
                f"onnxruntime {onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})")
@@ -124,9 +126,12 @@ def main() -> None:
                 rates[runtime] = [model_rate(extractor, fixed, 1), model_rate(extractor, fixed, 16),
                                   model_rate(extractor, own, 16)]
                 name = f"bench_{runtime}_{len(rows)}"
-                db.create_index(name, spec, ann="none")
+                # A handle whose settings run this runtime, on the same database.
+                on_runtime = imgdb.connect(db.database.url, settings=dataclasses.replace(db.settings, runtime=runtime))
+                on_runtime.create_index(name, spec, ann="none")
                 started = time.perf_counter()
-                report = db.ingest(paths, index=name)
+                report = on_runtime.ingest(paths, index=name)
+                on_runtime.close()
                 rates[runtime].append(report.added / (time.perf_counter() - started))
                 print(f"{label} {runtime}: model b1 {rates[runtime][0]:.1f}, b16 {rates[runtime][1]:.1f}, "
                       f"own shapes b16 {rates[runtime][2]:.1f}, ingest {rates[runtime][3]:.1f} img/s", file=sys.stderr)
@@ -136,7 +141,6 @@ def main() -> None:
                         + " | ".join(f"{rates[r][3]:.1f} ({rates[r][3] / max(best.values()):.0%})" for r in RUNTIMES)
                         + " |")
         # (c): the default index holds the images; a new process searches it.
-        os.environ["IMGDB_RUNTIME"] = "onnx"
         db.ingest(paths[:20])
         image_id = db.search(str(paths[3]), k=1)[0].id
         photo = str(sorted((museum / "queries").glob("*.jpg"))[0])
@@ -144,9 +148,9 @@ def main() -> None:
         cold(env_cmd + [photo, "--json"], 1)  # (the graph is cached, the database warm)
         photo_s = cold(env_cmd + [photo, "--json"], args.repeats)
         id_s = cold(env_cmd + [f"id:{image_id}", "--json"], args.repeats)
-        os.environ["IMGDB_RUNTIME"] = "torch"
+        os.environ["IMGDB_RUNTIME"] = "torch"  # (the new processes' environment)
         torch_photo_s = cold(env_cmd + [photo, "--json"], args.repeats)
-        os.environ["IMGDB_RUNTIME"] = "onnx"
+        del os.environ["IMGDB_RUNTIME"]
         drafts = draft_rows(db, museum)
     lines += ["Model-only columns: images/second at batch 1 and 16 of one 347×260 shape, then at batch 16 of the "
               "same images at their own shapes (what ingest feeds the network). Ingest columns: images/second, "

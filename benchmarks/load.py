@@ -131,7 +131,7 @@ def main() -> None:
             report = db.ingest([museum / "images"], metadata_file=museum / "metadata.json")
             print(f"ingested {report.added} images in {report.seconds:.1f} s", file=sys.stderr)
             # The ceiling for uploads: the forward pass alone on the query photos, batched as ingest does.
-            model_rate = model_only_rate(db.extractor(db.index()), photos)
+            model_rate = model_only_rate(db.catalog.extractor(db.index()), photos)
             process, url = serve()
             try:
                 cells = asyncio.run(measure(url, args, photos))

@@ -77,7 +77,6 @@ def scores(per_query: list[dict], prefix: str = "") -> tuple[float, float, int]:
 
 
 def main() -> None:
-    from imgdb.eval import evaluate
     from imgdb.query.verify import Verify
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -116,7 +115,7 @@ def main() -> None:
                 started = time.perf_counter()
                 db.search(query, k=10, index=index, rerank=rerank, fusion=fusion)
                 seconds.append(time.perf_counter() - started)
-            report = evaluate(db, museum, index=index, rerank=rerank, fusion=fusion)
+            report = db.evaluate(museum, index=index, rerank=rerank, fusion=fusion)
             rows.append((label, report.per_query, statistics.median(seconds)))
             print(f"{label}: mAP {report.mAP:.3f}, recall@1 {report.recall_at_1:.3f}, "
                   f"{statistics.median(seconds) * 1000:.0f} ms", file=sys.stderr, flush=True)
@@ -139,7 +138,7 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             copies = copies_dataset(museum, gallery, Path(tmp) / "copies")
-            copy_rows = [(label, evaluate(db, copies, index=index, fusion=fusion)) for label, index, fusion in COPY_ROWS]
+            copy_rows = [(label, db.evaluate(copies, index=index, fusion=fusion)) for label, index, fusion in COPY_ROWS]
 
     lines += ["| search | mAP | recall@1 | cropped mAP / R@1 | background mAP / R@1 | ms per query |",
               "|---|---|---|---|---|---|"]

@@ -99,7 +99,7 @@ def main() -> None:
 
     paths = [Path(p) for p in expand([args.images])]
     with private_imgdb() as db:
-        db.extractor(db.index("default"))  # load the model before anything is timed
+        db.catalog.extractor(db.index("default"))  # load the model before anything is timed
         ingest, sync = embedding_rates(db, paths, args.spec, args.rounds)
         inserts = {sync_on: insert_rates(db, args.rows, args.rounds, sync_on) for sync_on in (True, False)}
 

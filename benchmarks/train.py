@@ -69,9 +69,8 @@ def unseen_dataset(museum: Path, root: Path) -> tuple[Path, list[Path]]:
 
 
 def score(db, dataset: Path, index: str) -> tuple[float, float]:  # noqa: ANN001
-    from imgdb.eval import evaluate
 
-    report = evaluate(db, dataset, index=index)
+    report = db.evaluate(dataset, index=index)
     return report.mAP, report.recall_at_1
 
 
@@ -120,7 +119,7 @@ def main() -> None:
             print(f"{method}: museum {row.museum}, unseen {row.unseen}, {minutes:.1f} min", file=sys.stderr, flush=True)
         for _ in range(3):
             for row in rows:
-                row.model_rate = max(row.model_rate, model_only_rate(db.extractor(db.index(row.index)), gallery))
+                row.model_rate = max(row.model_rate, model_only_rate(db.catalog.extractor(db.index(row.index)), gallery))
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, len(gallery), queries)
     (args.out / "train.md").write_text(table)

@@ -1,8 +1,8 @@
 """Settings read from the environment, in one place.
 
-imgdb is configured the way CONVENTIONS.md fixes it: ``IMGDB_DATABASE_URL`` picks an external
-PostgreSQL, ``IMGDB_HOME`` the private directory of the embedded one, ``IMGDB_SCHEMA`` the one schema
-imgdb keeps everything in. The remaining variables tune the limits on hostile input, so that a
+imgdb is configured the way the contract in ``../shared/CONVENTIONS.md`` fixes it:
+``IMGDB_DATABASE_URL`` picks an external PostgreSQL, ``IMGDB_HOME`` the private directory of the
+embedded one, ``IMGDB_SCHEMA`` the one schema imgdb keeps everything in. The remaining variables tune the limits on hostile input, so that a
 deployment can widen them without code changes.
 """
 

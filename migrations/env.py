@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 
 from imgdb.db import derived
 from imgdb.db.schema import adopt_legacy
-from imgdb.orm import Base
+from imgdb.db.models import Base
 
 config = context.config
 #: Serialises concurrent first-use migrations from several processes (an arbitrary, fixed key).

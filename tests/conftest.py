@@ -127,10 +127,10 @@ def sample_index(client, museum_sample: Path) -> str:  # noqa: ANN001
 @pytest.fixture(scope="session")
 def sample_ids(client, sample_index: str) -> list[int]:  # noqa: ANN001
     """Ids of the sample index's images, in order (other tests may have added images before)."""
-    from imgdb.db import store
+    from imgdb.db import vectors
 
     with client.database.connect() as conn:
-        ids, _ = store.read_vectors(conn, client.index(sample_index))
+        ids, _ = vectors.read(conn, client.index(sample_index))
     return ids.tolist()
 
 

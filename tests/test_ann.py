@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from imgdb.ann.layer import STATE_OWNER
-from imgdb.db import store
+from imgdb.ann.registry import STATE_OWNER
+from imgdb.db import images, pgvector, state, vectors
 from imgdb.errors import ImgdbError
 from imgdb.io.reader import ImageFacts
 from imgdb_cli.main import app
@@ -44,7 +44,7 @@ def placeholder_images(client, tag: str, n: int) -> list[int]:  # noqa: ANN001
     rows = [(f"sift://{tag}/{i}", ImageFacts(hashlib.sha256(f"{tag}/{i}".encode()).hexdigest(), 1, 1, "SIFT", 0,
                                               None, None), {"tag": tag, "half": i % 2}) for i in range(n)]
     with client.database.engine.begin() as conn:
-        return store.upsert_images(conn, rows)
+        return images.upsert(conn, rows)
 
 
 def exact_top(base: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
@@ -80,8 +80,8 @@ def test_pq_codes_in_postgres_are_faiss_codes_and_ranking_is_adc(client, sift) -
     ids, truth = make_index(client, sift, "pq_check", "pq")
     index = client.index("pq_check")
     with client.database.connect() as conn:
-        stored_ids, blob = store.read_codes(conn, index)
-        quantizer = faiss.deserialize_index(store.load_state(conn, index, STATE_OWNER)["faiss"])
+        stored_ids, blob = vectors.read_codes(conn, index)
+        quantizer = faiss.deserialize_index(state.load(conn, index, STATE_OWNER)["faiss"])
     assert quantizer.sa_code_size() == 128 * 4 // 16  # 1/16 of the float32 vector
     order = np.argsort(ids)
     codes = np.frombuffer(blob, np.uint8).reshape(len(stored_ids), -1)
@@ -110,9 +110,9 @@ def test_codes_follow_adds_and_deletes(client, sift) -> None:  # noqa: ANN001
     assert client.add_vectors(fresh, extra, index="churn") == 300
     index = client.index("churn")
     with client.database.connect() as conn:
-        coded, _ = store.read_codes(conn, index)
+        coded, _ = vectors.read_codes(conn, index)
         assert set(fresh.tolist()) <= set(coded.tolist())
-        assert store.read_vectors(conn, index, without_codes=True)[0].size == 0
+        assert vectors.read(conn, index, without_codes=True)[0].size == 0
     assert client.search(extra[7], k=1, index="churn")[0].id == fresh[7]
     # Delete: the nearest images go, and no query returns them any more.
     gone = [h.id for h in before[:5]] + [int(fresh[7])]
@@ -159,7 +159,7 @@ def test_halfvec_hnsw_and_binary_quantization(client, sift) -> None:  # noqa: AN
     make_index(client, sift, "bits", "bq")
     assert recall(client, "bits", queries, truth, candidates=400) >= 0.9
     with client.database.connect() as conn:
-        center = store.load_state(conn, client.index("bits"), STATE_OWNER)["center"]
+        center = state.load(conn, client.index("bits"), STATE_OWNER)["center"]
     np.testing.assert_allclose(center, base.mean(0), rtol=1e-4)
     hamming = client.search(queries[0], k=5, index="bits", rerank="none")
     mismatches = ((queries[0] > center) != (base > center)).sum(1)
@@ -174,16 +174,16 @@ def test_rebuild_switches_methods_and_rerank_pq_needs_codes(client, sift) -> Non
     with pytest.raises(ImgdbError, match="needs product-quantization codes"):
         client.search(queries[0], index="switch", rerank="pq")
     info = client.rebuild_index("switch", "ivfpq/lists=16")
-    assert info.ann.method == "ivfpq" and info.ann.params["lists"] == 16 and info.images == len(base)
+    assert info.ann == "ivfpq" and info.ann_params["lists"] == 16 and info.images == len(base)
     index = client.index("switch")
     with client.database.connect() as conn:
-        assert not store.has_ann(conn, index)
-        assert store.read_vectors(conn, index, without_codes=True)[0].size == 0
+        assert not pgvector.has_ann(conn, index)
+        assert vectors.read(conn, index, without_codes=True)[0].size == 0
     assert recall(client, "switch", queries, truth) >= 0.9
     client.rebuild_index("switch", "hnsw/ef_search=100")
     with client.database.connect() as conn:
         index = client.index("switch")
-        assert store.has_ann(conn, index) and store.read_codes(conn, index)[0].size == 0
+        assert pgvector.has_ann(conn, index) and vectors.read_codes(conn, index)[0].size == 0
     assert recall(client, "switch", queries, truth) >= 0.95
 
 

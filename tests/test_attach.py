@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from imgdb.client import Imgdb
-from imgdb.db import store
+from imgdb.db import images, vectors
 from imgdb.errors import ImgdbError
 from imgdb.features.registry import DEFAULT_SPEC
 from tests.conftest import copy_image, tool_env
@@ -96,7 +96,7 @@ def test_attach_sync_search_update_delete_detach(client, app_sql, gallery: list[
     assert (report.removed, report.embedded) == (1, 0)
     assert all(("products", 2) not in h.refs for h in client.search(paths[1], index="shop", k=10))
     with client.database.connect() as conn:
-        assert store.image_ids_by_hash(conn, [store_sha(paths[1])]) == {}
+        assert images.ids_by_hash(conn, [store_sha(paths[1])]) == {}
 
     # Detach: triggers, queue, refs, failures and the images only the table held all go; the table stays.
     app_sql.execute("INSERT INTO products VALUES (99, '/no/such/file.jpg', 'eve')")
@@ -109,8 +109,8 @@ def test_attach_sync_search_update_delete_detach(client, app_sql, gallery: list[
             " + (SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.products'::regclass AND NOT tgisinternal)"
             " + (SELECT count(*) FROM pg_proc WHERE proname LIKE 'enqueue%')")).scalar()
         assert left == 0
-        assert store.count_vectors(conn, client.index("shop")) == 0
-        assert store.image_ids_by_hash(conn, [store_sha(p) for p in paths]) == {}
+        assert vectors.count(conn, client.index("shop")) == 0
+        assert images.ids_by_hash(conn, [store_sha(p) for p in paths]) == {}
     assert app_sql.execute("SELECT count(*) FROM products").fetchone()[0] == 6
     with pytest.raises(ImgdbError, match="not attached"):
         client.detach("products")
@@ -275,11 +275,11 @@ def test_application_sql_joins_its_table_and_the_hnsw_index_serves_it(client, ap
     assert f"Index Scan using {client.index(name).ann_index}" in plain, plain
     # Nearly the same ten as brute force in numpy over every alice row (HNSW is approximate).
     with client.database.connect() as conn:
-        ids, vectors = store.read_vectors(conn, client.index(name))
+        ids, stored = vectors.read(conn, client.index(name))
         refs = dict(conn.execute(sa.text("SELECT image_id, ref::int FROM refs r JOIN sources s ON s.id = r.source_id"
                                          " WHERE s.index_id = :i"), {"i": client.index(name).id}).all())
     q = np.asarray(json.loads(query), np.float32)
-    order = [refs[i] for i in ids[np.argsort(np.linalg.norm(vectors - q, axis=1), kind="stable")]
+    order = [refs[i] for i in ids[np.argsort(np.linalg.norm(stored - q, axis=1), kind="stable")]
              if refs[i] % 10 == 0]
     assert len({row[0] for row in rows} & set(order[:10])) >= 8, ([row[0] for row in rows], order[:10])
 
@@ -334,7 +334,7 @@ def test_two_workers_embed_each_row_once(client, app_sql, gallery: list[Path]) -
     assert all(w.returncode == 0 for w in workers)
     assert sum(r["embedded"] for r in reports) == rows and all(r["embedded"] > 0 for r in reports), reports
     with client.database.connect() as conn:
-        assert store.count_vectors(conn, client.index("pair")) == rows
+        assert vectors.count(conn, client.index("pair")) == rows
     assert client.sync_status("pair")[0]["done"] == rows
     client.detach("twin")
 

@@ -84,7 +84,7 @@ def test_delete_json(museum: Path, tmp_path: Path) -> None:
 def test_eval_json_with_per_query(museum_sample: Path) -> None:
     run_json("index", "create", "cli_eval", "--extractor", "color:hsv")
     report = run_json("eval", str(museum_sample), "--index", "cli_eval", "--per-query")
-    assert {"mAP", "recall@1", "recall@10", "queries", "index", "extractor", "per_query"} <= set(report)
+    assert {"mAP", "recall@1", "recall@10", "all@1", "all@10", "queries", "index", "extractor", "per_query"} <= set(report)
     assert report["queries"] == len(report["per_query"]) == len(json.loads((museum_sample / "queries.json").read_text()))
 
 

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from imgdb.db import store
+from imgdb.db import images, indexes, pgvector, state, vectors
 from imgdb.db.engine import Database
 from imgdb.db.filters import parse_filters
 from imgdb.io.reader import ImageFacts, sha256_hex
@@ -29,21 +29,22 @@ def synthetic(client) -> tuple[str, np.ndarray, list[int]]:  # noqa: ANN001
     """An index of ROWS random unit vectors over synthetic image rows, written through the library."""
     client.create_index("synthetic", "color:hsv/bins=4x4x4")
     rng = np.random.default_rng(7)
-    vectors = rng.normal(size=(ROWS, DIM)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = rng.normal(size=(ROWS, DIM)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
     rows = [
         (f"synthetic://{i}", ImageFacts(f"{i:064x}", 100 + i, 50, "PNG", 1000, None, None),
          {"group": "odd" if i % 2 else "even", "n": i, **({"tag": "rare"} if i % 100 == 0 else {})})
         for i in range(ROWS)
     ]
     with client.database.engine.begin() as conn:
-        index = store.require_index(conn, "synthetic")
-        ids = store.upsert_images(conn, rows)
-        store.drop_ann(conn, index)
-        store.copy_vectors(conn, index, ids, vectors)
-        store.ensure_ann(conn, index)
+        index = indexes.require(conn, "synthetic")
+        ids = images.upsert(conn, rows)
+        pgvector.drop_ann(conn, index)
+        vectors.copy(conn, index, ids, unit)
+    client.catalog.layer.sync(index)
+    with client.database.engine.begin() as conn:
         conn.exec_driver_sql("ANALYZE")
-    return "synthetic", vectors, ids
+    return "synthetic", unit, ids
 
 
 def literal(vector: np.ndarray) -> str:
@@ -149,10 +150,10 @@ def test_filter_values_are_bound_never_pasted(client, synthetic) -> None:  # noq
 def test_learned_state_round_trips_through_postgres(client, synthetic) -> None:  # noqa: ANN001
     arrays = {"codebook": np.arange(12, dtype=np.float32).reshape(3, 4), "pca": np.eye(3)}
     with client.database.engine.begin() as conn:
-        index = store.require_index(conn, synthetic[0])
-        store.save_state(conn, index, arrays)
+        index = indexes.require(conn, synthetic[0])
+        state.save(conn, index, arrays)
     with client.database.connect() as conn:
-        loaded = store.load_state(conn, index)
+        loaded = state.load(conn, index)
     assert set(loaded) == set(arrays)
     for key, array in arrays.items():
         np.testing.assert_array_equal(loaded[key], array)
@@ -164,9 +165,9 @@ def test_ivfflat_index_is_built_after_the_load_and_searched(client, museum: Path
     gallery = sorted((museum / "images").glob("*.jpg"))[:60]
     assert client.ingest(gallery, index="ivf").added == 60
     with client.database.connect() as conn:
-        index = store.require_index(conn, "ivf")
-        assert store.has_ann(conn, index)
-        ids = list(store.image_ids_by_hash(conn, [sha256_hex(p.read_bytes()) for p in gallery[:5]]).values())
+        index = indexes.require(conn, "ivf")
+        assert pgvector.has_ann(conn, index)
+        ids = list(images.ids_by_hash(conn, [sha256_hex(p.read_bytes()) for p in gallery[:5]]).values())
     for image_id in ids:
         hits = client.search(f"id:{image_id}", index="ivf", k=3)
         assert hits[0].id == image_id and len(hits) == 3

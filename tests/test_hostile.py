@@ -115,21 +115,21 @@ def test_a_replaced_file_is_never_served_as_the_image(client, tmp_path: Path) ->
 def test_a_search_never_builds_an_index(client, museum: Path) -> None:  # noqa: ANN001
     """While a bulk load has the HNSW index dropped, searches answer by exact scan and run no DDL;
     the writer builds it again."""
-    from imgdb.db import store
+    from imgdb.db import images, pgvector, vectors
 
     client.create_index("nobuild", COLOR)
     gallery = sorted((museum / "images").glob("*.jpg"))[:30]
     client.ingest(gallery[:29], index="nobuild")
     with client.database.engine.begin() as conn:
-        store.drop_ann(conn, client.index("nobuild"))  # as a bulk load does
-    client.layer.forget()
+        pgvector.drop_ann(conn, client.index("nobuild"))  # as a bulk load does
+    client.catalog.layer.forget()
     hits = client.search(gallery[3], index="nobuild", k=3)
     assert hits[0].distance < 1e-6 and len(hits) == 3
     with client.database.connect() as conn:
-        assert not store.has_ann(conn, client.index("nobuild"))
+        assert not pgvector.has_ann(conn, client.index("nobuild"))
     client.ingest(gallery[29:], index="nobuild")  # a writer: builds it
     with client.database.connect() as conn:
-        assert store.has_ann(conn, client.index("nobuild"))
+        assert pgvector.has_ann(conn, client.index("nobuild"))
 
 
 def test_commands_racing_on_a_new_home_all_succeed(tmp_path: Path) -> None:
@@ -179,13 +179,13 @@ def test_concurrent_adds_of_the_same_new_image_all_succeed_with_one_row(client) 
 def test_a_small_ingest_reads_only_its_own_hashes(client, museum: Path, monkeypatch) -> None:  # noqa: ANN001
     """An upload or a one-file ingest asks PostgreSQL about its own images' hashes, not for every
     hash of the collection."""
-    from imgdb.db import store
+    from imgdb.db import images
 
     client.create_index("lookups", COLOR)
     gallery = sorted((museum / "images").glob("*.jpg"))
     assert client.ingest(gallery[:40], index="lookups").added == 40
     read_all = []
-    monkeypatch.setattr(store, "hashes_in_index", lambda *args: read_all.append(args) or set())
+    monkeypatch.setattr(images, "hashes_in_index", lambda *args: read_all.append(args) or set())
     report = client.ingest([gallery[0], gallery[40]], index="lookups")
     assert (report.added, report.duplicates, read_all) == (1, 1, [])
 
@@ -377,7 +377,7 @@ def test_train_keeps_images_it_cannot_read_again(client, museum: Path, tmp_path:
     moved or changed keep their old vectors and are reported; the others get new ones."""
     from PIL import Image
 
-    from imgdb.db import store
+    from imgdb.db import images, pgvector, vectors
     from tests.images import encoded
 
     gallery = sorted((museum / "images").glob("*.jpg"))[260:272]
@@ -387,8 +387,8 @@ def test_train_keeps_images_it_cannot_read_again(client, museum: Path, tmp_path:
     assert client.ingest(copies, index="retrained").added == len(copies)
     with client.database.connect() as conn:
         index = client.index("retrained")
-        before = dict(zip(*store.read_vectors(conn, index)))
-        ids = {Path(s.uri).name: s.image_id for s in store.stored_images(conn, index)}
+        before = dict(zip(*vectors.read(conn, index)))
+        ids = {Path(s.uri).name: s.image_id for s in images.of_index(conn, index)}
     copies[0].unlink()                                        # moved away
     copies[1].rename(tmp_path / "elsewhere.png")              # moved away
     copies[2].write_bytes(png(1000))                          # another picture under its name
@@ -399,9 +399,9 @@ def test_train_keeps_images_it_cannot_read_again(client, museum: Path, tmp_path:
     assert "changed since it was ingested" in next(f.error for f in report.failed if copies[2].name in f.path)
     with client.database.connect() as conn:
         index = client.index("retrained")
-        after = dict(zip(*store.read_vectors(conn, index)))
+        after = dict(zip(*vectors.read(conn, index)))
         leftovers = conn.exec_driver_sql("SELECT count(*) FROM pg_class WHERE relname LIKE '%%\\_next'").scalar()
-        assert store.has_ann(conn, index) and leftovers == 0
+        assert pgvector.has_ann(conn, index) and leftovers == 0
     assert set(after) == set(before)  # no image vanished
     for path in copies[:3]:
         np.testing.assert_array_equal(after[ids[path.name]], before[ids[path.name]])

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgdb.db import store
+from imgdb.client import Imgdb
+from imgdb.db import indexes, pgvector, vectors
 from tests.conftest import SAMPLE_SIZE, copy_image
 from tests.images import encoded, png_bomb, write
 
 
 def count(client, index: str) -> int:  # noqa: ANN001
     with client.database.connect() as conn:
-        return store.count_vectors(conn, store.require_index(conn, index))
+        return vectors.count(conn, indexes.require(conn, index))
 
 
 def test_sample_is_ingested_with_metadata_and_facts(client, sample_index: str, museum_sample: Path) -> None:  # noqa: ANN001
@@ -107,7 +108,7 @@ def test_interrupted_ingest_keeps_what_was_committed_and_resumes(client, museum:
     committed = count(client, "resume")
     assert 0 < committed < 200
     with client.database.connect() as conn:  # the ANN index is back even after the interruption
-        assert store.has_ann(conn, store.require_index(conn, "resume"))
+        assert pgvector.has_ann(conn, indexes.require(conn, "resume"))
     report = client.ingest(gallery, index="resume")
     assert report.added == 200 - committed and report.duplicates == committed
     assert count(client, "resume") == 200
@@ -121,12 +122,9 @@ def test_ingest_from_url_and_meta_for_every_image(client, http_root, museum: Pat
     url = f"{base}/painting.png"
     refused = client.ingest([url], index="web")
     assert refused.added == 0 and "loopback" in refused.failed[0].error
-    saved = client.settings
-    client.settings = replace(saved, fetch=replace(saved.fetch, allow_private=True))
-    try:
-        report = client.ingest([url], index="web", meta={"source": "web"})
-    finally:
-        client.settings = saved
+    trusting = Imgdb(client.database, replace(client.settings, fetch=replace(client.settings.fetch,
+                                                                              allow_private=True)))
+    report = trusting.ingest([url], index="web", meta={"source": "web"})
     assert report.added == 1
     hit = client.search(folder / "painting.png", index="web", k=1)[0]
     assert hit.uri == url and hit.metadata == {"source": "web"} and hit.distance < 1e-6

@@ -21,6 +21,7 @@ class Reverse(Reranker):
     """A re-ranker from outside imgdb's own modules: the ranking it is given, worst first."""
 
     name = "reverse"
+    summary = "worst first"
 
     def rerank(self, probe: Probe, ranking: Ranking) -> Ranking:
         return Ranking(ranking.ids[::-1].copy(), ranking.distances[::-1].copy())
@@ -28,6 +29,7 @@ class Reverse(Reranker):
 
 class Same(Reranker):
     name = "same"
+    summary = "the order it is given"
 
     def rerank(self, probe: Probe, ranking: Ranking) -> Ranking:
         return ranking
@@ -35,8 +37,8 @@ class Same(Reranker):
 
 @pytest.fixture
 def registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(registry.RERANKERS, "reverse", f"{__name__}:Reverse")
-    monkeypatch.setitem(registry.RERANKERS, "same", f"{__name__}:Same")
+    monkeypatch.setitem(registry.BUILTIN, "reverse", f"{__name__}:Reverse")
+    monkeypatch.setitem(registry.BUILTIN, "same", f"{__name__}:Same")
 
 
 def test_a_chain_through_the_parts_answers_as_the_single_statement(client, sample_index: str,  # noqa: ANN001
@@ -87,14 +89,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def test_query_expansion_and_augmentation_rank_as_their_formulas(client, sample_index: str,  # noqa: ANN001
                                                                  sample_ids: list[int]) -> None:
-    from imgdb.db import store
+    from imgdb.db import search as sql
     from imgdb.query import expansion
 
     query = f"id:{sample_ids[4]}"
     base = client.search(query, k=10, index=sample_index, candidates=10)
     ids = [h.id for h in base]
-    with client.database.connect() as conn:
-        stored = store.stored_vectors(conn, client.index(sample_index), ids)
+    stored = client.database.searching(lambda conn: sql.stored_vectors(conn, client.index(sample_index), ids))
     x = np.stack([stored[i] for i in ids])
     q = stored[sample_ids[4]]
     top = x[: expansion.TOP]

@@ -8,15 +8,20 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from imgdb.eval import average_precision
-from imgdb.features import cnn
-from imgdb.features.cnn import CnnConfig, CnnExtractor
+from imgdb.catalog import extractor_context
+from imgdb.config import Settings
+from imgdb.features import runtimes
+from imgdb.features.base import ExtractorContext
+from imgdb.features.cnn import CnnExtractor
+from imgdb.features.cnn_config import CnnConfig
+from imgdb.jobs.evaluate import average_precision
 from imgdb.features.onnx_net import graph_key
 from imgdb.features.pooling_kinds import KINDS
 from imgdb.features.spec import parse_spec
@@ -25,13 +30,18 @@ POOLING_SPECS = [f"cnn:tf_efficientnet_lite0/{name}/size=160" for name in KINDS]
     "cnn:tf_efficientnet_lite0@blocks.4/rmac/size=160/scales=1,0.707"]
 
 
+def context(runtime: str) -> ExtractorContext:
+    """What the session's settings give an extractor, under ``runtime``."""
+    return replace(extractor_context(Settings.from_env()), runtime=runtime)
+
+
 def _images(paths: list[Path]) -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in paths]
 
 
 def _both(spec: str) -> tuple[CnnExtractor, CnnExtractor]:
     config = CnnConfig.parse(parse_spec(spec))
-    return CnnExtractor(config, runtime="onnx"), CnnExtractor(config, runtime="torch")
+    return CnnExtractor(config, context("onnx")), CnnExtractor(config, context("torch"))
 
 
 @pytest.mark.parametrize("spec", POOLING_SPECS)
@@ -50,7 +60,7 @@ def test_onnx_runtime_gives_pytorchs_vectors_and_rankings(museum: Path, spec: st
 
 
 def test_images_of_many_shapes_run_side_by_side_with_the_vectors_of_one_at_a_time(museum: Path) -> None:
-    extractor = CnnExtractor(CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/gem/size=128")), runtime="onnx")
+    extractor = CnnExtractor(CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/gem/size=128")), context("onnx"))
     prepared = [extractor.prepare(i) for i in _images(sorted((museum / "queries").glob("*.jpg"))[:6])]
     assert len({p[0].shape for p in prepared}) > 1  # (photos of several aspect ratios: several passes)
     together = extractor.embed(prepared)
@@ -59,7 +69,7 @@ def test_images_of_many_shapes_run_side_by_side_with_the_vectors_of_one_at_a_tim
 
 
 def test_normalising_is_the_per_channel_formula(museum: Path) -> None:
-    extractor = CnnExtractor(CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/gem/size=128")), runtime="onnx")
+    extractor = CnnExtractor(CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/gem/size=128")), context("onnx"))
     pixels = np.asarray(_images(sorted((museum / "queries").glob("*.jpg"))[:1])[0])[::7, ::5]  # (not contiguous)
     mean, std = (np.asarray(v, dtype=np.float32) * 255 for v in (extractor.network.mean, extractor.network.std))
     want = ((pixels.astype(np.float32) - mean) / std).transpose(2, 0, 1)
@@ -87,17 +97,17 @@ def test_onnx_runtime_gives_the_same_retrieval_figures(museum_sample: Path) -> N
 def test_the_graph_is_exported_once_and_re_exported_when_damaged(imgdb_home: Path, museum: Path) -> None:
     config = CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/max/size=96"))
     graph = imgdb_home / "cache" / "onnx" / f"{graph_key(config)}.onnx"
-    cnn._onnx_network.cache_clear()
-    first = CnnExtractor(config, runtime="onnx")
+    runtimes._sessions.clear()
+    first = CnnExtractor(config, context("onnx"))
     assert graph.is_file()
     stamp = graph.stat().st_mtime_ns
-    CnnExtractor(config, runtime="onnx")
+    CnnExtractor(config, context("onnx"))
     assert graph.stat().st_mtime_ns == stamp  # read back, not exported again
     image = _images(sorted((museum / "images").glob("*.jpg"))[:1])
     vector = first.embed([first.prepare(image[0])])
     graph.write_bytes(b"not a graph")
-    cnn._onnx_network.cache_clear()  # (a new process: the session in memory is gone)
-    again = CnnExtractor(config, runtime="onnx")
+    runtimes._sessions.clear()  # (a new process: the session in memory is gone)
+    again = CnnExtractor(config, context("onnx"))
     assert again.runtime == "onnx" and graph.stat().st_size > 1000
     np.testing.assert_allclose(again.embed([again.prepare(image[0])]), vector, atol=1e-6)
     # A different network is a different graph: the key follows what determines it.
@@ -112,10 +122,10 @@ def test_a_network_that_does_not_export_runs_on_pytorch(imgdb_home: Path, caplog
     cache.mkdir(parents=True, exist_ok=True)
     marker = cache / f"{graph_key(config)}.failed"
     marker.write_text("tf_efficientnet_lite0 does not export to ONNX (a test's stand-in for an exporter error)")
-    cnn._onnx_network.cache_clear()
+    runtimes._sessions.clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="imgdb.features.cnn"):
-            extractor = CnnExtractor(config, runtime="onnx")
+        with caplog.at_level(logging.WARNING, logger="imgdb.features.runtimes"):
+            extractor = CnnExtractor(config, context("onnx"))
         assert extractor.runtime == "torch"
         assert "does not export to ONNX" in caplog.text and "runs on PyTorch" in caplog.text
     finally:
@@ -156,7 +166,7 @@ def test_a_cache_that_cannot_be_written_costs_an_export_not_the_search(tmp_path:
     with caplog.at_level(logging.WARNING, logger="imgdb.features.onnx_net"):
         network = OnnxNetwork(config, blocked / "onnx", "cpu")
     assert "exported for this process only" in caplog.text
-    extractor = CnnExtractor(config, runtime="torch")
+    extractor = CnnExtractor(config, context("torch"))
     image = _images(sorted((museum / "images").glob("*.jpg"))[:1])[0]
     batch = np.stack(extractor.prepare(image))
     got, want = network.pooled(batch), extractor.network.pooled(batch)
@@ -167,4 +177,4 @@ def test_an_unknown_runtime_is_refused_with_the_choices() -> None:
     from imgdb.errors import ExtractorSpecError
 
     with pytest.raises(ExtractorSpecError, match="IMGDB_RUNTIME='tensorflow': use onnx or torch"):
-        CnnExtractor(CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/max/size=96")), runtime="tensorflow")
+        CnnExtractor(CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/max/size=96")), context("tensorflow"))

@@ -5,6 +5,7 @@ without losing an image, a vector, an index or what was learned."""
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,10 +16,11 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 import imgdb
-from imgdb.db import store
+from imgdb.db import indexes, pgvector, state, vectors
 from imgdb.errors import ImgdbError
 from imgdb.orm import VIEW_PREFIX, Image, IndexState, SearchIndex
 from tests import legacy
+from tests.conftest import tool_env
 
 #: Objects of the database that are neither the system's nor an extension's, outside a schema.
 FOREIGN_OBJECTS = """
@@ -70,15 +72,15 @@ def test_no_index_name_can_collide_with_another_object(client, museum: Path) -> 
         assert client.ingest([photo], index=name).added == 1
         assert client.search(photo, index=name, k=1)[0].distance < 1e-6
     with client.database.connect() as conn:
-        indexes = {index.name: index for index, _ in store.list_indexes(conn)}
+        found = {index.name: index for index in indexes.all_indexes(conn)}
         for name in names:
-            assert store.has_ann(conn, indexes[name])
+            assert pgvector.has_ann(conn, found[name])
         relations = conn.execute(sa.text("SELECT relname, relkind FROM pg_class"
                                          " WHERE relnamespace = 'imgdb'::regnamespace")).all()
     views = {name for name, kind in relations if name.startswith(VIEW_PREFIX)}
-    assert views == {index.relation for index in indexes.values()}
+    assert views == {index.relation for index in found.values()}
     assert all(kind == "v" for name, kind in relations if name in views)
-    ids = {str(index.id) for index in indexes.values()}
+    ids = {str(index.id) for index in found.values()}
     assert all(name.split("_")[1] in ids for name, _ in relations if name.startswith("vectors_"))
 
 
@@ -97,6 +99,22 @@ def test_another_schema_keeps_everything_there(new_database, museum: Path, clien
     assert "search" in schemas and "imgdb" not in schemas
 
 
+def test_db_upgrade_is_the_first_command_a_new_database_needs(new_database, client) -> None:  # noqa: ANN001
+    """`imgdb db upgrade` on a database imgdb never saw installs pgvector and its schema, as first
+    use does, and leaves it at the current revision."""
+    url = new_database("fresh_upgrade", vector=False)
+    env = tool_env(IMGDB_DATABASE_URL=url)
+    done = subprocess.run(["imgdb", "db", "upgrade", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["upgraded"] is True and report["schema"] == "imgdb"
+    with imgdb.connect(url, settings=client.settings) as db:
+        assert report["revision"] == db.database.head == db.database.revision()
+    again = subprocess.run(["imgdb", "db", "upgrade", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and json.loads(again.stdout)["upgraded"] is False
+    assert foreign_objects(url) == []
+
+
 @pytest.mark.parametrize("schema", ["public", "pg_mine", "Upper", "a-b", ""])
 def test_unusable_schema_names_are_refused(client, schema: str) -> None:  # noqa: ANN001
     with pytest.raises(ImgdbError, match="IMGDB_SCHEMA"):
@@ -112,19 +130,19 @@ def test_upgrade_moves_the_layout_before_the_schema_and_keeps_everything(new_dat
     url = new_database("legacy")
     paths = sorted((museum_sample / "images").glob("*.jpg"))
     metadata = {Path(k).name: v for k, v in json.loads((museum_sample / "metadata.json").read_text()).items()}
-    indexes = []
+    olds = []
     for name, spec, ann in [("colors", "color:hsv/bins=4x4x4/size=256", "hnsw"),
                             ("orbs", "bow:orb/k=16/side=320/max=300", "hnsw"),
                             ("bits", "color:hsv/bins=4x4x4/size=256", "bq"),
                             ("a_ann", "color:hsv/bins=4x4x4/size=256", "hnsw"),
                             ("a", "color:hsv/bins=4x4x4/size=256", "hnsw")]:
-        _, vectors, state = legacy.describe(paths, spec)
-        index = legacy.LegacyIndex(name, spec, ann=ann, vectors=vectors, state=state)
+        _, described, learned = legacy.describe(paths, spec)
+        index = legacy.LegacyIndex(name, spec, ann=ann, vectors=described, state=learned)
         if ann == "bq":
             index.ann_params = {"m": 16, "ef_construction": 64, "ef_search": 200}
-            index.state = {"ann.center": vectors.mean(axis=0)}
-        indexes.append(index)
-    legacy.build(url, paths, metadata, indexes)
+            index.state = {"ann.center": described.mean(axis=0)}
+        olds.append(index)
+    legacy.build(url, paths, metadata, olds)
 
     with imgdb.connect(url, settings=client.settings) as db:
         assert db.database.revision() == db.database.head
@@ -135,25 +153,25 @@ def test_upgrade_moves_the_layout_before_the_schema_and_keeps_everything(new_dat
             images = {row.uri: row for row in conn.execute(sa.select(Image.__table__)).all()}
             assert set(images) == {str(p) for p in paths}
             assert all(images[str(p)].metadata == metadata.get(p.name, {}) for p in paths)
-            for old in indexes:
-                index = store.require_index(conn, old.name)
+            for old in olds:
+                index = indexes.require(conn, old.name)
                 assert (index.extractor, index.ann) == (old.spec, old.ann)
-                ids, vectors = store.read_vectors(conn, index)
+                ids, stored = vectors.read(conn, index)
                 order = [images[str(p)].id for p in paths]
                 np.testing.assert_array_equal(ids, order)
-                np.testing.assert_allclose(vectors, old.vectors, rtol=1e-6, atol=1e-7)
-                assert store.has_ann(conn, index) is (old.name != "a"), old.name
-                state = {**store.load_state(conn, index), **{"ann." + k: v for k, v in
-                                                            store.load_state(conn, index, "ann.").items()}}
-                assert set(state) == set(old.state)
+                np.testing.assert_allclose(stored, old.vectors, rtol=1e-6, atol=1e-7)
+                assert pgvector.has_ann(conn, index) is (old.name != "a"), old.name
+                learned = {**state.load(conn, index), **{"ann." + k: v for k, v in
+                                                         state.load(conn, index, "ann.").items()}}
+                assert set(learned) == set(old.state)
                 for key, array in old.state.items():
-                    np.testing.assert_array_equal(state[key], array)
+                    np.testing.assert_array_equal(learned[key], array)
             assert conn.execute(sa.select(sa.func.count()).select_from(IndexState)).scalar() == sum(
-                len(i.state) for i in indexes)
-            assert conn.execute(sa.select(sa.func.count()).select_from(SearchIndex)).scalar() == len(indexes)
+                len(i.state) for i in olds)
+            assert conn.execute(sa.select(sa.func.count()).select_from(SearchIndex)).scalar() == len(olds)
 
         # The learned codebook encodes a query as it encoded the collection; the moved ANN indexes serve.
-        np.testing.assert_allclose(db.embed(paths[3], index="orbs"), indexes[1].vectors[3], atol=1e-6)
+        np.testing.assert_allclose(db.embed(paths[3], index="orbs"), olds[1].vectors[3], atol=1e-6)
         for name in ("colors", "orbs", "bits"):
             hit = db.search(f"id:{images[str(paths[5])].id}", index=name, k=1)[0]
             assert hit.uri == str(paths[5]) and hit.distance < 1e-4
@@ -162,7 +180,7 @@ def test_upgrade_moves_the_layout_before_the_schema_and_keeps_everything(new_dat
             conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
             plan = "\n".join(conn.execute(sa.text(
                 "EXPLAIN SELECT id FROM images_colors ORDER BY embedding <-> CAST(:q AS vector) LIMIT 5"),
-                {"q": "[" + ",".join(map(str, indexes[0].vectors[0])) + "]"}).scalars())
+                {"q": "[" + ",".join(map(str, olds[0].vectors[0])) + "]"}).scalars())
         assert f"Index Scan using {colors.ann_index}" in plan, plan
         # Writes go on where the old install stopped: ingest into `a` works and builds its ANN
         # index, and the trigger counts the write.
@@ -170,4 +188,4 @@ def test_upgrade_moves_the_layout_before_the_schema_and_keeps_everything(new_dat
         assert db.ingest([museum_sample / "queries" / "qsd1_w1_00000.jpg"], index="a").added == 1
         assert db.index("a").version > version
         with db.database.connect() as conn:
-            assert store.has_ann(conn, db.index("a"))
+            assert pgvector.has_ann(conn, db.index("a"))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from imgdb.client import Imgdb
 from imgdb.errors import FetchError, FilterError, ImgdbError
 from tests.conftest import copy_image
 
@@ -72,14 +73,11 @@ def test_url_queries_refuse_loopback_and_work_when_allowed(client, sample_index:
         client.search(f"{base}/q.jpg")
     with pytest.raises(FetchError, match="127.0.0.1"):
         client.search("http://127.0.0.1:9/x.jpg")
-    saved = client.settings
-    client.settings = replace(saved, fetch=replace(saved.fetch, allow_private=True))
-    try:
-        hit = client.search(f"{base}/q.jpg", k=1)[0]
-        with pytest.raises(FetchError, match="connection refused"):
-            client.search("http://127.0.0.1:9/x.jpg")
-    finally:
-        client.settings = saved
+    trusting = Imgdb(client.database, replace(client.settings, fetch=replace(client.settings.fetch,
+                                                                              allow_private=True)))
+    hit = trusting.search(f"{base}/q.jpg", k=1)[0]
+    with pytest.raises(FetchError, match="connection refused"):
+        trusting.search("http://127.0.0.1:9/x.jpg")
     assert Path(hit.uri).name == "bbdd_00007.jpg" and hit.distance < 1e-4
 
 

@@ -16,10 +16,12 @@ import timm
 import torch
 from PIL import Image
 
-from imgdb.db import networks, store
+from imgdb.db import networks, vectors
 from imgdb.errors import ExtractorSpecError, ImgdbError
 from imgdb.features.base import l2_normalize
-from imgdb.features.cnn import CnnConfig, CnnExtractor
+from imgdb.features.base import ExtractorContext
+from imgdb.features.cnn import CnnExtractor
+from imgdb.features.cnn_config import CnnConfig
 from imgdb.features.network import deserialize, serialize, trunk_stages
 from imgdb.features.torch_net import build_net
 from imgdb.features.pooling import POOLINGS
@@ -131,7 +133,7 @@ def _museum_images(museum: Path, count: int) -> list[Image.Image]:
 def test_the_module_reproduces_the_backbones_own_maths(museum: Path, spec: str) -> None:
     """Descriptors as the extractor computed them before it was one module: timm's own forward,
     the pooling function, numpy's whitening, numpy's L2."""
-    extractor = CnnExtractor(CnnConfig.parse(parse_spec(spec)), runtime="torch")
+    extractor = CnnExtractor(CnnConfig.parse(parse_spec(spec)), ExtractorContext(runtime="torch"))
     images = _museum_images(museum, 6)
     prepared = [extractor.prepare(image) for image in images]
     config, model = extractor.config, extractor.model
@@ -166,7 +168,7 @@ def test_trunk_stages_run_in_sequence_are_forward_features() -> None:
 
 def test_trained_weights_round_trip_by_their_hash(museum: Path) -> None:
     config = CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/gem/size=128"))
-    extractor = CnnExtractor(config, runtime="torch")
+    extractor = CnnExtractor(config, ExtractorContext(runtime="torch"))
     net = build_net(config, extractor.model)
     net.detach_from(len(net.stages) - 1)
     net.identity_whitening()
@@ -196,8 +198,8 @@ def test_net_specs_name_weights_by_hash() -> None:
     assert str(config) == f"cnn:tf_efficientnet_lite2/gem/p=3/size=260/whiten=auto/net={sha}"
     with pytest.raises(ExtractorSpecError, match="sha256"):
         CnnConfig.parse(parse_spec(f"cnn:tf_efficientnet_lite2/net={sha[:10]}"))
-    with pytest.raises(ExtractorSpecError, match="not loaded"):
-        CnnExtractor(config)
+    with pytest.raises(ExtractorSpecError, match="lives in the database of its index"):
+        CnnExtractor(config)  # (no context to read it from: an extractor has no hidden inputs)
 
 
 def test_a_weights_file_is_stored_by_hash_and_no_longer_needed(client, museum: Path, tmp_path: Path,  # noqa: ANN001
@@ -209,7 +211,7 @@ def test_a_weights_file_is_stored_by_hash_and_no_longer_needed(client, museum: P
     assert "weights=" not in info.extractor and "/net=" in info.extractor
     sha = parse_spec(info.extractor).options["net"]
     with client.database.connect() as conn:
-        assert networks.record(conn, sha)["params"] == {"file": str(weights)}
+        assert networks.record(conn, sha).params == {"file": str(weights)}
     query = museum / "queries" / "qsd1_w1_00002.jpg"
     here = client.embed(query, index="from_file")
     np.testing.assert_array_equal(here, from_file.embed([from_file.prepare(Image.open(query).convert("RGB"))])[0])
@@ -235,10 +237,10 @@ def test_train_makes_an_index_of_the_fine_tuned_network(client, trained, sample_
     with client.database.connect() as conn:
         row = networks.record(conn, trained.network)
         # (every image the source held when it was trained: other tests may add some later)
-        assert store.count_vectors(conn, target) == trained.images >= SAMPLE_SIZE
-    assert hashlib.sha256(row["weights"]).hexdigest() == trained.network
-    assert row["method"] == "triplet" and row["images"] == trained.images and len(row["loss"]) == 2
-    assert row["params"]["from"] == "default"
+        assert vectors.count(conn, target) == trained.images >= SAMPLE_SIZE
+    assert hashlib.sha256(row.weights).hexdigest() == trained.network
+    assert row.method == "triplet" and row.images == trained.images and len(row.loss) == 2
+    assert row.params["from"] == "default"
     hits = client.search(f"id:{sample_ids[3]}", index="tuned", k=1)
     assert hits[0].id == sample_ids[3]
     before, after = client.embed(f"id:{sample_ids[3]}"), client.embed(f"id:{sample_ids[3]}", index="tuned")
@@ -261,7 +263,7 @@ def test_category_and_distill_train_with_their_heads_and_student(client, sample_
     assert category.method == "category" and category.losses[-1] > 0
     assert student.extractor.startswith("cnn:tf_efficientnet_lite0/gem/p=3/size=260/whiten=off/net=")
     with client.database.connect() as conn:
-        assert networks.record(conn, category.network)["params"]["label_keys"] == ["meta.author"]
+        assert networks.record(conn, category.network).params["label_keys"] == ["meta.author"]
     assert client.search(f"id:{sample_ids[5]}", index="student", k=1)[0].id == sample_ids[5]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgdb.db import networks, store
+from imgdb.db import images, indexes, networks, state, vectors
 from imgdb.errors import ImgdbError
 
 
@@ -33,11 +33,11 @@ def elsewhere(new_database):  # noqa: ANN001, ANN201
 
 def _by_hash(db, name: str) -> dict[str, np.ndarray]:  # noqa: ANN001
     with db.database.connect() as conn:
-        index = store.require_index(conn, name)
-        rows = store.index_images(conn, index)
-        ids, vectors = store.read_vectors(conn, index)
+        index = indexes.require(conn, name)
+        rows = images.rows_of_index(conn, index)
+        ids, stored = vectors.read(conn, index)
     assert [r["id"] for r in rows] == ids.tolist()
-    return {r["sha256"]: v for r, v in zip(rows, vectors)}
+    return {r["sha256"]: v for r, v in zip(rows, stored)}
 
 
 def test_export_then_import_gives_the_same_vectors_and_query_encoding(client, elsewhere, exported: Path,  # noqa: ANN001
@@ -48,7 +48,7 @@ def test_export_then_import_gives_the_same_vectors_and_query_encoding(client, el
     assert elsewhere.index("tuned").extractor == client.index("tuned").extractor
     with elsewhere.database.connect() as conn:
         record = networks.record(conn, tuned_index[0].network)
-    assert record["method"] == "triplet" and record["loss"] == tuned_index[0].losses
+    assert record.method == "triplet" and record.loss == tuned_index[0].losses
     query = museum / "queries" / "qsd1_w1_00003.jpg"
     assert np.array_equal(elsewhere.embed(query, index="tuned"), client.embed(query, index="tuned"))
     with pytest.raises(ImgdbError, match="exists already"):
@@ -61,10 +61,10 @@ def test_an_index_with_learned_state_moves_with_it(client, elsewhere, museum_sam
     client.export_index("whitened", tmp_path / "w.zip")
     elsewhere.import_index(tmp_path / "w.zip", name="moved")
     with client.database.connect() as conn:
-        state = store.load_state(conn, client.index("whitened"))
+        learned = state.load(conn, client.index("whitened"))
     with elsewhere.database.connect() as conn:
-        moved = store.load_state(conn, elsewhere.index("moved"))
-    assert state.keys() == moved.keys() and all(np.array_equal(state[k], moved[k]) for k in state)
+        moved = state.load(conn, elsewhere.index("moved"))
+    assert learned.keys() == moved.keys() and all(np.array_equal(learned[k], moved[k]) for k in learned)
     query = museum_sample / "images" / "bbdd_00002.jpg"
     assert np.array_equal(elsewhere.embed(query, index="moved"), client.embed(query, index="whitened"))
 
@@ -160,7 +160,7 @@ def test_an_index_that_verifies_moves_with_its_local_features(client, elsewhere,
         for item in source.infolist():
             data = source.read(item)
             if item.filename == "local/counts.npy":
-                data = store.npy_bytes(np.full(6, 100, np.int32))
+                data = state.npy_bytes(np.full(6, 100, np.int32))
             target.writestr(item, data)
     with pytest.raises(ImgdbError, match="local/xy.npy must hold"):
         elsewhere.import_index(bad, name="checked_bad")

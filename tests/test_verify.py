@@ -90,7 +90,7 @@ def test_stored_features_survive_a_reconnect_and_match_a_fresh_extraction(client
     with imgdb.connect() as other:
         theirs = other.database.searching(lambda conn: local_features.read(conn, str(SPEC), SPEC.dim, [image_id]))[image_id]
     assert ours[0] == theirs[0] and np.array_equal(ours[1], theirs[1]) and np.array_equal(ours[2], theirs[2])
-    ingester_hint = decode_scale(client.extractor(client.index(verified)), SPEC)
+    ingester_hint = decode_scale(client.catalog.extractor(client.index(verified)), SPEC)
     fresh = keypoints.quantize(SPEC.extract(decode(path.read_bytes(), scale_hint=ingester_hint).pixels), SPEC)
     assert np.array_equal(fresh.codes, ours[2]) and np.allclose(fresh.xy, ours[1])
     assert 8 * 20 <= ours[1].nbytes + ours[2].nbytes <= SPEC.keypoints * (8 + SPEC.dim)
@@ -177,10 +177,8 @@ def test_multi_finds_every_painting_of_a_photo_and_eval_wants_both(client, verif
     (dataset / "images").symlink_to(museum_sample / "images")
     (dataset / "queries" / "two.jpg").write_bytes(photo.read_bytes())
     (dataset / "queries.json").write_text(json.dumps([{"query": "queries/two.jpg", "relevant": relevant}]))
-    from imgdb.eval import evaluate
-
-    report = evaluate(client, dataset, index=verified, rerank="multi")
-    assert report.recall_at_1 == 1.0 and report.per_query[0]["found_rank"] == 1 and report.mAP == 1.0
+    report = client.evaluate(dataset, index=verified, rerank="multi")
+    assert report.all_at_1 == 1.0 and report.per_query[0]["found_rank"] == 1 and report.mAP == 1.0
 
 
 def test_explain_draws_the_inliers_of_a_hit(client, verified: str, museum_sample: Path, museum: Path,  # noqa: ANN001

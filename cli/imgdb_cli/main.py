@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
+import imgdb
 from imgdb_cli.output import emit_json, guarded, progress_bar, say, shorten, stdout, training_bars
 
 app = typer.Typer(help="Content-based image retrieval inside PostgreSQL + pgvector.",
@@ -22,12 +23,9 @@ app.add_typer(db_app, name="db")
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on failure.")]
 IndexName = Annotated[str, typer.Option("--index", "-i", help="Index to use.")]
-AnnHelp = ("First stage: hnsw, ivfflat, bq (pgvector), pq, ivfpq, lsh, kdtree (Python-side codes) or none, "
-           "with options, e.g. hnsw/m=32/ef_search=80, ivfpq/lists=4096/probes=32.")
-Rerank = Annotated[str, typer.Option("--rerank", help="exact: re-rank the candidates by their stored vectors; "
-                                     "pq: by product-quantization distance; none: first-stage order; verify: "
-                                     "spatial verification of the top 100 by local features (`imgdb index verify`). "
-                                     "A chain such as exact,verify runs them in turn.")]
+# Generated from the registries: a method or re-ranker a package registers shows here with no edit.
+AnnHelp = imgdb.ann_help()
+Rerank = Annotated[str, typer.Option("--rerank", help=imgdb.rerank_help())]
 Multi = Annotated[bool, typer.Option("--multi", help="Find every gallery picture the photo shows: "
                                      "verification that sets each found picture's keypoints aside (rerank multi).")]
 Fusion = Annotated[str, typer.Option("--fusion", help="With --index a,b: rrf (reciprocal-rank fusion) or mean "
@@ -44,20 +42,16 @@ def _chain(rerank: str, multi: bool) -> str:
     return ",".join(["multi" if p == "verify" else p for p in parts] if "verify" in parts else [*parts, "multi"])
 
 
-def _client():  # noqa: ANN202 - imported lazily: `imgdb --help` should not pay for torch
-    import imgdb
-
+def _client() -> imgdb.Imgdb:
     return imgdb.connect()
 
 
 def _parse_meta(pairs: list[str]) -> dict[str, Any]:
-    from imgdb.errors import ImgdbError
-
     meta: dict[str, Any] = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key.strip():
-            raise ImgdbError(f"--meta {pair!r}: expected KEY=VALUE")
+            raise imgdb.ImgdbError(f"--meta {pair!r}: expected KEY=VALUE")
         meta[key.strip()] = value
     return meta
 
@@ -73,13 +67,10 @@ def ingest(
     """Add images to an index (duplicates by content are skipped)."""
 
     def run() -> None:
-        from imgdb.errors import ImgdbError
-        from imgdb.io.fetch import is_url
-
         meta_values = _parse_meta(meta or [])
         # A path the user named that is not there is an error of the command (bad files found
         # inside a folder are only entries of `failed`): the rest goes in, then exit 1.
-        missing = [p for p in paths if not is_url(p) and not os.path.lexists(p)]
+        missing = [p for p in paths if not imgdb.is_url(p) and not os.path.lexists(p)]
         with progress_bar("ingesting") as on_progress:
             report = _client().ingest(paths, index=index, meta=meta_values, metadata_file=metadata,
                                       on_progress=on_progress, on_status=say)
@@ -91,7 +82,8 @@ def ingest(
             stdout.print(f"added {report.added}, duplicates {report.duplicates}, failed {len(report.failed)} "
                          f"in {report.seconds:.1f} s")
         if missing:
-            raise ImgdbError(f"no such file or folder: {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+            raise imgdb.ImgdbError(f"no such file or folder: {', '.join(missing[:3])}"
+                                   + (" ..." if len(missing) > 3 else ""))
 
     guarded(debug, run)
 
@@ -141,7 +133,6 @@ def explain(
     as_json: Json = False, debug: Debug = False,
 ) -> None:
     """Draw the local-feature matches that verify (or fail to verify) a hit: a PNG, side by side."""
-    from imgdb.errors import ImgdbError
 
     def run() -> None:
         found = _client().explain(query, image_id, index=index)
@@ -149,7 +140,7 @@ def explain(
         try:
             path.write_bytes(found.png)
         except OSError as exc:
-            raise ImgdbError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise imgdb.ImgdbError(f"cannot write {path}: {exc.strerror or exc}") from None
         document = {"path": str(path), "inliers": found.inliers, "verified": found.verified}
         emit_json(document) if as_json else stdout.print(
             f"{path}: {found.inliers} inliers, {'verified' if found.verified else 'not verified'}", markup=False)
@@ -196,15 +187,12 @@ def evaluate(
     rerank: Rerank = "exact", candidates: Candidates = None, fusion: Fusion = "rrf", multi: Multi = False,
     as_json: Json = False, debug: Debug = False,
 ) -> None:
-    """Measure retrieval quality (mAP, recall@1, recall@10) on a data set."""
+    """Measure retrieval quality (mAP, recall@1, recall@10, and all@k for queries of several images) on a data set."""
 
     def run() -> None:
-        from imgdb.eval import evaluate as run_eval
-
         with progress_bar("ingesting gallery") as on_progress:
-            report = run_eval(_client(), dataset, index=index, rerank=_chain(rerank, multi), candidates=candidates,
-                              fusion=fusion,
-                              on_progress=on_progress, on_status=say)
+            report = _client().evaluate(dataset, index=index, rerank=_chain(rerank, multi), candidates=candidates,
+                                        fusion=fusion, on_progress=on_progress, on_status=say)
         if as_json:
             emit_json(report.to_json(per_query))
             return
@@ -212,7 +200,8 @@ def evaluate(
             for row in report.per_query:
                 stdout.print(f"{row['query']}: AP {row['ap']:.3f}, first relevant at {row['first_relevant_rank']}")
         stdout.print(f"{report.index} ({report.extractor}) on {report.queries} queries: mAP {report.mAP:.3f}, "
-                     f"recall@1 {report.recall_at_1:.3f}, recall@10 {report.recall_at_10:.3f}")
+                     f"recall@1 {report.recall_at_1:.3f}, recall@10 {report.recall_at_10:.3f}, "
+                     f"all@1 {report.all_at_1:.3f}, all@10 {report.all_at_10:.3f}")
 
     guarded(debug, run)
 
@@ -222,9 +211,7 @@ def extractors(as_json: Json = False, debug: Debug = False) -> None:
     """List extractor families with their default specs."""
 
     def run() -> None:
-        from imgdb.features.registry import list_extractors
-
-        rows = list_extractors()
+        rows = imgdb.extractors()
         if as_json:
             emit_json([{"family": f, "spec": s, "description": d} for f, s, d in rows])
             return
@@ -357,18 +344,15 @@ def train(
     """Fine-tune an index's network for retrieval on its own images, into a new index."""
 
     def run() -> None:
-        from imgdb.eval import evaluate as run_eval
-        from imgdb.training.trainer import TrainOptions
-
         client = _client()
-        options = TrainOptions(epochs=epochs, time_budget=None if time_budget is None else time_budget * 60,
-                               loss=loss, views=views, train_stages=train_stages)
-        before = run_eval(client, eval_dataset, index=source, on_status=say) if eval_dataset else None
+        options = imgdb.TrainOptions(epochs=epochs, time_budget=None if time_budget is None else time_budget * 60,
+                                     loss=loss, views=views, train_stages=train_stages)
+        before = client.evaluate(eval_dataset, index=source, on_status=say) if eval_dataset else None
         with training_bars() as (on_progress, on_epoch):
             report = client.train_network(name, source, method=method, label_keys=label_key or [],
                                           student=student, options=options, on_progress=on_progress,
                                           on_status=say, on_epoch=on_epoch)
-        after = run_eval(client, eval_dataset, index=name, on_status=say) if eval_dataset else None
+        after = client.evaluate(eval_dataset, index=name, on_status=say) if eval_dataset else None
         document = report.to_json()
         if before and after:
             document["eval"] = {"before": before.to_json(), "after": after.to_json()}
@@ -399,9 +383,7 @@ def index_create(
     """Create an index with an extractor and an ANN method."""
 
     def run() -> None:
-        from imgdb.features.registry import DEFAULT_SPEC
-
-        spec = extractor or DEFAULT_SPEC
+        spec = extractor or imgdb.DEFAULT_EXTRACTOR
         if weights is not None:
             spec += f"/weights={weights.expanduser().resolve()}"
         info = _client().create_index(name, spec, ann, storage)
@@ -566,22 +548,12 @@ def serve(
     guarded(debug, run)
 
 
-def _server():  # noqa: ANN202
-    from imgdb.config import Settings
-    from imgdb.db.embedded import EmbeddedServer
-
-    settings = Settings.from_env()
-    return settings, EmbeddedServer(settings.home)
-
-
 @db_app.command("url")
 def db_url(as_json: Json = False, debug: Debug = False) -> None:
     """Print the PostgreSQL URL imgdb uses (starting the embedded server if needed)."""
 
     def run() -> None:
-        from imgdb.db.engine import Database
-
-        url = Database.from_settings().url
+        url = imgdb.database_url()
         emit_json({"url": url}) if as_json else print(url)
 
     guarded(debug, run)
@@ -592,17 +564,7 @@ def db_status(as_json: Json = False, debug: Debug = False) -> None:
     """Say which database imgdb uses and whether it is up."""
 
     def run() -> None:
-        settings, server = _server()
-        if settings.database_url:
-            from imgdb.db.engine import Database
-
-            database = Database(settings.database_url, schema=settings.schema, migrate=False)
-            revision = database.revision()
-            info = {"embedded": False, "running": True, "schema": settings.schema, "revision": revision}
-        else:
-            status = server.status()
-            info = {"embedded": True, "running": status.running, "pgdata": str(status.pgdata),
-                    "pid": status.pid, "url": status.url, "schema": settings.schema}
+        info = imgdb.database_status()
         emit_json(info) if as_json else stdout.print("\n".join(f"{k}: {v}" for k, v in info.items()), markup=False)
 
     guarded(debug, run)
@@ -613,9 +575,7 @@ def db_start(as_json: Json = False, debug: Debug = False) -> None:
     """Start the embedded server and migrate its schema."""
 
     def run() -> None:
-        from imgdb.db.engine import Database
-
-        url = Database.from_settings().url
+        url = imgdb.database_url()
         emit_json({"running": True, "url": url}) if as_json else print(url)
 
     guarded(debug, run)
@@ -626,8 +586,7 @@ def db_stop(as_json: Json = False, debug: Debug = False) -> None:
     """Stop the embedded server (cleanly; data is kept)."""
 
     def run() -> None:
-        _, server = _server()
-        stopped = server.stop()
+        stopped = imgdb.stop_embedded()
         emit_json({"stopped": stopped}) if as_json else stdout.print("stopped" if stopped else "not running")
 
     guarded(debug, run)
@@ -652,15 +611,11 @@ def db_grant(
 
 @db_app.command("upgrade")
 def db_upgrade(as_json: Json = False, debug: Debug = False) -> None:
-    """Apply pending schema migrations."""
+    """Apply pending schema migrations (installing pgvector and imgdb's schema where they are missing)."""
 
     def run() -> None:
-        from imgdb.db.engine import Database
-
-        database = Database.from_settings(migrate=False)
-        ran = database.upgrade()
-        revision = database.revision()
-        emit_json({"upgraded": ran, "schema": database.schema, "revision": revision}) if as_json else stdout.print(
-            f"schema {database.schema} at revision {revision}", markup=False)
+        done = imgdb.upgrade_database()
+        emit_json(done) if as_json else stdout.print(f"schema {done['schema']} at revision {done['revision']}",
+                                                     markup=False)
 
     guarded(debug, run)

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from imgdb.errors import ImgdbError
+import imgdb
 
 # No console markup: paths and metadata are the user's, and `x[/bogus]y.jpg` is a file name.
 stdout = Console(soft_wrap=True, markup=False)
@@ -65,7 +65,7 @@ def guarded(debug: bool, action: Callable[[], T]) -> T:
         return action()
     try:
         return action()
-    except ImgdbError as exc:
+    except imgdb.ImgdbError as exc:
         say(f"error: {exc}")
 
     except KeyboardInterrupt:
@@ -73,31 +73,10 @@ def guarded(debug: bool, action: Callable[[], T]) -> T:
         raise typer.Exit(130) from None
     except Exception as exc:  # noqa: BLE001 - the contract wants one line, not a traceback
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        known = _database_failure(exc)
-        say(f"error: {known}" if known else
+        known = imgdb.driver_failure(exc)
+        say(f"error: {known[1]}" if known else
             f"internal error: {type(exc).__name__}: {message} (rerun with --debug for details)")
     raise typer.Exit(1)
-
-
-def _database_failure(exc: Exception) -> str | None:
-    """The reason of a failure that is the database's (unreachable) or the input's (a value
-    PostgreSQL refused), not imgdb's; None for anything else. The drivers are only looked at
-    when they are loaded already (``imgdb --help`` does not pay for them)."""
-    import sys
-
-    if "sqlalchemy" not in sys.modules:
-        return None
-    import psycopg
-    import sqlalchemy as sa
-
-    from imgdb.db.schema import first_line
-
-    cause = getattr(exc, "orig", None) or exc
-    if isinstance(exc, (sa.exc.OperationalError, psycopg.OperationalError)):
-        return f"database unavailable: {first_line(cause)}"
-    if isinstance(exc, (sa.exc.DataError, psycopg.DataError)):
-        return f"refused by PostgreSQL: {first_line(cause)}"
-    return None
 
 
 #: Seconds between progress lines where stderr is not a terminal (a log file, a pipe, CI).

@@ -27,9 +27,9 @@ from sqlalchemy.engine import Connection
 
 from imgdb.db import derived
 from imgdb.db.records import TABLE_NAME, Source
-from imgdb.db.schema import first_line, quote
-from imgdb.errors import ImgdbError
-from imgdb.orm import SearchIndex
+from imgdb.db.schema import quote
+from imgdb.errors import ImgdbError, first_line
+from imgdb.db.records import IndexRecord
 
 #: Trigger events, each with the transition tables its trigger declares.
 _EVENTS = (("insert", "INSERT", "REFERENCING NEW TABLE AS new_rows"),
@@ -64,7 +64,7 @@ _SOURCE_COLUMNS = (f"SELECT s.id, s.index_id, x.name AS index_name, {TABLE_NAME}
                    " FROM sources s JOIN indexes x ON x.id = s.index_id")
 
 
-def sources(conn: Connection, index: SearchIndex | None = None) -> list[Source]:
+def sources(conn: Connection, index: IndexRecord | None = None) -> list[Source]:
     """The attached tables of ``index`` (or of every index), in the order they were attached."""
     where = " WHERE s.index_id = :i" if index is not None else ""
     rows = conn.execute(sa.text(_SOURCE_COLUMNS + where + " ORDER BY s.id"),
@@ -72,7 +72,7 @@ def sources(conn: Connection, index: SearchIndex | None = None) -> list[Source]:
     return [Source(**row) for row in rows]
 
 
-def has_sources(conn: Connection, index: SearchIndex) -> bool:
+def has_sources(conn: Connection, index: IndexRecord) -> bool:
     return bool(conn.execute(sa.text("SELECT EXISTS (SELECT 1 FROM sources WHERE index_id = :i)"),
                              {"i": index.id}).scalar())
 
@@ -164,7 +164,7 @@ def _key(conn: Connection, table: _Table, key: str | None) -> tuple[str, str]:
     return name, sql_type
 
 
-def attach(conn: Connection, index: SearchIndex, table_name: str, column: str, key: str | None = None,
+def attach(conn: Connection, index: IndexRecord, table_name: str, column: str, key: str | None = None,
            root: str | None = None) -> tuple[Source, int]:
     """Attach a table to ``index``: install its triggers and queue every row it has. Attaching the
     same table the same way again changes nothing; another column or key is refused until it is
@@ -210,13 +210,13 @@ def trigger_name(schema: str, source_id: int, suffix: str) -> str:
     return f"{schema}_sync_{source_id}_{suffix}"
 
 
-def _source(conn: Connection, index: SearchIndex, relid: int) -> Source:
+def _source(conn: Connection, index: IndexRecord, relid: int) -> Source:
     row = conn.execute(sa.text(_SOURCE_COLUMNS + " WHERE s.index_id = :i AND s.relid = :r"),
                        {"i": index.id, "r": relid}).mappings().one()
     return Source(**row)
 
 
-def find(conn: Connection, table_name: str, index: SearchIndex | None = None) -> list[Source]:
+def find(conn: Connection, table_name: str, index: IndexRecord | None = None) -> list[Source]:
     """The attachments of a table (to ``index``, or to any index). A table that was dropped is still
     found by the name it had when it was attached."""
     try:
@@ -231,7 +231,7 @@ def find(conn: Connection, table_name: str, index: SearchIndex | None = None) ->
     return [Source(**row) for row in rows]
 
 
-def detach(conn: Connection, source: Source, index: SearchIndex) -> tuple[int, int]:
+def detach(conn: Connection, source: Source, index: IndexRecord) -> tuple[int, int]:
     """Remove a table's triggers and everything imgdb keeps of it: its queue entries, refs and
     failures, and the vectors and images only its rows held. Returns (queue entries dropped,
     rows that were embedded)."""
@@ -358,7 +358,7 @@ def clear_failures(conn: Connection, source: Source, refs: Sequence[str]) -> Non
                      {"s": source.id, "r": list(refs)})
 
 
-def remove_orphan_vectors(conn: Connection, index: SearchIndex, image_ids: Iterable[int]) -> list[int]:
+def remove_orphan_vectors(conn: Connection, index: IndexRecord, image_ids: Iterable[int]) -> list[int]:
     """Of ``image_ids``, drop ``index``'s vectors that no direct ingest and no row of its attached
     tables hold any more; returns the images whose vectors went (for :func:`remove_orphan_images`)."""
     ids = sorted(set(image_ids))
@@ -386,12 +386,12 @@ def remove_orphan_images(conn: Connection, image_ids: Iterable[int]) -> None:
                          f" AND NOT EXISTS (SELECT 1 FROM refs r WHERE r.image_id = g.id){held}"), {"ids": ids})
 
 
-def status(conn: Connection, index: SearchIndex | None = None) -> list[dict[str, Any]]:
+def status(conn: Connection, index: IndexRecord | None = None) -> list[dict[str, Any]]:
     """The ``sync_status`` view's rows, as JSON-ready dicts."""
     return _view_rows(conn, "sync_status", index)
 
 
-def failures(conn: Connection, index: SearchIndex | None = None) -> list[dict[str, Any]]:
+def failures(conn: Connection, index: IndexRecord | None = None) -> list[dict[str, Any]]:
     """The ``sync_failures`` view's rows, as JSON-ready dicts (keys JSON-typed as their columns)."""
     by_table = {s.table: s for s in sources(conn, index)}
     rows = _view_rows(conn, "sync_failures", index)
@@ -400,7 +400,7 @@ def failures(conn: Connection, index: SearchIndex | None = None) -> list[dict[st
     return rows
 
 
-def _view_rows(conn: Connection, view: str, index: SearchIndex | None) -> list[dict[str, Any]]:
+def _view_rows(conn: Connection, view: str, index: IndexRecord | None) -> list[dict[str, Any]]:
     where = " WHERE index = :n" if index is not None else ""
     rows = conn.execute(sa.text(f'SELECT source::text AS "table", * FROM {view}{where} ORDER BY index, source::text'),
                         {"n": index.name if index is not None else None}).mappings().all()

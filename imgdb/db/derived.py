@@ -15,9 +15,11 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from imgdb.db.models import Image
+from imgdb.db.records import IndexRecord
 from imgdb.db.schema import EXTENSION_SCHEMA, quote
+from imgdb.db.search import lookup
 from imgdb.errors import ImgdbError
-from imgdb.orm import Image, SearchIndex
 
 #: The signature of the "more like this" function, for GRANT/REVOKE.
 SIMILAR = "similar(text, anyelement, integer, regclass)"
@@ -41,8 +43,10 @@ def notify_channel(schema: str) -> str:
 def install(conn: Connection) -> None:
     """(Re)make every derived object of the schema, after a migration."""
     create_index_changed(conn)
-    for row in conn.execute(sa.select(SearchIndex.__table__)).mappings().all():
-        index = SearchIndex(**row)
+    raw = conn.connection.driver_connection
+    for name in conn.execute(sa.text("SELECT name FROM indexes ORDER BY name")).scalars().all():
+        index = lookup(raw, name)
+        assert index is not None  # (this transaction read its name)
         create_index_trigger(conn, index)
         create_view(conn, index)
     for source_id in conn.execute(sa.text("SELECT id FROM sources ORDER BY id")).scalars().all():
@@ -68,13 +72,13 @@ def create_index_changed(conn: Connection) -> None:
         END $$"""))
 
 
-def create_index_trigger(conn: Connection, index: SearchIndex) -> None:
+def create_index_trigger(conn: Connection, index: IndexRecord) -> None:
     conn.execute(sa.text(
         f'CREATE OR REPLACE TRIGGER imgdb_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON "{index.vectors_table}"'
         f" FOR EACH STATEMENT EXECUTE FUNCTION index_changed('{index.id}')"))
 
 
-def create_view(conn: Connection, index: SearchIndex) -> None:
+def create_view(conn: Connection, index: IndexRecord) -> None:
     """The view plain SQL queries for ``index``: every ``images`` column, ``embedding``, and for
     images that rows of attached tables hold, ``ref`` (the row's key, typed as the key is; ``text``
     when the index's tables have keys of different types) and ``source`` (the table, a

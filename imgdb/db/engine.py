@@ -26,8 +26,8 @@ from imgdb import lazy
 from imgdb.config import Settings
 from imgdb.db.embedded import EmbeddedServer
 from imgdb.db.pool import ConnectionPool
-from imgdb.db.schema import DEFAULT_SCHEMA, check_schema, first_line, place
-from imgdb.errors import DatabaseError
+from imgdb.db.schema import DEFAULT_SCHEMA, check_schema, place
+from imgdb.errors import DatabaseError, first_line
 
 if TYPE_CHECKING:
     import sqlalchemy as sa

@@ -21,7 +21,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from imgdb.db.values import check_text, printable
 from imgdb.errors import FilterError
-from imgdb.orm import Image
+from imgdb.db.models import Image
 
 _EXPR = re.compile(r"^\s*((?i:meta)\.[^=<>!]+?|[A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|!=|=|<|>)\s*(.*?)\s*$", re.DOTALL)
 

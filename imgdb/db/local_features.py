@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection
 
-from imgdb.orm import LocalFeatures, SearchIndex
+from imgdb.db.models import LocalFeatures, SearchIndex
+from imgdb.db.records import IndexRecord
 
 #: One stored image's features: (scale, xy float32 (n, 2), codes uint8 (n, dim)).
 Row = tuple[float, np.ndarray, np.ndarray]
@@ -38,14 +39,14 @@ def read(conn: psycopg.Connection, spec: str, dim: int, ids: Sequence[int]) -> d
             for image_id, scale, n, xy, codes in rows}
 
 
-def without_features(conn: Connection, index: SearchIndex, spec: str) -> list[int]:
+def without_features(conn: Connection, index: IndexRecord, spec: str) -> list[int]:
     """Images of the index that have no features for ``spec`` yet (to fill in)."""
     return list(conn.execute(sa.text(
         f'SELECT v.image_id FROM "{index.vectors_table}" v WHERE NOT EXISTS (SELECT 1 FROM local_features f'
         " WHERE f.image_id = v.image_id AND f.spec = :s) ORDER BY v.image_id"), {"s": spec}).scalars())
 
 
-def footprint(conn: Connection, index: SearchIndex, spec: str) -> tuple[int, float]:
+def footprint(conn: Connection, index: IndexRecord, spec: str) -> tuple[int, float]:
     """How many of the index's images have features for ``spec``, and their mean bytes per image."""
     count, mean = conn.execute(sa.text(
         f'SELECT count(*), avg(octet_length(f.xy) + octet_length(f.descriptors)) FROM "{index.vectors_table}" v'
@@ -53,7 +54,7 @@ def footprint(conn: Connection, index: SearchIndex, spec: str) -> tuple[int, flo
     return int(count), float(mean or 0.0)
 
 
-def set_spec(conn: Connection, index: SearchIndex, spec: str | None) -> None:
+def set_spec(conn: Connection, index: IndexRecord, spec: str | None) -> None:
     """Record the spec the index verifies with (None: it stops verifying; the features stay)."""
     table = SearchIndex.__table__
     conn.execute(sa.update(table).where(table.c.id == index.id).values(local=spec))

@@ -17,8 +17,7 @@ from contextlib import contextmanager
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from imgdb.db.schema import first_line
-from imgdb.errors import DatabaseError
+from imgdb.errors import DatabaseError, first_line
 
 
 class ConnectionPool:

@@ -4,15 +4,18 @@ tables, and the rules that name what belongs to them.
 Free of SQLAlchemy on purpose. A process that only searches (a cold ``imgdb search``, a web worker
 answering its first query) reads these over a plain psycopg connection (:mod:`imgdb.db.search`)
 and never pays the half second that importing SQLAlchemy's ORM takes; the ORM models
-(:mod:`imgdb.orm`) share the same naming rules, and writers (:mod:`imgdb.db.store`) the same checks.
+(:mod:`imgdb.db.models`) share the same naming rules, and writers (:mod:`imgdb.db.indexes`) the
+same checks.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from imgdb.db.values import printable
 from imgdb.errors import ImgdbError
@@ -21,9 +24,6 @@ from imgdb.errors import ImgdbError
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 #: Largest image id (``bigint``); a longer ``id:N`` names no image.
 MAX_ID = 2**63 - 1
-#: First stages that are a pgvector index on the vectors table (the index's ``ann`` column names
-#: the method, ``ann_params`` its parameters, spelled out when the index was created).
-PGVECTOR_METHODS = ("hnsw", "ivfflat", "bq")
 #: Prefix of the per-index view users query. No other relation of the schema starts with it.
 VIEW_PREFIX = "images_"
 
@@ -66,7 +66,9 @@ class IndexNames:
 
 @dataclass(frozen=True)
 class IndexRecord(IndexNames):
-    """One row of ``indexes`` as a query read it (the columns of :class:`imgdb.orm.SearchIndex`)."""
+    """An index: its row of ``indexes`` (the columns of :class:`imgdb.db.models.SearchIndex`, which
+    maps the same row for applications that speak the ORM), and what a query needs to know of it
+    besides, read with the row in one round trip (:func:`imgdb.db.search.lookup`)."""
 
     id: int
     name: str
@@ -79,6 +81,36 @@ class IndexRecord(IndexNames):
     local: str | None
     version: int
     created_at: dt.datetime
+    #: Whether its pgvector index exists now (a bulk load drops it until the load ends; a method
+    #: that learns from the data builds none before it has).
+    has_ann: bool = False
+    #: What its first stage learned that its SQL reads with every query, by key (binary
+    #: quantization's centre: :attr:`imgdb.ann.method.AnnMethod.query_state`).
+    ann_state: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    #: The application tables attached to it.
+    sources: tuple[Source, ...] = ()
+    #: How many vectors it holds, where they were counted (``index list``, create, rebuild).
+    images: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A row of ``imgdb index list --json``."""
+        return {"name": self.name, "extractor": self.extractor, "dim": self.dim, "images": self.images,
+                "ann": self.ann, "ann_params": dict(self.ann_params), "storage": self.storage, "local": self.local}
+
+
+@dataclass(frozen=True)
+class StoredNetwork:
+    """A network's weights as imgdb stores them (a row of ``networks``), named by their sha256, and
+    how they came to be: a fine-tuning (``imgdb train``) or a weights file given at index creation."""
+
+    sha256: str
+    backbone: str
+    weights: bytes = field(repr=False)
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    images: int = 0
+    loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 #: Key types whose values are JSON integers, or other JSON numbers, in search hits; booleans are

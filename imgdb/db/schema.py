@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg import sql
 
-from imgdb.errors import DatabaseError, ImgdbError
+from imgdb.errors import DatabaseError, ImgdbError, first_line
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -146,12 +146,6 @@ def _install_vector(conn: psycopg.Connection, has_public: bool) -> str:
 
 def _user(conn: psycopg.Connection) -> str:
     return conn.execute("SELECT current_user").fetchone()[0]
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of a driver error: psycopg adds hints on further lines, and imgdb's
-    failures are one line (CONVENTIONS.md)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # ---------------------------------------------------------------- installs from before the schema

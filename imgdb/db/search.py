@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
 
 _settings: weakref.WeakKeyDictionary[psycopg.Connection, dict[str, str]] = weakref.WeakKeyDictionary()
-#: Key (in the index layer's ``ann.`` namespace) of the centre binary quantization subtracts.
-CENTER_KEY = "center"
 
 
 @dataclass(frozen=True)
@@ -58,56 +56,48 @@ class Hit:
         return document
 
 
-@dataclass(frozen=True)
-class Target:
-    """An index as a query sees it: its registry row, whether its pgvector index exists (an
-    interrupted bulk load can leave it dropped), for binary quantization the centre its bits
-    are taken around (:func:`imgdb.db.store.learn_center`), and the tables attached to it."""
-
-    index: IndexRecord
-    has_ann: bool
-    center: np.ndarray | None = None
-    sources: tuple[Source, ...] = ()
-
-
-def lookup(conn: psycopg.Connection, name: str) -> Target | None:
-    """The index named ``name``, in one round trip."""
+def lookup(conn: psycopg.Connection, name: str, state_keys: Sequence[str] = ()) -> IndexRecord | None:
+    """The index named ``name`` in one round trip: its row, whether its pgvector index exists, the
+    learned arrays of ``state_keys`` (those its first stage's SQL reads), and its attached tables."""
     row = conn.cursor(row_factory=dict_row).execute(
         "SELECT *, to_regclass(format('%%I.vectors_%%s_ann', current_schema(), id)) IS NOT NULL AS has_ann,"
-        " (SELECT value FROM index_state s WHERE s.index_id = indexes.id AND s.key = %s) AS center,"
+        " (SELECT array_agg(s.key ORDER BY s.key) FROM index_state s WHERE s.index_id = indexes.id"
+        "   AND s.key = ANY(%(keys)s)) AS state_keys,"
+        " (SELECT array_agg(s.value ORDER BY s.key) FROM index_state s WHERE s.index_id = indexes.id"
+        "   AND s.key = ANY(%(keys)s)) AS state_values,"
         " (SELECT jsonb_agg(jsonb_build_object('id', s.id, 'index_id', s.index_id, 'index_name', indexes.name,"
         f"   'table', {TABLE_NAME}, 'column', s.column_name, 'column_kind', s.column_kind,"
         "   'key', s.key_column, 'key_type', s.key_type, 'root', s.root) ORDER BY s.id)"
         "  FROM sources s WHERE s.index_id = indexes.id) AS sources"
-        " FROM indexes WHERE name = %s",
-        ("ann." + CENTER_KEY, name),
+        " FROM indexes WHERE name = %(name)s",
+        {"keys": list(state_keys), "name": name},
     ).fetchone()
     if row is None:
         return None
-    has_ann, center, sources = row.pop("has_ann"), row.pop("center"), row.pop("sources")
-    return Target(IndexRecord(**row), has_ann, None if center is None else np.load(io.BytesIO(center)),
-                  tuple(Source(**s) for s in sources or ()))
+    keys, values, sources = row.pop("state_keys") or [], row.pop("state_values") or [], row.pop("sources")
+    state = {key.partition(".")[2]: np.load(io.BytesIO(value), allow_pickle=False) for key, value in zip(keys, values)}
+    return IndexRecord(**row, ann_state=state, sources=tuple(Source(**s) for s in sources or ()))
 
 
 #: What a hit reads of ``images``; its distance ``d`` follows, then :func:`_ref_column`.
 HIT_COLUMNS = "images.id, images.uri, images.metadata"
 
 
-def _ref_column(target: Target) -> str:
+def _ref_column(index: IndexRecord) -> str:
     """For an index with attached tables, the keys of the rows that hold each hit's image (a
     subquery on ``refs``'s image index per hit; nothing at all for other indexes)."""
-    if not target.sources:
+    if not index.sources:
         return ""
-    ids = ",".join(str(s.id) for s in target.sources)
+    ids = ",".join(str(s.id) for s in index.sources)
     return (", (SELECT jsonb_agg(jsonb_build_array(r.source_id, r.ref) ORDER BY r.source_id, r.ref)"
             f" FROM refs r WHERE r.image_id = images.id AND r.source_id IN ({ids})) AS refs")
 
 
-def _hit(target: Target, row: Sequence[Any], distance: float | None = None,
+def _hit(index: IndexRecord, row: Sequence[Any], distance: float | None = None,
          notes: dict[str, Any] | None = None) -> Hit:
     refs: tuple[tuple[str, Any], ...] = ()
-    if target.sources:
-        by_id = {s.id: s for s in target.sources}
+    if index.sources:
+        by_id = {s.id: s for s in index.sources}
         refs = tuple((by_id[source_id].table, by_id[source_id].ref_json(ref))
                      for source_id, ref in (row[4] if len(row) > 4 else None) or ())
     return Hit(row[0], row[1], float(row[3] if distance is None else distance), row[2], refs, notes or {})
@@ -153,52 +143,52 @@ def _param(index: IndexRecord, vector: np.ndarray) -> Any:
     return HalfVector(vector) if index.storage == "halfvec" else np.asarray(vector, dtype=np.float32)
 
 
-def _hits(target: Target, rows: Sequence[tuple[Any, ...]]) -> list[Hit]:
+def _hits(index: IndexRecord, rows: Sequence[tuple[Any, ...]]) -> list[Hit]:
     # IVFFlat's relaxed order may return rows slightly out of order: callers get them sorted.
-    return sorted((_hit(target, r) for r in rows), key=lambda h: h.distance)
+    return sorted((_hit(index, r) for r in rows), key=lambda h: h.distance)
 
 
-def nearest(conn: psycopg.Connection, target: Target, vector: np.ndarray, k: int, candidates: int,
+def nearest(conn: psycopg.Connection, index: IndexRecord, vector: np.ndarray, k: int, candidates: int,
             filters: Sequence[ColumnElement[bool]] = (), *, settings: Mapping[str, str] | None = None,
-            hamming: bool = False, exact: bool = False, rerank: bool = True) -> list[Hit]:
+            center: np.ndarray | None = None, exact: bool = False, rerank: bool = True) -> list[Hit]:
     """The ``k`` nearest images that pass ``filters``, pgvector serving the first stage, in one
     statement (the fast path of a query: first stage, exact re-rank and the ``images`` join).
 
     ``settings`` are the pgvector settings the first stage runs with (``hnsw.ef_search``…).
-    HNSW/IVFFlat: the index returns ``candidates`` rows, the best ``k`` are kept. ``hamming``
-    (binary quantization): ``candidates`` rows by Hamming distance of the centred sign bits,
+    HNSW/IVFFlat: the index returns ``candidates`` rows, the best ``k`` are kept. With a ``center``
+    (binary quantization): ``candidates`` rows by Hamming distance of the sign bits around it,
     re-ranked by the full vectors in the same statement (``rerank=False`` keeps the Hamming order).
     ``exact`` hides the distance from the index (``+ 0``): an exact scan of what passes.
     """
     configure(conn, dict(settings or {}))
     where, params = compile_filters(filters)
-    params |= {"q": _param(target.index, vector)}
+    params |= {"q": _param(index, vector)}
     k, n = int(k), max(int(candidates), int(k))
-    refs = _ref_column(target)
-    if hamming and not exact and target.center is not None:
-        inner = _first_stage_sql(target, where, filters, n, hamming=True, exact=False, keep_vector=True)
+    refs = _ref_column(index)
+    if center is not None and not exact:
+        inner = _first_stage_sql(index, where, filters, n, center=center, exact=False, keep_vector=True)
         order = "c.embedding <-> %(q)s" if rerank else "c.d"
         sql = (f"SELECT {HIT_COLUMNS}, {order} AS d{refs} FROM ({inner}) c JOIN images ON images.id = c.image_id"
                f" ORDER BY d LIMIT {k}")
     elif filters:
         distance = _distance(exact)
-        sql = (f'SELECT {HIT_COLUMNS}, {distance} AS d{refs} FROM "{target.index.vectors_table}" v'
+        sql = (f'SELECT {HIT_COLUMNS}, {distance} AS d{refs} FROM "{index.vectors_table}" v'
                f" JOIN images ON images.id = v.image_id WHERE {where} ORDER BY {distance} LIMIT {k}")
     else:
         # The index scan alone, then ten primary-key look-ups: the planner never has to weigh
         # the join against the index order.
-        inner = _first_stage_sql(target, where, filters, n, hamming=False, exact=exact)
+        inner = _first_stage_sql(index, where, filters, n, center=None, exact=exact)
         sql = (f"SELECT {HIT_COLUMNS}, c.d{refs} FROM ({inner}) c JOIN images ON images.id = c.image_id"
                f" ORDER BY c.d LIMIT {k}")
-    return _hits(target, conn.execute(sql, params, binary=True).fetchall())
+    return _hits(index, conn.execute(sql, params, binary=True).fetchall())
 
 
 def _distance(exact: bool) -> str:
     return "(v.embedding <-> %(q)s)" + (" + 0" if exact else "")
 
 
-def _first_stage_sql(target: Target, where: str, filters: Sequence[ColumnElement[bool]], n: int, *, hamming: bool,
-                     exact: bool, keep_vector: bool = False) -> str:
+def _first_stage_sql(index: IndexRecord, where: str, filters: Sequence[ColumnElement[bool]], n: int, *,
+                     center: np.ndarray | None, exact: bool, keep_vector: bool = False) -> str:
     """The ``n`` best rows of the vectors table as ``image_id, d`` (and ``embedding``).
 
     Limits are written into the statement rather than bound: psycopg prepares a statement after a
@@ -206,10 +196,8 @@ def _first_stage_sql(target: Target, where: str, filters: Sequence[ColumnElement
     than the same statement with the number in it (benchmarks/search_path.py). They are ints; a client
     that varies them makes more statements, of which psycopg keeps at most ``prepared_max`` (100)
     prepared per connection."""
-    index = target.index
-    if hamming and not exact and target.center is not None:
-        order = (f"{sign_bits(index, target.center, 'v.embedding')} <~>"
-                 f" {sign_bits(index, target.center, '%(q)s')}")
+    if center is not None and not exact:
+        order = f"{sign_bits(index, center, 'v.embedding')} <~> {sign_bits(index, center, '%(q)s')}"
     else:
         order = _distance(exact)
     join = " JOIN images ON images.id = v.image_id" if filters else ""
@@ -218,40 +206,28 @@ def _first_stage_sql(target: Target, where: str, filters: Sequence[ColumnElement
             f" WHERE {where} ORDER BY {order} LIMIT {int(n)}")
 
 
-def first_stage(conn: psycopg.Connection, target: Target, vector: np.ndarray, n: int,
+def first_stage(conn: psycopg.Connection, index: IndexRecord, vector: np.ndarray, n: int,
                 filters: Sequence[ColumnElement[bool]] = (), *, settings: Mapping[str, str] | None = None,
-                hamming: bool = False, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                center: np.ndarray | None = None, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Ids and first-stage distances of the ``n`` best rows that pass ``filters``, best first (a
     pgvector index scan, or with ``exact`` a scan), for re-rankers to work on; no ``images`` join
-    but the one filters need."""
+    but the one filters need; a ``center``: by the Hamming distance of the sign bits around it."""
     configure(conn, dict(settings or {}))
     where, params = compile_filters(filters)
-    params |= {"q": _param(target.index, vector)}
-    rows = conn.execute(_first_stage_sql(target, where, filters, n, hamming=hamming, exact=exact), params,
+    params |= {"q": _param(index, vector)}
+    rows = conn.execute(_first_stage_sql(index, where, filters, n, center=center, exact=exact), params,
                         binary=True).fetchall()
     return _columns(rows)
 
 
-def exact_distances(conn: psycopg.Connection, target: Target, vector: np.ndarray,
+def exact_distances(conn: psycopg.Connection, index: IndexRecord, vector: np.ndarray,
                     ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The stored vectors of ``ids`` ranked by their exact distance to ``vector`` (ids no longer
     in the index drop out)."""
-    sql = (f'SELECT v.image_id, v.embedding <-> %(q)s AS d FROM "{target.index.vectors_table}" v'
+    sql = (f'SELECT v.image_id, v.embedding <-> %(q)s AS d FROM "{index.vectors_table}" v'
            " WHERE v.image_id = ANY(%(ids)s) ORDER BY d")
-    rows = conn.execute(sql, {"q": _param(target.index, vector), "ids": ids.tolist()}, binary=True).fetchall()
+    rows = conn.execute(sql, {"q": _param(index, vector), "ids": ids.tolist()}, binary=True).fetchall()
     return _columns(rows)
-
-
-def vectors_of(conn: psycopg.Connection, target: Target, ids: np.ndarray) -> np.ndarray:
-    """The stored vectors of ``ids``, float32, row for row (an id no longer in the index: zeros)."""
-    rows = conn.execute(f'SELECT image_id, embedding FROM "{target.index.vectors_table}" WHERE image_id = ANY(%s)',
-                        (ids.tolist(),), binary=True).fetchall()
-    found = {r[0]: r[1] for r in rows}
-    out = np.zeros((len(ids), target.index.dim), np.float32)
-    for row, image_id in enumerate(ids.tolist()):
-        if image_id in found:
-            out[row] = as_array(found[image_id])
-    return out
 
 
 def stored_vectors(conn: psycopg.Connection, index: IndexRecord, ids: Sequence[int]) -> dict[int, np.ndarray]:
@@ -260,6 +236,16 @@ def stored_vectors(conn: psycopg.Connection, index: IndexRecord, ids: Sequence[i
     rows = conn.execute(f'SELECT image_id, embedding FROM "{index.vectors_table}" WHERE image_id = ANY(%s)',
                         (list(ids),), binary=True).fetchall()
     return {image_id: as_array(vector) for image_id, vector in rows}
+
+
+def vectors_of(conn: psycopg.Connection, index: IndexRecord, ids: np.ndarray) -> np.ndarray:
+    """The stored vectors of ``ids``, float32, row for row (an id no longer in the index: zeros)."""
+    found = stored_vectors(conn, index, ids.tolist())
+    out = np.zeros((len(ids), index.dim), np.float32)
+    for row, image_id in enumerate(ids.tolist()):
+        if image_id in found:
+            out[row] = found[image_id]
+    return out
 
 
 def state(conn: psycopg.Connection, index: IndexRecord, owner: str = "") -> dict[str, np.ndarray]:
@@ -288,13 +274,13 @@ def _columns(rows: Sequence[tuple[Any, ...]]) -> tuple[np.ndarray, np.ndarray]:
             np.fromiter((r[1] for r in rows), np.float32, len(rows)))
 
 
-def hits(conn: psycopg.Connection, target: Target, ids: np.ndarray, distances: np.ndarray, k: int,
+def hits(conn: psycopg.Connection, index: IndexRecord, ids: np.ndarray, distances: np.ndarray, k: int,
          filters: Sequence[ColumnElement[bool]] = (), notes: Mapping[int, dict[str, Any]] | None = None) -> list[Hit]:
     """The first ``k`` of a ranking that pass ``filters``, as hits, in the ranking's order, with each
     one's ``notes``: the one ``images`` join at the end of a query."""
     notes = notes or {}
     where, params = compile_filters(filters)
     params |= {"ids": ids.tolist()}
-    sql = f"SELECT {HIT_COLUMNS}, NULL AS d{_ref_column(target)} FROM images WHERE images.id = ANY(%(ids)s) AND {where}"
+    sql = f"SELECT {HIT_COLUMNS}, NULL AS d{_ref_column(index)} FROM images WHERE images.id = ANY(%(ids)s) AND {where}"
     found = {r[0]: r for r in conn.execute(sql, params, binary=True).fetchall()}
-    return [_hit(target, found[i], d, notes.get(i)) for i, d in zip(ids.tolist(), distances.tolist()) if i in found][:k]
+    return [_hit(index, found[i], d, notes.get(i)) for i, d in zip(ids.tolist(), distances.tolist()) if i in found][:k]

@@ -14,13 +14,38 @@ the database layer keeps those arrays next to the index.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
 
+from imgdb.db.records import StoredNetwork
+from imgdb.errors import ExtractorSpecError
 from imgdb.features.spec import Spec
+
+
+def _no_networks(sha256: str) -> bytes:
+    raise ExtractorSpecError(f"network {sha256[:12]} lives in the database of its index: open the index through "
+                             "imgdb.connect()")
+
+
+@dataclass(frozen=True)
+class ExtractorContext:
+    """What an extractor uses besides its spec, handed to it by whoever builds it (the catalog,
+    from the settings ``imgdb.connect(settings=...)`` was given), never read from the environment
+    behind the caller's back."""
+
+    #: What runs network forward passes: ``onnx`` (ONNX Runtime) or ``torch``.
+    runtime: str = "onnx"
+    #: Where networks run: ``auto`` (CUDA when a GPU is visible), ``cpu`` or ``cuda``.
+    device: str = "auto"
+    #: Where exported ONNX graphs are cached (None: exported per process, kept in memory).
+    graph_cache: Path | None = None
+    #: The weights of a stored network, by the sha256 a spec names it by (``net=``).
+    network: Callable[[str], bytes] = field(default=_no_networks, compare=False)
 
 
 class Extractor(ABC):
@@ -39,17 +64,31 @@ class Extractor(ABC):
     dim: int
 
     @classmethod
-    def canonical(cls, spec: Spec) -> str:
+    def canonical(cls, spec: Spec, context: ExtractorContext = ExtractorContext()) -> str:
         """The spec with every option spelled out; raises ExtractorSpecError on a bad spec.
 
         Builds the extractor to ask it; extractors that are costly to build override this.
         """
-        return cls.from_spec(spec).spec
+        return cls.from_spec(spec, context).spec
 
     @classmethod
     @abstractmethod
-    def from_spec(cls, spec: Spec) -> Extractor:
-        """Build the extractor a canonical spec describes (loading models as needed)."""
+    def from_spec(cls, spec: Spec, context: ExtractorContext = ExtractorContext()) -> Extractor:
+        """Build the extractor a canonical spec describes (loading models as needed), with what
+        ``context`` provides."""
+
+    @classmethod
+    def networks(cls, spec: Spec) -> tuple[str, ...]:
+        """The stored networks (sha256) a spec names: what its extractor asks ``context.network``
+        for, what an index export carries and an import must bring."""
+        return ()
+
+    @classmethod
+    def store_files(cls, spec: Spec, context: ExtractorContext) -> tuple[Spec, list[StoredNetwork]]:
+        """The spec with the local files it names (``weights=PATH``) replaced by stored networks,
+        and those networks: an index's spec never depends on a path that can change or be missing
+        on another machine."""
+        return spec, []
 
     @classmethod
     @abstractmethod

@@ -19,32 +19,31 @@ Spec: ``cnn:BACKBONE[@LAYER]/POOLING[/OPTION=V]...[/size=S][/scales=1,0.707,0.5]
   whitening, so ``whiten=off``, and ``p`` is the value training started from), or a ``weights=``
   file stored when its index was created.
 
-The descriptor is one :class:`~imgdb.features.network.RetrievalNet`. Its forward pass runs through
-ONNX Runtime (:mod:`imgdb.features.onnx_net`) unless ``IMGDB_RUNTIME=torch`` asks for PyTorch
-(:mod:`imgdb.features.torch_net`), or the network does not export; around it the extractor resizes,
+The spec is parsed by :mod:`imgdb.features.cnn_config`. The descriptor is one
+:class:`~imgdb.features.network.RetrievalNet`. Its forward pass runs where the extractor's context
+says (:mod:`imgdb.features.runtimes`): through ONNX Runtime unless the runtime is ``torch`` or the
+network does not export; around it the extractor resizes,
 batches by shape, sums scales and whitens in numpy, identically for both runtimes. This module
 imports neither torch nor ONNX Runtime itself: a process that only searches never loads torch.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from imgdb.config import Settings
 from imgdb.errors import ExtractorSpecError
-from imgdb.features import known
-from imgdb.features.base import Extractor, l2_normalize
+from imgdb.db.records import StoredNetwork
+from imgdb.features.base import Extractor, ExtractorContext, l2_normalize
+from imgdb.features.cnn_config import DEFAULT_BACKBONE, CnnConfig
 from imgdb.features.pooling_kinds import KINDS
-from imgdb.features.spec import Spec, reject_leftovers, take_float, take_int
+from imgdb.features.runtimes import Network, load_network, network_weights
+from imgdb.features.spec import Spec, parse_spec
 from imgdb.features.whitening import learn_projection
 
 if TYPE_CHECKING:
@@ -52,130 +51,11 @@ if TYPE_CHECKING:
 
     from imgdb.features.network import RetrievalNet
 
-log = logging.getLogger(__name__)
-
-DEFAULT_BACKBONE = "tf_efficientnet_lite2"
-DEFAULT_SIZE = 260
 #: The longer side is capped at this multiple of ``size`` so that a panorama cannot blow up memory.
 MAX_ASPECT = 4
 #: ``whiten=auto`` whitens when the sample holds at least this many images per dimension: fewer
 #: cannot estimate a covariance of that size.
 WHITEN_MIN_RATIO = 2
-WHITEN_MODES = ("auto", "on", "off")
-
-
-@dataclass(frozen=True)
-class CnnConfig:
-    """Everything a CNN spec says, with defaults filled in."""
-
-    backbone: str = DEFAULT_BACKBONE
-    layer: str | None = None
-    pooling: str = "gem"
-    params: tuple[tuple[str, float], ...] = (("p", 3.0),)
-    size: int = DEFAULT_SIZE
-    scales: tuple[float, ...] = (1.0,)
-    whiten: str = "auto"
-    weights: str | None = None
-    net: str | None = None
-
-    def __str__(self) -> str:
-        parts = [f"cnn:{self.backbone}" + (f"@{self.layer}" if self.layer else ""), self.pooling]
-        parts += [f"{name}={value:g}" for name, value in self.params]
-        parts.append(f"size={self.size}")
-        if self.scales != (1.0,):
-            parts.append("scales=" + ",".join(f"{s:g}" for s in self.scales))
-        parts.append(f"whiten={self.whiten}")
-        if self.net:
-            parts.append(f"net={self.net}")
-        if self.weights:
-            parts.append(f"weights={self.weights}")  # a path: always last (see spec grammar)
-        return "/".join(parts)
-
-    @classmethod
-    def parse(cls, spec: Spec) -> CnnConfig:
-        backbone, _, layer = (spec.arg or DEFAULT_BACKBONE).partition("@")
-        words = list(spec.words)
-        poolings = [w for w in words if w in KINDS]
-        if len(poolings) > 1:
-            raise ExtractorSpecError(f"more than one pooling in spec: {', '.join(poolings)}")
-        pooling = poolings[0] if poolings else "gem"
-        if poolings:
-            words.remove(pooling)
-        options = dict(spec.options)
-        params = tuple(
-            (name, (take_int if isinstance(default, int) else take_float)(options, name, default))
-            for name, default in KINDS[pooling].params.items()
-        )
-        size = take_int(options, "size", DEFAULT_SIZE, minimum=32)
-        scales = _parse_scales(options.pop("scales", "1"))
-        net = options.pop("net", None)
-        whiten = options.pop("whiten", "auto")
-        if whiten not in WHITEN_MODES:
-            raise ExtractorSpecError(f"whiten={whiten!r}: use one of {', '.join(WHITEN_MODES)}")
-        if net is not None and not known.SHA256.fullmatch(net):
-            raise ExtractorSpecError(f"net={net[:70]!r}: a network is named by the sha256 of its weights (64 hex digits)")
-        if layer and KINDS[pooling].classifier:
-            raise ExtractorSpecError(f"{pooling} pooling weighs the last map by the classifier: no @{layer}")
-        weights = options.pop("weights", None)
-        if weights is not None:
-            weights = str(Path(weights).expanduser().resolve())
-        reject_leftovers(spec, options, words)
-        return cls(backbone, layer or None, pooling, params, size, scales, whiten, weights, net)
-
-
-def _parse_scales(raw: str) -> tuple[float, ...]:
-    try:
-        scales = tuple(float(s) for s in raw.split(","))
-    except ValueError:
-        raise ExtractorSpecError(f"scales={raw!r}: expected numbers separated by commas, e.g. 1,0.707,0.5") from None
-    if not scales or not all(0.1 <= s <= 2 for s in scales) or len(set(scales)) != len(scales):
-        raise ExtractorSpecError(f"scales={raw!r}: distinct scales between 0.1 and 2")
-    return scales
-
-
-class Network(Protocol):
-    """A runtime's network: pooled vectors of a batch of normalised pixels, and what its input needs."""
-
-    runtime: str
-    dim: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def pooled(self, batch: np.ndarray) -> np.ndarray: ...
-
-    def pooled_each(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """``pooled`` of each batch (batches of different shapes, which cannot share a pass)."""
-        ...
-
-
-RUNTIMES = ("onnx", "torch")
-
-
-def load_network(config: CnnConfig, settings: Settings, runtime: str | None = None) -> Network:
-    """The network of a config under ``runtime`` (default: the ``IMGDB_RUNTIME`` setting)."""
-    runtime = runtime or settings.runtime
-    if runtime not in RUNTIMES:
-        raise ExtractorSpecError(f"IMGDB_RUNTIME={runtime!r}: use onnx or torch")
-    if runtime == "onnx":
-        from imgdb.features.onnx_net import GraphUnavailable
-
-        try:
-            # Size, scales and whitening happen outside the graph: extractors that differ only
-            # there (an index's trainable instance and the shared one) share one session.
-            return _onnx_network(replace(config, size=DEFAULT_SIZE, scales=(1.0,), whiten="off"),
-                                 settings.home / "cache" / "onnx", settings.device)
-        except GraphUnavailable as exc:
-            log.warning("%s: runs on PyTorch", exc)
-    from imgdb.features.torch_net import TorchNetwork
-
-    return TorchNetwork(config, settings.device)  # (one per extractor: its whitening is its own)
-
-
-@functools.lru_cache(maxsize=16)
-def _onnx_network(config: CnnConfig, cache: Path, device: str) -> Network:
-    from imgdb.features.onnx_net import OnnxNetwork
-
-    return OnnxNetwork(config, cache, device)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -187,15 +67,17 @@ class CnnExtractor(Extractor):
     family = "cnn"
     batch_size = 16
 
-    def __init__(self, config: CnnConfig, runtime: str | None = None) -> None:
+    def __init__(self, config: CnnConfig, context: ExtractorContext = ExtractorContext()) -> None:
         self.config = config
+        self.context = context
         self.spec = str(config)
         self.trainable = config.whiten != "off"
         #: A fine-tuned network's own whitening ``(W, b)``, applied after multi-scale sums.
-        self._whitening = stored_whitening(config.net) if config.net else None
+        weights = network_weights(config, context)
+        self._whitening = None if weights is None else stored_whitening(weights)
         if self._whitening is not None and config.whiten != "off":
             raise ExtractorSpecError(f"network {config.net[:12]} carries its own whitening: use whiten=off")
-        self.network = load_network(config, Settings.from_env(), runtime)
+        self.network = load_network(config, context)
         self.runtime = self.network.runtime
         self.dim = self.network.dim
         #: Per channel, in 0-255 units (what :meth:`normalise` hands OpenCV).
@@ -211,7 +93,7 @@ class CnnExtractor(Extractor):
         if self._torch is None:
             from imgdb.features.torch_net import TorchNetwork
 
-            self._torch = TorchNetwork(self.config)
+            self._torch = TorchNetwork(self.config, "cpu", network_weights(self.config, self.context))
             self._set_torch_whitening()
         return self._torch.net  # type: ignore[attr-defined]
 
@@ -222,12 +104,29 @@ class CnnExtractor(Extractor):
         return self._torch.model  # type: ignore[union-attr]
 
     @classmethod
-    def canonical(cls, spec: Spec) -> str:
+    def canonical(cls, spec: Spec, context: ExtractorContext = ExtractorContext()) -> str:
         return str(CnnConfig.parse(spec))
 
     @classmethod
-    def from_spec(cls, spec: Spec) -> CnnExtractor:
-        return cls(CnnConfig.parse(spec))
+    def from_spec(cls, spec: Spec, context: ExtractorContext = ExtractorContext()) -> CnnExtractor:
+        return cls(CnnConfig.parse(spec), context)
+
+    @classmethod
+    def networks(cls, spec: Spec) -> tuple[str, ...]:
+        net = CnnConfig.parse(spec).net
+        return (net,) if net else ()
+
+    @classmethod
+    def store_files(cls, spec: Spec, context: ExtractorContext) -> tuple[Spec, list[StoredNetwork]]:
+        """``weights=PATH``: the file's network stored by hash (``net=<sha256>``)."""
+        config = CnnConfig.parse(spec)
+        if config.weights is None:
+            return spec, []
+        from imgdb.features.torch_net import network_from_file  # (torch: only for this)
+
+        sha, blob = network_from_file(config)
+        stored = StoredNetwork(sha, config.backbone, blob, "file", {"file": config.weights})
+        return parse_spec(str(replace(config, weights=None, net=sha))), [stored]
 
     @classmethod
     def variants(cls) -> list[tuple[str, str, str]]:
@@ -340,14 +239,12 @@ def whitening_layer(dim: int, mean: np.ndarray, components: np.ndarray, scale: n
     return weight, (-(weight @ mean)).astype(np.float32)
 
 
-def stored_whitening(sha256: str) -> tuple[np.ndarray, np.ndarray] | None:
+def stored_whitening(weights: bytes) -> tuple[np.ndarray, np.ndarray] | None:
     """The whitening layer a stored network carries, if any, read without torch."""
     from safetensors.numpy import load
 
     try:
-        state = load(known.blob(sha256))
-    except ExtractorSpecError:
-        raise
+        state = load(weights)
     except Exception as exc:  # noqa: BLE001 - truncated or foreign bytes
         raise ExtractorSpecError(f"network weights are not readable safetensors: {exc}") from None
     if "whiten.weight" not in state:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from imgdb.errors import ExtractorSpecError
 from imgdb.features import aggregate
-from imgdb.features.base import Extractor
+from imgdb.features.base import Extractor, ExtractorContext
 from imgdb.features.local import DESCRIPTOR_DIMS, describe_local
 from imgdb.features.spec import Spec, reject_leftovers, take_int, take_word
 from imgdb.features.whitening import learn_projection, project, reduced_dim, reduction_options
@@ -59,7 +59,7 @@ class CodebookExtractor(Extractor):
         self._state: dict[str, np.ndarray] = {}
 
     @classmethod
-    def from_spec(cls, spec: Spec) -> CodebookExtractor:
+    def from_spec(cls, spec: Spec, context: ExtractorContext = ExtractorContext()) -> CodebookExtractor:
         family = spec.family
         local = spec.arg or "rootsift"
         if local not in DESCRIPTOR_DIMS:

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from imgdb.errors import ExtractorSpecError
-from imgdb.features.base import PerImageExtractor
+from imgdb.features.base import ExtractorContext, PerImageExtractor
 from imgdb.features.spec import Spec, reject_leftovers, take_int
 
 DEFAULT_BINS = (8, 12, 3)
@@ -30,7 +30,7 @@ class ColorHistogram(PerImageExtractor):
         self.spec = f"color:hsv/bins={'x'.join(map(str, bins))}/size={size}"
 
     @classmethod
-    def from_spec(cls, spec: Spec) -> ColorHistogram:
+    def from_spec(cls, spec: Spec, context: ExtractorContext = ExtractorContext()) -> ColorHistogram:
         if spec.arg not in (None, "hsv"):
             raise ExtractorSpecError(f"colour space {spec.arg!r} is not supported (use color:hsv)")
         options = dict(spec.options)

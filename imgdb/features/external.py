@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from imgdb.errors import ExtractorSpecError, ImgdbError
-from imgdb.features.base import Extractor
+from imgdb.features.base import Extractor, ExtractorContext
 from imgdb.features.spec import Spec, reject_leftovers, take_int
 
 
@@ -26,7 +26,7 @@ class ExternalVectors(Extractor):
         self.spec = f"external/dim={dim}"
 
     @classmethod
-    def from_spec(cls, spec: Spec) -> ExternalVectors:
+    def from_spec(cls, spec: Spec, context: ExtractorContext = ExtractorContext()) -> ExternalVectors:
         options = dict(spec.options)
         if spec.arg or "dim" not in options:
             raise ExtractorSpecError("external: give the dimension as external/dim=N")

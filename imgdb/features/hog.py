@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from imgdb.errors import ExtractorSpecError
-from imgdb.features.base import PerImageExtractor
+from imgdb.features.base import ExtractorContext, PerImageExtractor
 from imgdb.features.spec import Spec, reject_leftovers, take_int
 
 
@@ -30,7 +30,7 @@ class HogExtractor(PerImageExtractor):
         self.spec = f"hog:gray/size={size}/cell={cell}/bins={bins}"
 
     @classmethod
-    def from_spec(cls, spec: Spec) -> HogExtractor:
+    def from_spec(cls, spec: Spec, context: ExtractorContext = ExtractorContext()) -> HogExtractor:
         if spec.arg not in (None, "gray"):
             raise ExtractorSpecError(f"hog works on grey levels, not {spec.arg!r}")
         options = dict(spec.options)

@@ -77,7 +77,7 @@ def parse_keypoints(text: str) -> KeypointSpec:
 
 
 @dataclass(frozen=True)
-class Stored:
+class QuantizedFeatures:
     """Local features as the database keeps them."""
 
     scale: float
@@ -89,13 +89,13 @@ class Stored:
         return self.xy.nbytes + self.codes.nbytes
 
 
-def quantize(features: LocalFeatures, spec: KeypointSpec) -> Stored:
+def quantize(features: LocalFeatures, spec: KeypointSpec) -> QuantizedFeatures:
     low, high = RANGES[spec.kind]
     codes = np.clip(np.rint((features.descriptors - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
-    return Stored(features.scale, np.ascontiguousarray(features.xy, np.float32), codes.reshape(-1, spec.dim))
+    return QuantizedFeatures(features.scale, np.ascontiguousarray(features.xy, np.float32), codes.reshape(-1, spec.dim))
 
 
-def descriptors(stored: Stored, spec: KeypointSpec) -> np.ndarray:
+def descriptors(stored: QuantizedFeatures, spec: KeypointSpec) -> np.ndarray:
     """The float32 descriptors back from their stored bytes."""
     low, high = RANGES[spec.kind]
     return stored.codes.astype(np.float32) * ((high - low) / 255.0) + low

@@ -23,8 +23,9 @@ from PIL import Image
 
 from imgdb.errors import ExtractorSpecError
 from imgdb.features import aggregate
-from imgdb.features.base import Extractor, l2_normalize
-from imgdb.features.cnn import DEFAULT_BACKBONE, CnnConfig, CnnExtractor
+from imgdb.features.base import Extractor, ExtractorContext, l2_normalize
+from imgdb.features.cnn import CnnExtractor
+from imgdb.features.cnn_config import DEFAULT_BACKBONE, CnnConfig
 from imgdb.features.spec import Spec, reject_leftovers, take_int, take_word
 from imgdb.features.whitening import learn_projection, project, reduced_dim, reduction_options
 
@@ -37,8 +38,9 @@ class MopExtractor(Extractor):
     trainable = True
     batch_size = 8
 
-    def __init__(self, backbone: str, k: int, ldim: int, size: int, dim: int | None, whiten: bool) -> None:
-        self.cnn = CnnExtractor(CnnConfig(backbone=backbone, size=size, whiten="off"))
+    def __init__(self, backbone: str, k: int, ldim: int, size: int, dim: int | None, whiten: bool,
+                 context: ExtractorContext = ExtractorContext()) -> None:
+        self.cnn = CnnExtractor(CnnConfig(backbone=backbone, size=size, whiten="off"), context)
         if ldim > self.cnn.dim:
             raise ExtractorSpecError(f"ldim={ldim} is more than the backbone's {self.cnn.dim} channels")
         self.k, self.ldim, self.size, self.whiten = k, ldim, size, whiten
@@ -50,7 +52,7 @@ class MopExtractor(Extractor):
         self._state: dict[str, np.ndarray] = {}
 
     @classmethod
-    def from_spec(cls, spec: Spec) -> MopExtractor:
+    def from_spec(cls, spec: Spec, context: ExtractorContext = ExtractorContext()) -> MopExtractor:
         options = dict(spec.options)
         words = list(spec.words)
         k = take_int(options, "k", 16, minimum=2)
@@ -59,7 +61,7 @@ class MopExtractor(Extractor):
         dim = take_int(options, "dim", 0, minimum=0) or None
         whiten = take_word(words, "whiten")
         reject_leftovers(spec, options, words)
-        return cls(spec.arg or DEFAULT_BACKBONE, k, ldim, size, dim, whiten)
+        return cls(spec.arg or DEFAULT_BACKBONE, k, ldim, size, dim, whiten, context)
 
     @classmethod
     def variants(cls) -> list[tuple[str, str, str]]:

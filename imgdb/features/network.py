@@ -12,7 +12,7 @@ train the rest. Off-the-shelf, the stages are the shared, cached backbone's own 
 
 A trained network is stored as the part that differs from its backbone's ImageNet weights (the
 trained stages, the pooling's parameters, the whitening) in safetensors bytes, content-addressed by
-their sha256 (:func:`serialize`, :mod:`imgdb.features.known`): a spec names weights by hash, never by path, so an
+their sha256 (:func:`serialize`): a spec names weights by hash, never by path, so an
 index encodes a query tomorrow exactly as it encoded its collection, on any machine.
 """
 

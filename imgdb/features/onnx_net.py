@@ -6,7 +6,7 @@ first photo search in well under a second, where importing torch, torchvision an
 takes several (benchmarks/inference.py).
 
 The graph is derived state: exported once from the weights by :func:`imgdb.features.torch_net.export_graph`
-and cached under ``IMGDB_HOME/cache/onnx``, named by a hash of everything that determines it (the
+and cached in the extractor context's graph cache (``IMGDB_HOME/cache/onnx``), named by a hash of everything that determines it (the
 network's part of the spec, the identity of the backbone's weights, a fine-tuned network's
 sha256, the exporter's versions). A missing or unreadable graph is exported again; a network that
 cannot be exported is remembered as such and runs on PyTorch. Nothing here imports torch.
@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,12 +29,11 @@ import numpy as np
 
 from imgdb.errors import ExtractorSpecError, ImgdbError
 from imgdb.features.backbone_weights import installed_version, weights_identity
+from imgdb.features.cnn_config import CnnConfig
 from imgdb.features.pooling_numpy import NUMPY_POOLINGS
 
 if TYPE_CHECKING:
     import onnxruntime
-
-    from imgdb.features.cnn import CnnConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +56,17 @@ def graph_key(config: CnnConfig) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def cached_graph(config: CnnConfig, cache: Path) -> tuple[Path | bytes, dict]:
-    """A config's graph (its file, or its bytes where the cache cannot be written) and its
-    description, exported into ``cache`` first if missing."""
+#: The stored network's weights a graph is exported from (None: the backbone's ImageNet weights),
+#: fetched only when the cache does not hold the graph.
+Weights = Callable[[], "bytes | None"]
+
+
+def cached_graph(config: CnnConfig, cache: Path | None, weights: Weights) -> tuple[Path | bytes, dict]:
+    """A config's graph (its file, or its bytes where there is no cache or it cannot be written)
+    and its description, exported into ``cache`` first if missing."""
     key = graph_key(config)
+    if cache is None:
+        return export_into(config, None, key, weights)
     graph, described, failed = (cache / f"{key}{suffix}" for suffix in (".onnx", ".json", ".failed"))
     if failed.exists():
         raise GraphUnavailable(failed.read_text(errors="replace").strip())
@@ -69,25 +75,27 @@ def cached_graph(config: CnnConfig, cache: Path) -> tuple[Path | bytes, dict]:
             return graph, json.loads(described.read_text())
         except (OSError, ValueError):
             pass  # (an unreadable description: export again)
-    return export_into(config, cache, key)
+    return export_into(config, cache, key, weights)
 
 
-def export_into(config: CnnConfig, cache: Path, key: str) -> tuple[Path | bytes, dict]:
+def export_into(config: CnnConfig, cache: Path | None, key: str, weights: Weights) -> tuple[Path | bytes, dict]:
     """Export a config's graph into ``cache`` (atomically: a reader never sees half a file). A cache
     that cannot be written (a read-only ``IMGDB_HOME``) costs an export per process, not the search."""
     from imgdb.features.torch_net import export_graph  # torch: only when a graph is missing
 
     try:
-        blob, meta = export_graph(config)
+        blob, meta = export_graph(config, weights())
     except ExtractorSpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - any exporter failure means: this network runs on PyTorch
         reason = f"{config.backbone} does not export to ONNX ({type(exc).__name__}: {(str(exc) or '-').splitlines()[0][:200]})"
-        if not isinstance(exc, (OSError, MemoryError)):  # (those may pass: the next process tries again)
+        if cache is not None and not isinstance(exc, (OSError, MemoryError)):  # (those may pass: the next process tries again)
             with contextlib.suppress(OSError):
                 cache.mkdir(parents=True, exist_ok=True, mode=0o700)
                 _write(cache / f"{key}.failed", reason.encode())
         raise GraphUnavailable(reason) from None
+    if cache is None:
+        return blob, meta
     graph, described = cache / f"{key}.onnx", cache / f"{key}.json"
     try:
         cache.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -133,14 +141,15 @@ class OnnxNetwork:
 
     runtime = "onnx"
 
-    def __init__(self, config: CnnConfig, cache: Path, device: str = "auto") -> None:
-        graph, meta = cached_graph(config, cache)
+    def __init__(self, config: CnnConfig, cache: Path | None, device: str = "auto",
+                 weights: Weights = lambda: None) -> None:
+        graph, meta = cached_graph(config, cache, weights)
         try:
             self.session = self._session(graph, device)
         except ImgdbError:
             raise
         except Exception:  # noqa: BLE001 - a damaged file in the cache: export it again, once
-            graph, meta = export_into(config, cache, graph_key(config))
+            graph, meta = export_into(config, cache, graph_key(config), weights)
             self.session = self._session(graph, device)
         self._graph, self._device = graph, device
         self.dim = int(meta["dim"])

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from imgdb.errors import ExtractorSpecError
-from imgdb.features.base import PerImageExtractor
+from imgdb.features.base import ExtractorContext, PerImageExtractor
 from imgdb.features.spec import Spec, reject_leftovers, take_int
 
 
@@ -27,7 +27,7 @@ class PerceptualHash(PerImageExtractor):
         self.spec = f"phash:dct/bits={bits}"
 
     @classmethod
-    def from_spec(cls, spec: Spec) -> PerceptualHash:
+    def from_spec(cls, spec: Spec, context: ExtractorContext = ExtractorContext()) -> PerceptualHash:
         if spec.arg not in (None, "dct"):
             raise ExtractorSpecError(f"phash: unknown variant {spec.arg!r} (use phash:dct)")
         options = dict(spec.options)

@@ -1,17 +1,18 @@
 """Extractors by family name: built-ins plus any a package registers under the entry-point group
 ``imgdb.extractors`` (``family = "module:Class"``), so a new descriptor is one new module and no edit
-to ingest, search or the CLI."""
+to ingest, search or the CLI. An extractor is built from its spec and a context
+(:class:`~imgdb.features.base.ExtractorContext`), nothing else; keeping one per spec or per index is
+its owner's business (:class:`imgdb.catalog.Catalog`)."""
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from imgdb import plugins
 from imgdb.errors import ExtractorSpecError
-from imgdb.features.base import Extractor
+from imgdb.features.base import Extractor, ExtractorContext
 from imgdb.features.spec import Spec, parse_spec
 
-#: Built-in families, imported only when used (the CNN module pulls in torch).
+GROUP = "imgdb.extractors"
+#: Built-in families, imported only when used (the CNN module pulls in ONNX Runtime).
 BUILTIN: dict[str, str] = {
     "color": "imgdb.features.color:ColorHistogram",
     "hog": "imgdb.features.hog:HogExtractor",
@@ -30,7 +31,7 @@ DEFAULT_SPEC = "cnn:tf_efficientnet_lite2/gem"
 
 def families() -> dict[str, str]:
     """Every known family mapped to its ``module:Class``."""
-    return plugins.named("imgdb.extractors", BUILTIN)
+    return plugins.named(GROUP, BUILTIN)
 
 
 def extractor_class(family: str) -> type[Extractor]:
@@ -40,17 +41,17 @@ def extractor_class(family: str) -> type[Extractor]:
     return plugins.load(target)
 
 
-def canonical_spec(text: str) -> str:
-    """The fully expanded form of a spec (validates it without building a model)."""
+def canonical_spec(text: str, context: ExtractorContext = ExtractorContext()) -> str:
+    """The fully expanded form of a spec (validates it; builds the extractor only where its family
+    cannot tell otherwise)."""
     spec = parse_spec(text)
-    return extractor_class(spec.family).canonical(spec)
+    return extractor_class(spec.family).canonical(spec, context)
 
 
-@lru_cache(maxsize=8)
-def create_extractor(text: str) -> Extractor:
-    """The extractor for a spec, built once per process (models are loaded once, then shared)."""
-    spec: Spec = parse_spec(canonical_spec(text))
-    return extractor_class(spec.family).from_spec(spec)
+def create_extractor(text: str, context: ExtractorContext = ExtractorContext()) -> Extractor:
+    """A new extractor for a spec, with what ``context`` provides."""
+    spec: Spec = parse_spec(canonical_spec(text, context))
+    return extractor_class(spec.family).from_spec(spec, context)
 
 
 def list_extractors() -> list[tuple[str, str, str]]:

@@ -1,9 +1,9 @@
 """The CNN extractor's PyTorch side: the :class:`~imgdb.features.network.RetrievalNet` a config
 describes, run on a batch, and exported to the ONNX graph the default runtime runs.
 
-Everything here imports torch and timm, which take seconds to load; :mod:`imgdb.features.cnn`
-reaches it only for training, for ``IMGDB_RUNTIME=torch``, and to export a graph the cache does not
-hold yet (:mod:`imgdb.features.onnx_net`).
+Everything here imports torch and timm, which take seconds to load; :mod:`imgdb.features.runtimes`
+reaches it for the ``torch`` runtime, training uses it, and :mod:`imgdb.features.onnx_net` exports a
+graph the cache does not hold yet with it.
 """
 
 from __future__ import annotations
@@ -11,21 +11,16 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from imgdb.errors import ExtractorSpecError, ImgdbError
-from imgdb.features import known
 from imgdb.features.backbones import backbone_normalization, create_backbone
+from imgdb.features.cnn_config import CnnConfig
 from imgdb.features.network import RetrievalNet, deserialize, make_pooling, serialize, trunk_stages, whole_trunk
 from imgdb.features.pooling_kinds import KINDS
-
-if TYPE_CHECKING:
-    from imgdb.features.cnn import CnnConfig
 
 #: ONNX operator set of exported graphs (part of a graph's cache key).
 OPSET = 17
@@ -45,8 +40,11 @@ class TorchNetwork:
 
     runtime = "torch"
 
-    def __init__(self, config: CnnConfig, device: str = "cpu") -> None:
-        stored = deserialize(known.blob(config.net)) if config.net else None
+    def __init__(self, config: CnnConfig, device: str = "cpu", weights: bytes | None = None) -> None:
+        """``weights``: the stored network ``config.net`` names (its safetensors bytes)."""
+        if config.net and weights is None:
+            raise ExtractorSpecError(f"network {config.net[:12]}: its weights were not given")
+        stored = deserialize(weights) if weights is not None else None
         self.model = create_backbone(config.backbone, Path(config.weights) if config.weights else None,
                                      pretrained=stored is None or not whole_trunk(stored, config.layer))
         self.mean, self.std = backbone_normalization(config.backbone, self.model)
@@ -82,18 +80,16 @@ def build_net(config: CnnConfig, model: torch.nn.Module) -> RetrievalNet:
     return RetrievalNet(stages, pooling, dim)
 
 
-def network_from_file(config: CnnConfig) -> tuple[CnnConfig, str, bytes]:
-    """A spec's ``weights=PATH`` as a network stored by hash: the same config naming ``net=<sha256>``
-    instead of the path, the hash, and the bytes. A path can change or be missing on another
-    machine; stored bytes cannot."""
+def network_from_file(config: CnnConfig) -> tuple[str, bytes]:
+    """A spec's ``weights=PATH`` as a network to store by hash: the hash and the bytes (the spec then
+    names ``net=<sha256>`` instead of the path, which can change or be missing on another machine)."""
     if config.weights is None:
         raise ExtractorSpecError("no weights= file in the spec")
     if KINDS[config.pooling].classifier:  # (the stored stages would not carry the file's classifier)
         raise ExtractorSpecError(f"{config.pooling} pooling uses the backbone's ImageNet classifier, not a weights file")
     net = build_net(config, create_backbone(config.backbone, Path(config.weights)))
     net.detach_from(0)
-    sha, blob = serialize(net.trained_state())
-    return replace(config, weights=None, net=sha), sha, blob
+    return serialize(net.trained_state())
 
 
 class _Graph(torch.nn.Module):
@@ -108,11 +104,12 @@ class _Graph(torch.nn.Module):
         return self.net.pool(x) if self.pool else x
 
 
-def export_graph(config: CnnConfig) -> tuple[bytes, dict[str, object]]:
-    """The ONNX graph of a config's network (batch, height and width dynamic) and what running it
-    needs to know: the input normalisation, the dimension, and whether it returns pooled vectors or
-    the map (``output``). The whitening is not in it: it applies after multi-scale sums."""
-    network = TorchNetwork(config)
+def export_graph(config: CnnConfig, weights: bytes | None = None) -> tuple[bytes, dict[str, object]]:
+    """The ONNX graph of a config's network (batch, height and width dynamic; ``weights``: the
+    stored network it names) and what running it needs to know: the input normalisation, the
+    dimension, and whether it returns pooled vectors or the map (``output``). The whitening is not
+    in it: it applies after multi-scale sums."""
+    network = TorchNetwork(config, "cpu", weights)
     pool = not KINDS[config.pooling].shape_dependent
     graph = _Graph(network.net, pool).eval()
     example = torch.zeros(1, 3, config.size, round(config.size * 4 / 3))

@@ -102,6 +102,10 @@ def read_file(path: Path) -> bytes:
         raise ImageReadError(f"not a valid file name ({exc})") from None
 
 
+#: A content hash as imgdb writes it (:func:`sha256_hex`), and how stored networks are named.
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -41,12 +41,13 @@ def _rank(ranking: Ranking, vectors: np.ndarray, query: np.ndarray) -> Ranking:
 
 class AverageExpansion(Reranker):
     name = "qe"
+    summary = "average query expansion with the top results"
     alpha = 0.0  # weights (similarity ** alpha): all ones
 
     def rerank(self, probe: Probe, ranking: Ranking) -> Ranking:
         if not len(ranking.ids):
             return ranking
-        vectors = sql.vectors_of(probe.conn, probe.target, ranking.ids)
+        vectors = sql.vectors_of(probe.conn, probe.index, ranking.ids)
         query = probe.vector.astype(np.float32)
         top = [i for i, image_id in enumerate(ranking.ids.tolist())
                if ranking.notes.get(image_id, {}).get("verified", True)][:TOP]  # (verified ones, after verify)
@@ -59,16 +60,18 @@ class AverageExpansion(Reranker):
 
 class AlphaExpansion(AverageExpansion):
     name = "aqe"
+    summary = "query expansion weighted by similarity (alpha-QE)"
     alpha = ALPHA
 
 
 class DatabaseAugmentation(Reranker):
     name = "dba"
+    summary = "database-side augmentation of the candidates"
 
     def rerank(self, probe: Probe, ranking: Ranking) -> Ranking:
         if len(ranking.ids) < 2:
             return ranking
-        vectors = sql.vectors_of(probe.conn, probe.target, ranking.ids)
+        vectors = sql.vectors_of(probe.conn, probe.index, ranking.ids)
         similarity = vectors @ vectors.T
         neighbours = np.argsort(-similarity, axis=1, kind="stable")[:, : TOP + 1]  # itself first
         weights = np.clip(np.take_along_axis(similarity, neighbours, axis=1), 0.0, None) ** ALPHA

@@ -6,19 +6,18 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import psycopg
 from PIL import Image
 
 from imgdb.ann.spec import AnnSpec
-from imgdb.db.search import Hit, Target
+from imgdb.db.records import IndexRecord
+from imgdb.db.search import Hit
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
-
-    from imgdb.ann.layer import AnnLayer
 
 
 @dataclass(frozen=True)
@@ -56,20 +55,31 @@ class EncodedQuery:
     image: QueryImage
 
 
+class InProcessSearcher(Protocol):
+    """A first stage held in this process (:class:`imgdb.ann.codes.Searcher`)."""
+
+    def search(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class Searchers(Protocol):
+    """Where first stages that run in this process find theirs, current to the index's version
+    (:class:`imgdb.ann.layer.AnnLayer`)."""
+
+    def searcher(self, index: IndexRecord, version: int) -> InProcessSearcher | None: ...
+
+
 @dataclass(frozen=True)
 class Probe:
     """One query as its parts see it: the connection it runs on, the index, the query vector and
-    image, how many results it wants, its filters, and the index layer (whose caches first stages
-    use)."""
+    image, how many results it wants, its filters, and where in-process first stages are kept."""
 
     conn: psycopg.Connection
-    target: Target
-    ann: AnnSpec
+    index: IndexRecord
     vector: np.ndarray
     image: QueryImage
     k: int
     filters: Sequence[ColumnElement[bool]]
-    layer: AnnLayer
+    layer: Searchers
 
 
 class FirstStage(ABC):
@@ -80,6 +90,8 @@ class FirstStage(ABC):
         #: Whether its distances are only estimates (quantized codes, sign bits): an exact re-rank
         #: then sees more candidates than results.
         self.approximate = False
+        #: Whether its distances are product-quantization ones (what ``--rerank pq`` keeps).
+        self.pq_distances = False
 
     @abstractmethod
     def rank(self, probe: Probe, n: int) -> Ranking | None:
@@ -96,8 +108,18 @@ class Reranker(ABC):
     """Takes a ranking and returns one (never more ids than it was given)."""
 
     name: ClassVar[str]
+    #: What it does, in a few words, for ``--help``.
+    summary: ClassVar[str]
+    #: Whether it decides which distances the first stage's candidates carry (``exact``, ``none``,
+    #: ``pq``): a chain starts with one such re-ranker (``exact`` unless it names another), and the
+    #: others refine what it gives.
+    starts_chain: ClassVar[bool] = False
+    #: How SQL orders the candidates when this re-ranker is the whole chain: ``"exact"`` (by the
+    #: stored vectors) or ``"first_stage"`` (by the first stage's own distances), so that the query
+    #: is one statement; None where it needs this process.
+    sql_order: ClassVar[str | None] = None
 
-    def check(self, target: Target, ann: AnnSpec) -> None:  # noqa: B027 - most work on any index
+    def check(self, index: IndexRecord, stage: FirstStage) -> None:  # noqa: B027 - most work on any index
         """Refuse an index or first stage this re-rank cannot work with (with the reason)."""
 
     def candidates(self, k: int, stage: FirstStage) -> int:

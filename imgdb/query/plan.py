@@ -2,9 +2,9 @@
 
 Where the first stage and the chain allow it (a pgvector index with an exact re-rank, or none),
 the whole query is one SQL statement: the latency-critical common case. A first stage that cannot
-answer yet (an untrained quantizer, a pgvector index a bulk load dropped), or a filter that leaves
-fewer than ``k`` results among the candidates, hands the query to an exact scan, so that neither
-ever costs results.
+answer yet (a method that has not learned from the data, a pgvector index a bulk load dropped), or
+a filter that leaves fewer than ``k`` results among the candidates, hands the query to an exact
+scan, so that neither ever costs results.
 """
 
 from __future__ import annotations
@@ -15,32 +15,34 @@ from typing import TYPE_CHECKING
 import numpy as np
 import psycopg
 
-from imgdb.ann.spec import parse_ann
+from imgdb.ann.none import ExactScan
+from imgdb.ann.registry import method
+from imgdb.ann.spec import AnnSpec
 from imgdb.db import search as sql
-from imgdb.query.first_stages import Exact
-from imgdb.query.parts import FirstStage, Probe, QueryImage, Reranker
-from imgdb.query.registry import first_stage, rerankers
+from imgdb.db.records import IndexRecord
+from imgdb.query.parts import FirstStage, Probe, QueryImage, Reranker, Searchers
+from imgdb.query.registry import rerankers
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
-    from imgdb.ann.layer import AnnLayer
 
 
-def search(layer: AnnLayer, conn: psycopg.Connection, target: sql.Target, vector: np.ndarray, k: int,
+def search(layer: Searchers, conn: psycopg.Connection, index: IndexRecord, vector: np.ndarray, k: int,
            filters: Sequence[ColumnElement[bool]] = (), *, image: QueryImage = QueryImage(),
            rerank: str = "exact", candidates: int | None = None) -> list[sql.Hit]:
     """The ``k`` nearest images that pass ``filters``; ``image`` is the query's image, for the
     re-rankers that look at pixels; ``rerank`` names the chain
     (:func:`~imgdb.query.registry.rerankers`), ``candidates`` how many first-stage results it sees
     (default: what the chain asks for, 10 per result for an exact re-rank of approximate ones)."""
-    ann = parse_ann(target.index.ann, target.index.ann_params)
+    ann = AnnSpec.of(index)
+    stage = method(ann.method).first_stage(ann)
     chain = rerankers(rerank)
     for part in chain:
-        part.check(target, ann)
-    probe = Probe(conn, target, ann, vector, image, k, filters, layer)
-    hits = _run(first_stage(ann), probe, chain, candidates)
+        part.check(index, stage)
+    probe = Probe(conn, index, vector, image, k, filters, layer)
+    hits = _run(stage, probe, chain, candidates)
     if filters and len(hits) < k:
-        hits = _run(Exact(ann), probe, chain, candidates)
+        hits = _run(ExactScan(ann), probe, chain, candidates)
     return hits
 
 
@@ -51,7 +53,7 @@ def _run(stage: FirstStage, probe: Probe, chain: Sequence[Reranker], candidates:
         return hits
     ranking = stage.rank(probe, n)
     if ranking is None:
-        return _run(Exact(stage.ann), probe, chain, candidates)
+        return _run(ExactScan(stage.ann), probe, chain, candidates)
     for part in chain:
         ranking = part.rerank(probe, ranking)
-    return sql.hits(probe.conn, probe.target, ranking.ids, ranking.distances, probe.k, probe.filters, ranking.notes)
+    return sql.hits(probe.conn, probe.index, ranking.ids, ranking.distances, probe.k, probe.filters, ranking.notes)

@@ -10,16 +10,24 @@ chance matches that no single homography explains.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 
-from imgdb.ann.spec import AnnSpec
-from imgdb.db import local_features
-from imgdb.db.search import Target
+from imgdb import lazy
+from imgdb.db.records import IndexRecord
 from imgdb.errors import ImgdbError
 from imgdb.features import keypoints
 from imgdb.query.parts import FirstStage, Probe, Ranking, Reranker
+
+# Loaded when a query verifies: the CLI reads this module's help at start-up, and a search that does
+# not verify needs neither OpenCV nor the writers' SQLAlchemy.
+if TYPE_CHECKING:
+    import cv2
+
+    from imgdb.db import local_features
+else:
+    cv2, local_features = lazy.module("cv2"), lazy.module("imgdb.db.local_features")
 
 #: Lowe's ratio: a match whose second-best is nearly as near is ambiguous.
 RATIO = 0.8
@@ -91,6 +99,7 @@ class Verify(Reranker):
     rest in the order they came; every hit says how many inliers it has and whether it verified."""
 
     name = "verify"
+    summary = "spatial verification of the top 100 by stored local features (`imgdb index verify`)"
     #: Candidates verified by default: the first stage's top 100 (about 0.2 s a query on two cores,
     #: benchmarks/rerank.py).
     CANDIDATES = 100
@@ -100,10 +109,10 @@ class Verify(Reranker):
     #: and loses no present painting that a lower threshold would keep but one.
     MIN_INLIERS = 12
 
-    def check(self, target: Target, ann: AnnSpec) -> None:
-        if target.index.local is None:
-            raise ImgdbError(f"index {target.index.name!r} keeps no local features to verify with: "
-                             f"run `imgdb index verify {target.index.name}` first")
+    def check(self, index: IndexRecord, stage: FirstStage) -> None:
+        if index.local is None:
+            raise ImgdbError(f"index {index.name!r} keeps no local features to verify with: "
+                             f"run `imgdb index verify {index.name}` first")
 
     def candidates(self, k: int, stage: FirstStage) -> int:
         return max(k, self.CANDIDATES)
@@ -121,7 +130,7 @@ class Verify(Reranker):
                  only: set[int] | None = None) -> tuple[list[Verdict], tuple[np.ndarray, np.ndarray] | None]:
         """Each candidate's verdict (``NO_MATCH`` where it has no stored features, or is not in
         ``only``), against the query's keypoints (those ``keep`` marks), and the query's keypoints."""
-        spec = keypoints.parse_keypoints(probe.target.index.local or "")
+        spec = keypoints.parse_keypoints(probe.index.local or "")
         query = self.query_features(probe, spec)
         if query is None:
             return [NO_MATCH] * len(ranking.ids), None
@@ -132,7 +141,7 @@ class Verify(Reranker):
         for image_id in ranking.ids.tolist():
             row = stored.get(image_id)
             found.append(NO_MATCH if row is None else
-                         verify(xy, descriptors, row[1], keypoints.descriptors(keypoints.Stored(*row), spec)))
+                         verify(xy, descriptors, row[1], keypoints.descriptors(keypoints.QuantizedFeatures(*row), spec)))
         return found, query
 
     @staticmethod
@@ -146,7 +155,7 @@ class Verify(Reranker):
         if probe.image.image_id is not None:
             row = local_features.read(probe.conn, str(spec), spec.dim, [probe.image.image_id]).get(probe.image.image_id)
             if row is not None:
-                return row[1], keypoints.descriptors(keypoints.Stored(*row), spec)
+                return row[1], keypoints.descriptors(keypoints.QuantizedFeatures(*row), spec)
         return None
 
 
@@ -157,6 +166,7 @@ class MultiVerify(Verify):
     each noted with its ``object`` number; the rest follow as they came, unverified."""
 
     name = "multi"
+    summary = "every gallery picture the photo shows (verification, object by object)"
     #: Most pictures one photo is searched for.
     MAX_OBJECTS = 8
 

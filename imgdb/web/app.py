@@ -1,6 +1,6 @@
 """The HTTP API (``imgdb serve``): search by upload, URL or id; images and thumbnails; token-guarded writes.
 
-The app is a thin shell over :class:`imgdb.client.Imgdb`, like the CLI: one client per process (the
+The app is a thin shell over imgdb's public API (:class:`imgdb.Imgdb`), like the CLI: one client per process (the
 model loads once, at start-up, before ``/healthz`` answers), its connection pools shared by all
 requests, and every CPU-bound call (decoding, inference, search) run in a worker thread so the
 event loop keeps accepting requests. Input is hostile until proven otherwise: bodies are read up
@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
-import tempfile
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -29,21 +27,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from imgdb.client import DEFAULT_INDEX, MAX_CANDIDATES, Imgdb, connect
-from imgdb.db import attached, store, values
-from imgdb.db.schema import first_line
-from imgdb.errors import DatabaseError, FetchError, ImageReadError, ImgdbError, IndexNotFound
-from imgdb.io import sources
-from imgdb.io.fetch import is_url
-from imgdb.io.reader import identify, return_memory, sha256_hex
-from imgdb.io.sources import original
-from imgdb.web.thumbnails import thumbnail
+import imgdb
+from imgdb import (DEFAULT_INDEX, MAX_CANDIDATES, MAX_ID, MAX_K, DatabaseError, FetchError, ImageNotFound,
+                   ImageReadError, Imgdb, ImgdbError, IndexNotFound)
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 #: Metadata keys imgdb sets itself on what POST /images adds: a request cannot.
 RESERVED_META = frozenset({"source_url"})
 #: An image id in a path: a positive bigint (anything else is refused with 422, not sent to SQL).
-ImageId = Annotated[int, PathParam(ge=1, le=store.MAX_ID)]
+ImageId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 log = logging.getLogger("imgdb")
 #: URL downloads one process runs at once, in a pool of their own: a slow or hostile server holds
 #: one of these threads (up to the fetch's deadline), never one of those that searches and
@@ -59,7 +51,8 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 #: HTTP status of each library error; anything else the library refuses is the request's fault (400).
 #: A database that is down is the server's problem, and temporary: 503 tells clients to retry.
-_STATUS: tuple[tuple[type[ImgdbError], int], ...] = ((IndexNotFound, 404), (FetchError, 422), (DatabaseError, 503))
+_STATUS: tuple[tuple[type[ImgdbError], int], ...] = ((IndexNotFound, 404), (ImageNotFound, 404), (FetchError, 422),
+                                                     (DatabaseError, 503))
 
 
 class ApiError(Exception):
@@ -75,9 +68,9 @@ def create_app(db: Imgdb | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = db or await run_in_threadpool(connect)
+        client = db or await run_in_threadpool(imgdb.connect)
         # Load the default index's model now: the first user should not wait for it.
-        await run_in_threadpool(lambda: client.extractor(client.index(DEFAULT_INDEX)))
+        await run_in_threadpool(client.warm_up, DEFAULT_INDEX)
         app.state.db = client
         app.state.fetcher = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="imgdb-fetch")
         yield
@@ -109,7 +102,8 @@ def _give_memory_back_when_idle(app: FastAPI) -> None:
                 in_flight["generation"] += 1
                 generation = in_flight["generation"]
                 asyncio.get_running_loop().call_later(
-                    IDLE_TRIM_S, lambda: in_flight["n"] == 0 and in_flight["generation"] == generation and return_memory())
+                    IDLE_TRIM_S,
+                    lambda: in_flight["n"] == 0 and in_flight["generation"] == generation and imgdb.return_memory())
 
 
 def _errors(app: FastAPI) -> None:
@@ -131,15 +125,13 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(sa.exc.OperationalError)
     @app.exception_handler(psycopg.OperationalError)
-    async def database_down(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": f"database unavailable: {first_line(getattr(exc, 'orig', None) or exc)}"},
-                            status_code=503)
-
     @app.exception_handler(sa.exc.DataError)
     @app.exception_handler(psycopg.DataError)
-    async def bad_value(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": f"refused by PostgreSQL: {first_line(getattr(exc, 'orig', None) or exc)}"},
-                            status_code=400)
+    async def driver_failure(_: Request, exc: Exception) -> JSONResponse:
+        # The database being down is the server's problem and temporary (503: retry); a value
+        # PostgreSQL refused is the request's (400).
+        kind, reason = imgdb.driver_failure(exc) or ("unavailable", str(exc))
+        return JSONResponse({"error": reason}, status_code=503 if kind == "unavailable" else 400)
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:
@@ -193,10 +185,10 @@ async def _query(request: Request) -> tuple[str, Any]:
             raise ApiError(413, f"upload of {len(data)} bytes is over the {db.settings.fetch.max_bytes}-byte limit")
         return "file", (data, {k: v for k, v in form.items() if k != "file"})
     if kind.startswith("application/json"):
-        document = values.loads(await request.body(), "the JSON body")
+        document = imgdb.parse_json(await request.body(), "the JSON body")
         if isinstance(document, dict) and isinstance(document.get("url"), str):
             # Never a server-side path: `{"url": "/home/..."}` must not read this machine's files.
-            if not is_url(document["url"]):
+            if not imgdb.is_url(document["url"]):
                 raise ApiError(422, f"url must be an http(s) URL, not {document['url'][:200]!r}")
             return "url", (document["url"], document)
         if isinstance(document, dict) and isinstance(document.get("id"), int):
@@ -228,7 +220,7 @@ def _routes(app: FastAPI) -> None:
     async def healthz(request: Request) -> JSONResponse:
         """200 once the model is loaded and the database answers; 503 while it does not."""
         try:
-            await run_in_threadpool(_db(request).database.searching, lambda conn: conn.execute("SELECT 1"))
+            await run_in_threadpool(_db(request).ping)
         except DatabaseError as exc:
             return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -239,7 +231,7 @@ def _routes(app: FastAPI) -> None:
         return [info.to_json() for info in await run_in_threadpool(_db(request).indexes)]
 
     @app.post("/search")
-    async def search(request: Request, k: int = Query(10, ge=1, le=1000), index: str = DEFAULT_INDEX,
+    async def search(request: Request, k: int = Query(10, ge=1, le=MAX_K), index: str = DEFAULT_INDEX,
                      filter: list[str] = Query(default_factory=list),  # noqa: A002 - CONVENTIONS' name
                      rerank: str = Query("exact", max_length=200), fusion: str = Query("rrf", max_length=20),
                      candidates: int | None = Query(None, ge=1, le=MAX_CANDIDATES)) -> list[dict[str, Any]]:
@@ -256,7 +248,7 @@ def _routes(app: FastAPI) -> None:
         return [{**hit.to_json(), "thumbnail": f"{base}{prefix}/{hit.id}/{suffix}"} for hit in hits]
 
     @app.post("/explain")
-    async def explain(request: Request, image_id: int = Query(..., ge=1, le=store.MAX_ID),
+    async def explain(request: Request, image_id: int = Query(..., ge=1, le=MAX_ID),
                       index: str = DEFAULT_INDEX) -> Response:
         """A PNG of the local-feature matches between the query (the body, as for /search) and a
         stored image, with the inlier count in ``X-Inliers`` and ``X-Verified``."""
@@ -270,21 +262,17 @@ def _routes(app: FastAPI) -> None:
     async def original_image(request: Request, image_id: ImageId) -> Response:
         """The original, while it is still the image that was ingested (its file, or for an image of
         an attached table's bytea column, the table's bytes, hashing to the stored sha256)."""
-        db = _db(request)
-        row = await run_in_threadpool(_image_row, db, image_id)
         try:
-            data = await run_in_threadpool(original, row["uri"], row["sha256"], lambda: _table_bytes(db, row))
+            found = await run_in_threadpool(_db(request).original, image_id)
         except ImageReadError as exc:
             raise ApiError(404, f"image {image_id}: {exc}") from None
-        return Response(data, media_type=f"image/{(row['format'] or 'octet-stream').lower()}")
+        return Response(found.data, media_type=found.media_type)
 
     @app.get("/images/{image_id}/thumbnail", name="thumbnail")
     async def thumb(request: Request, image_id: ImageId) -> FileResponse:
         """A JPEG of at most 256 px a side, made once and cached."""
-        db = _db(request)
-        row = await run_in_threadpool(_image_row, db, image_id)
         try:
-            path = await run_in_threadpool(thumbnail, db.settings, row["sha256"], row["uri"], lambda: _table_bytes(db, row))
+            path = await run_in_threadpool(_db(request).thumbnail, image_id)
         except ImageReadError as exc:
             raise ApiError(404, f"no thumbnail for image {image_id}: {exc}") from None
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
@@ -298,14 +286,14 @@ def _routes(app: FastAPI) -> None:
             raise ApiError(400, "an image to add is an upload or a URL, not an id")
         meta = extra.get("meta") or {}
         if isinstance(meta, str):
-            meta = values.loads(meta, "meta")
-        meta = values.check_metadata(meta, "meta")
+            meta = imgdb.parse_json(meta, "meta")
+        meta = imgdb.check_metadata(meta, "meta")
         if reserved := sorted(RESERVED_META & set(meta)):
             raise ApiError(400, f"meta.{reserved[0]} is set by imgdb, not by the request")
         if kind == "url":
             meta = {**meta, "source_url": value}
         data = await _fetched(request, value) if kind == "url" else value
-        return await run_in_threadpool(_add, db, data, meta, index)
+        return await run_in_threadpool(lambda: db.add_image(data, meta=meta, index=index))
 
     @app.delete("/images/{image_id}", dependencies=[Depends(_require_token)])
     async def delete(request: Request, image_id: ImageId) -> dict[str, int]:
@@ -327,44 +315,4 @@ async def _search_query(request: Request) -> str | bytes:
 async def _fetched(request: Request, url: str) -> bytes:
     """A URL's bytes, downloaded in the fetch pool (with every check of the guarded fetcher)."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(request.app.state.fetcher, sources.load, url, _db(request).settings.fetch)
-
-
-def _add(db: Imgdb, data: bytes, meta: dict[str, Any], index: str) -> dict[str, Any]:
-    """Keep the image under ``$IMGDB_HOME/uploads`` (named by content, so originals and thumbnails
-    can be served later) and ingest it from there."""
-    # The header names the file; ingest decodes it (once), and an image it refuses leaves no file.
-    sha = sha256_hex(data)
-    path = db.settings.home / "uploads" / sha[:2] / f"{sha}.{identify(data).lower()}"
-    created = not path.exists()
-    if created:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A temporary name of its own: concurrent uploads of the same image each write theirs, and
-        # the renames (the same bytes) replace one another atomically.
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{sha}.", suffix=".part", delete=False) as part:
-            part.write(data)
-        os.replace(part.name, path)
-    report = db.ingest([path], index=index, meta=meta)
-    if report.failed:
-        with db.database.connect() as conn:
-            unused = not store.image_ids_by_hash(conn, [sha])
-        if created and unused:
-            path.unlink(missing_ok=True)  # nothing refers to it: no orphan left under uploads/
-        raise ApiError(400, report.failed[0].error)
-    with db.database.connect() as conn:
-        image_id = store.image_ids_by_hash(conn, [sha])[sha]
-    return {"id": image_id, "added": report.added == 1, "uri": str(path)}
-
-
-def _table_bytes(db: Imgdb, row: dict[str, Any]) -> bytes | None:
-    """The image as an attached table's bytea column holds it now (checked by the caller)."""
-    with db.database.connect() as conn:
-        return attached.image_bytes(conn, row["id"], db.settings.fetch.max_bytes)
-
-
-def _image_row(db: Imgdb, image_id: int) -> dict[str, Any]:
-    with db.database.connect() as conn:
-        row = store.get_image(conn, image_id)
-    if row is None:
-        raise ApiError(404, f"no image {image_id}")
-    return row
+    return await loop.run_in_executor(request.app.state.fetcher, _db(request).fetch, url)

@@ -27,7 +27,7 @@ def upgrade() -> None:
           UPDATE indexes SET version = version + 1 WHERE id = TG_ARGV[0]::int;
           RETURN NULL;
         END $$""")
-    # Vector tables created by 0001 get what imgdb.db.store.create_index now gives new ones.
+    # Vector tables created by 0001 get what creating an index (imgdb.db.indexes.create) now gives new ones.
     op.execute("""
         DO $$ DECLARE r record; BEGIN
           FOR r IN SELECT id, name FROM indexes LOOP

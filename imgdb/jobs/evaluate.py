@@ -1,4 +1,4 @@
-"""Retrieval quality on a data set in the CONVENTIONS.md layout: mAP, recall@1, recall@10.
+"""Retrieval quality on a data set in the layout of ``../shared/CONVENTIONS.md``: mAP, recall@k and all@k.
 
 The gallery (``images/``) is ingested into the index if needed, with ``metadata.json`` as its user
 metadata. Gallery images are matched to database rows by content hash, so a gallery ingested earlier
@@ -6,8 +6,12 @@ from another path still counts. Every query runs through the search path users g
 re-rank, with the ``rerank``/``candidates`` options of a search) for the top of its ranking; mAP
 needs the full ranking, so the rest of the gallery follows in exact distance order. A query that is
 itself a gallery image is left out of its own ranking, and ``junk`` images are removed before
-scoring (the Oxford/Paris protocol). A query with several relevant images (a photo of two
-paintings) counts for recall@k only when all of them are in, as its first results plus k - 1.
+scoring (the Oxford/Paris protocol).
+
+recall@k is the retrieval literature's: the share of queries with a relevant image among the first
+k. all@k is stricter, for queries with several relevant images (a photo of two paintings): the
+share of queries whose relevant images are all among the first k + (relevant - 1), so that a photo
+of two paintings counts at 1 only when both are its first two results.
 """
 
 from __future__ import annotations
@@ -15,18 +19,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from imgdb.db import store
+from imgdb.catalog import Catalog
+from imgdb.db import images
+from imgdb.db import search as sql
 from imgdb.errors import ImgdbError
 from imgdb.io import sources
 from imgdb.io.reader import read_file, sha256_hex
+from imgdb.jobs.ingest import ProgressCallback, StatusCallback, ingest
+from imgdb.jobs.search import encode, search
+from imgdb.query.parts import EncodedQuery
 
-if TYPE_CHECKING:
-    from imgdb.client import Imgdb
-    from imgdb.ingest import ProgressCallback, StatusCallback
 
 
 def average_precision(relevant_mask: np.ndarray) -> float:
@@ -46,12 +52,15 @@ class EvalReport:
     mAP: float
     recall_at_1: float
     recall_at_10: float
+    all_at_1: float
+    all_at_10: float
     per_query: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self, per_query: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
             "mAP": round(self.mAP, 4), "recall@1": round(self.recall_at_1, 4),
-            "recall@10": round(self.recall_at_10, 4), "queries": self.queries,
+            "recall@10": round(self.recall_at_10, 4), "all@1": round(self.all_at_1, 4),
+            "all@10": round(self.all_at_10, 4), "queries": self.queries,
             "index": self.index, "extractor": self.extractor,
         }
         if per_query:
@@ -70,7 +79,7 @@ def _read_json(path: Path) -> Any:
 SEARCH_DEPTH = 100
 
 
-def evaluate(db: Imgdb, dataset: str | Path, *, index: str = "default", rerank: str = "exact",
+def evaluate(catalog: Catalog, dataset: str | Path, *, index: str, rerank: str = "exact",
              candidates: int | None = None, fusion: str = "rrf", on_progress: ProgressCallback | None = None,
              on_status: StatusCallback | None = None) -> EvalReport:
     """Ingest ``dataset``'s gallery into ``index`` if needed, run its queries, and score them.
@@ -84,8 +93,9 @@ def evaluate(db: Imgdb, dataset: str | Path, *, index: str = "default", rerank: 
     metadata_file = root / "metadata.json"
     names = [name.strip() for name in index.split(",")]
     for name in names:
-        report = db.ingest([gallery_dir], index=name, metadata_file=metadata_file if metadata_file.exists() else None,
-                           on_progress=on_progress, on_status=on_status)
+        report = ingest(catalog, [gallery_dir], index=name,
+                        metadata_file=metadata_file if metadata_file.exists() else None,
+                        on_progress=on_progress, on_status=on_status)
         if report.failed:
             raise ImgdbError(f"{len(report.failed)} gallery image(s) could not be ingested into {name!r}, e.g. "
                              f"{report.failed[0].path}: {report.failed[0].error}")
@@ -93,25 +103,29 @@ def evaluate(db: Imgdb, dataset: str | Path, *, index: str = "default", rerank: 
     # Gallery path (relative to the data set) -> image id, through the content hash.
     paths = [Path(p) for p in sources.expand([gallery_dir])]
     hashes = {p: sha256_hex(read_file(p)) for p in paths}
-    target = db.index(names[0])
-    with db.database.connect() as conn:
-        ids_by_hash = store.image_ids_by_hash(conn, list(set(hashes.values())))
-        id_of = {p.relative_to(root).as_posix(): ids_by_hash[h] for p, h in hashes.items()}
-        gallery_ids = sorted(set(id_of.values()))
-        stored = store.stored_vectors(conn, target, gallery_ids)
+    target = catalog.index(names[0])
+    with catalog.database.connect() as conn:
+        ids_by_hash = images.ids_by_hash(conn, list(set(hashes.values())))
+    id_of = {p.relative_to(root).as_posix(): ids_by_hash[h] for p, h in hashes.items()}
+    gallery_ids = sorted(set(id_of.values()))
+    stored = catalog.database.searching(lambda conn: sql.stored_vectors(conn, target, gallery_ids))
     gallery = np.stack([stored[i] for i in gallery_ids])
     row_of = {image_id: row for row, image_id in enumerate(gallery_ids)}
     path_of = {image_id: path for path, image_id in id_of.items()}
 
-    aps, found_ranks, per_query = [], [], []
+    aps: list[float] = []
+    first_ranks: list[int | None] = []
+    all_ranks: list[int | None] = []
+    per_query: list[dict[str, Any]] = []
     for entry in queries:
         query_path = entry["query"]
         self_id = id_of.get(query_path)
         source = f"id:{self_id}" if self_id is not None else root / query_path
-        query = db.encode_query(source, index=names[0])
+        query = EncodedQuery(*encode(catalog, target, source))
         vector = query.vector
-        head = [hit.id for hit in db.search(query if len(names) == 1 else source, k=min(SEARCH_DEPTH, len(gallery_ids)),
-                                            index=index, rerank=rerank, candidates=candidates, fusion=fusion)
+        head = [hit.id for hit in search(catalog, query if len(names) == 1 else source,
+                                         k=min(SEARCH_DEPTH, len(gallery_ids)), index=index, rerank=rerank,
+                                         candidates=candidates, fusion=fusion)
                 if hit.id in row_of]
         tail = [gallery_ids[r] for r in np.argsort(np.linalg.norm(gallery - vector, axis=1), kind="stable")]
         excluded = {id_of[p] for p in entry.get("junk", []) if p in id_of}
@@ -122,21 +136,20 @@ def evaluate(db: Imgdb, dataset: str | Path, *, index: str = "default", rerank: 
         mask = np.fromiter((image_id in relevant for image_id in order), dtype=bool, count=len(order))
         ap = average_precision(mask)
         ranks = np.flatnonzero(mask) + 1
-        first = int(ranks[0]) if ranks.size else None
         aps.append(ap)
-        # Found when every relevant image is in: a photo of two paintings is found at 1 when both
-        # paintings are its first two results (one group), not when one of them is first.
+        first_ranks.append(int(ranks[0]) if ranks.size else None)
+        # all@k's rank: where the last relevant image is, less the places the others take before it.
         wanted = len(relevant)
-        found_ranks.append((int(ranks[wanted - 1]) - (wanted - 1)) if wanted and ranks.size >= wanted else None)
+        all_ranks.append((int(ranks[wanted - 1]) - (wanted - 1)) if wanted and ranks.size >= wanted else None)
         extra = {k: v for k, v in entry.items() if k not in ("query", "relevant", "junk")}
-        per_query.append({"query": query_path, "ap": round(ap, 4), "first_relevant_rank": first,
-                          "found_rank": found_ranks[-1],
-                          "top": [path_of[i] for i in order[:5]], **extra})
+        per_query.append({"query": query_path, "ap": round(ap, 4), "first_relevant_rank": first_ranks[-1],
+                          "found_rank": all_ranks[-1], "top": [path_of[i] for i in order[:5]], **extra})
 
-    def recall(k: int) -> float:
-        return float(np.mean([r is not None and r <= k for r in found_ranks])) if found_ranks else 0.0
+    def share(found: list[int | None], k: int) -> float:
+        return float(np.mean([r is not None and r <= k for r in found])) if found else 0.0
 
-    return EvalReport(index=index, extractor=",".join(db.index(name).extractor for name in names), queries=len(queries),
-                      mAP=float(np.mean(aps)) if aps else 0.0, recall_at_1=recall(1), recall_at_10=recall(10),
-                      per_query=per_query)
+    return EvalReport(index=index, extractor=",".join(catalog.index(name).extractor for name in names),
+                      queries=len(queries), mAP=float(np.mean(aps)) if aps else 0.0,
+                      recall_at_1=share(first_ranks, 1), recall_at_10=share(first_ranks, 10),
+                      all_at_1=share(all_ranks, 1), all_at_10=share(all_ranks, 10), per_query=per_query)
 

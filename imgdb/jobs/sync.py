@@ -20,24 +20,22 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import psycopg
 import sqlalchemy as sa
 
-from imgdb.db import attached, derived, store
+from imgdb.catalog import Catalog
+from imgdb.db import attached, derived, images, indexes, vectors
 from imgdb.db.attached import Claimed
 from imgdb.db.engine import lost_to_a_conflict
-from imgdb.db.records import Source
-from imgdb.db.schema import first_line
-from imgdb.errors import ImgdbError
-from imgdb.ingest import (Blob, ContentInIndex, Failure, Ingester, Item, Known, Prepared, ProgressCallback,
-                          StatusCallback)
+from imgdb.db.records import IndexRecord, Source
+from imgdb.errors import ImgdbError, first_line
+from imgdb.io.sources import absolute
 from imgdb.io.fetch import is_url
-
-if TYPE_CHECKING:
-    from imgdb.client import Imgdb
+from imgdb.jobs.ingest import (Blob, ContentInIndex, Failure, Ingester, Item, Known, Prepared, ProgressCallback,
+                               StatusCallback)
 
 #: Keys claimed per transaction, in extractor batches: enough for decoding to run ahead of the
 #: model as it does in ingest, few enough that a claim holds its keys for seconds, not minutes.
@@ -58,7 +56,7 @@ class SyncFailure:
 
 @dataclass
 class SyncReport:
-    """The CONVENTIONS.md sync summary."""
+    """What ``imgdb sync --json`` prints (the contract in ``../shared/CONVENTIONS.md``)."""
 
     embedded: int = 0
     removed: int = 0
@@ -131,12 +129,45 @@ class _Outcome:
     orphans: list[int]
 
 
-class Syncer:
-    """One sync worker over a client's database (any number may run at once)."""
+def attach(catalog: Catalog, table: str, column: str, *, key: str | None, index: IndexRecord,
+           root: str | None) -> AttachReport:
+    """Attach ``table`` to ``index`` (:func:`imgdb.db.attached.attach`): triggers installed, every row
+    queued for :class:`Syncer`. Relative paths resolve under ``root`` (a folder), and nothing
+    outside it is read."""
+    root_text = None
+    if root is not None:
+        root_text = absolute(root)
+        if not os.path.isdir(root_text):
+            raise ImgdbError(f"--root {root_text} is not a folder")
+    with catalog.database.engine.begin() as conn:
+        source, queued = attached.attach(conn, index, table, column, key, root_text)
+    catalog.layer.forget(index)
+    return AttachReport(source.table, index.name, queued)
 
-    def __init__(self, db: Imgdb) -> None:
-        self.db = db
-        self.database = db.database
+
+def detach(catalog: Catalog, table: str, *, index: str | None = None) -> AttachReport:
+    """Stop following ``table`` (in ``index``, or in every index it is attached to): its triggers go,
+    and so does everything imgdb kept of its rows."""
+    with catalog.database.engine.begin() as conn:
+        target = indexes.require(conn, index) if index else None
+        found = attached.find(conn, table, target)
+        if not found:
+            where = f" to index {index!r}" if index else ""
+            raise ImgdbError(f"{table} is not attached{where}")
+        dropped = removed = 0
+        for source in found:
+            one_dropped, one_removed = attached.detach(conn, source, indexes.require(conn, source.index_name))
+            dropped, removed = dropped + one_dropped, removed + one_removed
+    catalog.layer.forget()
+    return AttachReport(found[0].table, ",".join(s.index_name for s in found), dropped, removed)
+
+
+class Syncer:
+    """One sync worker over a catalog's database (any number may run at once)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.database = catalog.database
 
     def run(self, index: str | None = None, *, retry_failed: bool = False,
             on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None) -> SyncReport:
@@ -145,7 +176,7 @@ class Syncer:
         started = time.perf_counter()
         report = SyncReport()
         with self.database.connect() as conn:
-            todo = attached.sources(conn, store.require_index(conn, index) if index else None)
+            todo = attached.sources(conn, indexes.require(conn, index) if index else None)
         if index is not None and not todo:
             raise ImgdbError(f"no table is attached to index {index!r} (attach one with `imgdb attach TABLE --column COLUMN`)")
         with self.database.engine.begin() as conn:
@@ -155,8 +186,8 @@ class Syncer:
         done = 0
         for index_id in dict.fromkeys(s.index_id for s in todo):
             sources = [s for s in todo if s.index_id == index_id]
-            target = self.db.index(sources[0].index_name)
-            ingester = Ingester(self.database, target, self.db.extractor(target), self.db.settings, self.db.layer)
+            target = self.catalog.index(sources[0].index_name)
+            ingester = Ingester(self.catalog, target)
             known = ContentInIndex(self.database, target)
             try:
                 if not ingester.extractor.trained:
@@ -175,7 +206,7 @@ class Syncer:
                         if on_status:
                             on_status(reason)
             finally:
-                self.db.layer.sync(target)
+                self.catalog.layer.sync(target)
         with self.database.connect() as conn:
             report.queued = attached.queued(conn, todo)
         report.seconds = time.perf_counter() - started
@@ -197,7 +228,7 @@ class Syncer:
                 if on_round and (report.embedded or report.removed or report.failed):
                     on_round(report)
                 with self.database.connect() as conn:
-                    sources = attached.sources(conn, store.require_index(conn, index) if index else None)
+                    sources = attached.sources(conn, indexes.require(conn, index) if index else None)
                     due = attached.next_retry(conn, sources) if sources else None
                 wait = WATCH_POLL_S if due is None else min(WATCH_POLL_S, max(float(due), 0.05))
                 deadline = time.monotonic() + wait
@@ -232,7 +263,7 @@ class Syncer:
         """One claim's transaction: take the keys, read and embed their images (no writes yet: the
         transaction holds only its queue rows and key locks while the model runs), then write
         images, vectors, refs and failures together."""
-        max_bytes = self.db.settings.fetch.max_bytes
+        max_bytes = self.catalog.settings.fetch.max_bytes
         with self.database.engine.begin() as conn:
             claimed = attached.claim(conn, source, CLAIM_BATCHES * ingester.extractor.batch_size, max_bytes)
             if not claimed:
@@ -275,8 +306,8 @@ class Syncer:
                 ingester.write(conn, [p for batch, _, _ in embedded for p in batch],
                                np.concatenate([v for _, v, _ in embedded]),
                                None if codes[0] is None else np.concatenate(codes), direct=False)
-            ids = store.image_ids_by_hash(conn, sorted({sha for _, sha in linked}))
-            held = store.ids_with_vectors(conn, ingester.index, sorted(ids.values()))
+            ids = images.ids_by_hash(conn, sorted({sha for _, sha in linked}))
+            held = vectors.ids_with_vectors(conn, ingester.index, sorted(ids.values()))
             # Content another worker dropped from the index between our look-up and now: next time.
             failed += [(row, "its image left the index meanwhile (another worker); tried again later")
                        for row, sha in linked if ids.get(sha) not in held]
@@ -303,7 +334,7 @@ class Syncer:
     def _train(self, ingester: Ingester, sources: Sequence[Source], on_status: StatusCallback | None) -> None:
         """An index whose extractor learns from the collection (a codebook, a whitening) and has not
         yet: learn it from a sample of its attached tables' rows first, as ingest does from its files."""
-        max_bytes = self.db.settings.fetch.max_bytes
+        max_bytes = self.catalog.settings.fetch.max_bytes
         with self.database.connect() as conn:
             wanted = ingester.extractor.sample_size(attached.queued(conn, sources))
             rows = [(source, ref, value) for source in sources if wanted

@@ -24,17 +24,16 @@ import numpy as np
 from PIL import Image
 from sqlalchemy.engine import Connection
 
-from imgdb.ann.layer import AnnLayer
-from imgdb.config import Settings
-from imgdb.db import attached, local_features, store, values
+from imgdb.catalog import Catalog
+from imgdb.db import attached, images, local_features, pgvector, state, values, vectors
 from imgdb.db.engine import Database
+from imgdb.db.records import IndexRecord
 from imgdb.encoding import decode_scale
 from imgdb.errors import ImgdbError
 from imgdb.features import keypoints
 from imgdb.features.base import Extractor
 from imgdb.io import sources
 from imgdb.io.reader import ImageFacts, decode, sha256_hex
-from imgdb.orm import SearchIndex
 from imgdb.parallel import ordered_map
 
 #: Loads of at least this many images read every content hash of the index up front (smaller ones
@@ -56,7 +55,7 @@ class Failure:
 
 @dataclass
 class IngestReport:
-    """The CONVENTIONS.md ingest summary."""
+    """What ``imgdb ingest --json`` prints (the contract in ``../shared/CONVENTIONS.md``)."""
 
     added: int = 0
     duplicates: int = 0
@@ -93,7 +92,7 @@ class Prepared:
     uri: str
     facts: ImageFacts
     prepared: Any
-    local: keypoints.Stored | None = None
+    local: keypoints.QuantizedFeatures | None = None
 
 
 @dataclass(frozen=True)
@@ -109,13 +108,13 @@ class ContentInIndex:
     save): for loads too small to read every hash of the index for (a web upload, a sync claim),
     and never stale, whatever other processes do meanwhile."""
 
-    def __init__(self, database: Database, index: SearchIndex) -> None:
+    def __init__(self, database: Database, index: IndexRecord) -> None:
         self.database = database
         self.index = index
 
     def __contains__(self, sha256: object) -> bool:
         with self.database.connect() as conn:
-            return store.has_content(conn, self.index, str(sha256))
+            return images.in_index(conn, self.index, str(sha256))
 
 
 def load_metadata_file(path: Path) -> dict[str, dict[str, Any]]:
@@ -131,21 +130,30 @@ def load_metadata_file(path: Path) -> dict[str, dict[str, Any]]:
     return {sources.absolute(base / key): value for key, value in data.items()}
 
 
-class Ingester:
-    """Ingest sources into one index with one extractor."""
+def ingest(catalog: Catalog, paths: Iterable[str | Path], *, index: str, meta: dict[str, Any] | None = None,
+           metadata_file: str | Path | None = None, on_progress: ProgressCallback | None = None,
+           on_status: StatusCallback | None = None) -> IngestReport:
+    """Add files, folders (recursively) and URLs to ``index`` (:class:`Ingester`), with ``meta`` for
+    every image and a ``--metadata`` file's per-image metadata."""
+    metadata = load_metadata_file(Path(metadata_file)) if metadata_file else None
+    return Ingester(catalog, catalog.index(index)).run(paths, meta=meta, metadata=metadata,
+                                                       on_progress=on_progress, on_status=on_status)
 
-    def __init__(self, db: Database, index: SearchIndex, extractor: Extractor, settings: Settings,
-                 layer: AnnLayer) -> None:
-        self.db = db
+
+class Ingester:
+    """Ingest sources into one index with one extractor (default: the index's own)."""
+
+    def __init__(self, catalog: Catalog, index: IndexRecord, extractor: Extractor | None = None) -> None:
+        self.catalog = catalog
+        self.database = catalog.database
+        self.settings = catalog.settings
         self.index = index
-        self.extractor = extractor
-        self.settings = settings
-        self.layer = layer
-        #: The index's Python-side first stage, if it has one: new vectors are written with their codes.
-        self.codes = layer.code_index(index)
+        self.extractor = extractor or catalog.extractor(index)
+        #: The index's in-process first stage, if it keeps codes: new vectors are written with theirs.
+        self.codes = catalog.layer.code_index(index)
         #: The local features it keeps for spatial verification, if any: written with the vectors.
         self.keypoints = None if index.local is None else keypoints.parse_keypoints(index.local)
-        self.scale_hint = decode_scale(extractor, self.keypoints)
+        self.scale_hint = decode_scale(self.extractor, self.keypoints)
 
     def train(self, todo: Sequence[Item], on_status: StatusCallback | None = None, *,
               sampled: bool = False) -> None:
@@ -156,9 +164,9 @@ class Ingester:
         Processes take the index's training lock in turn; one that finds the state learned
         meanwhile takes it instead of learning its own (every vector of an index must come from
         one state)."""
-        with self.db.engine.begin() as conn:
-            store.lock_training(conn, self.index)
-            learned = store.load_state(conn, self.index)
+        with self.database.engine.begin() as conn:
+            state.lock_learning(conn, self.index)
+            learned = state.load(conn, self.index)
             if learned:
                 self.extractor.load_state(learned)
                 return
@@ -166,7 +174,7 @@ class Ingester:
             if on_status and sample:
                 on_status(f"training {self.extractor.spec} on {len(sample)} images")
             self.extractor.fit([item.prepared for item in self.load(sample) if isinstance(item, Prepared)])
-            store.save_state(conn, self.index, self.extractor.state())
+            state.save(conn, self.index, self.extractor.state())
 
     def run(self, paths: Iterable[str | Path], *, meta: dict[str, Any] | None = None,
             metadata: dict[str, dict[str, Any]] | None = None,
@@ -180,13 +188,13 @@ class Ingester:
         todo = list(sources.expand(paths))
         if not self.extractor.trained:
             self.train(todo, on_status)
-        known: Container[str] = ContentInIndex(self.db, self.index)
-        with self.db.engine.begin() as conn:
+        known: Container[str] = ContentInIndex(self.database, self.index)
+        with self.database.engine.begin() as conn:
             if len(todo) >= BULK_LOAD:
                 # Many images: every hash of the index at once beats a look-up per image.
-                known = store.hashes_in_index(conn, self.index)
+                known = images.hashes_in_index(conn, self.index)
                 if len(todo) > len(known):
-                    store.drop_ann(conn, self.index)
+                    pgvector.drop_ann(conn, self.index)
             follows_tables = attached.has_sources(conn, self.index)
         seen: set[str] = set()
         batch: list[Prepared] = []
@@ -214,11 +222,11 @@ class Ingester:
                     on_progress(done, len(todo))
             self._write(batch, meta, metadata, report)
             if relabel or given:
-                with self.db.engine.begin() as conn:
-                    store.merge_metadata(conn, relabel)
-                    store.mark_direct(conn, self.index, given)
+                with self.database.engine.begin() as conn:
+                    images.merge_metadata(conn, relabel)
+                    vectors.mark_direct(conn, self.index, given)
         finally:
-            self.layer.sync(self.index)
+            self.catalog.layer.sync(self.index)
         report.seconds = time.perf_counter() - started
         return report
 
@@ -267,18 +275,18 @@ class Ingester:
         """Embed one batch and commit it: images and vectors land together or not at all."""
         if not batch:
             return
-        vectors, codes = self.embed(batch)
+        found, codes = self.embed(batch)
         metas = [{**meta, **metadata.get(item.uri, {})} for item in batch]
-        ids, added = self.db.writing(lambda conn: self.write(conn, batch, vectors, codes, metas))
+        ids, added = self.database.writing(lambda conn: self.write(conn, batch, found, codes, metas))
         report.added += added
         report.duplicates += len(ids) - added
 
     def embed(self, batch: Sequence[Prepared]) -> tuple[np.ndarray, np.ndarray | None]:
         """The batch's vectors, and their first-stage codes where the index has a Python-side one."""
-        vectors = self.extractor.embed([item.prepared for item in batch])
-        return vectors, self.codes.codes_for(vectors) if self.codes is not None else None
+        embedded = self.extractor.embed([item.prepared for item in batch])
+        return embedded, self.codes.codes_for(embedded) if self.codes is not None else None
 
-    def write(self, conn: Connection, batch: Sequence[Prepared], vectors: np.ndarray, codes: np.ndarray | None,
+    def write(self, conn: Connection, batch: Sequence[Prepared], embedded: np.ndarray, codes: np.ndarray | None,
               metas: Sequence[dict[str, Any]] | None = None, *, direct: bool = True) -> tuple[list[int], int]:
         """Write a batch's images and vectors in ``conn``'s transaction; returns the images' ids in
         order and how many vectors were new. ``direct`` false: the vectors are there only for
@@ -287,15 +295,15 @@ class Ingester:
         Images first, then vectors (whose trigger locks the index's registry row): every writer
         takes its locks in that order."""
         metas = metas or [{} for _ in batch]
-        ids = store.upsert_images(conn, [(item.uri, item.facts, m) for item, m in zip(batch, metas)])
+        ids = images.upsert(conn, [(item.uri, item.facts, m) for item, m in zip(batch, metas)])
         # Another process may have indexed the same content meanwhile: count it, don't collide.
-        present = store.ids_with_vectors(conn, self.index, ids)
+        present = vectors.ids_with_vectors(conn, self.index, ids)
         keep = [i for i, image_id in enumerate(ids) if image_id not in present]
-        store.copy_vectors(conn, self.index, [ids[i] for i in keep], vectors[keep],
-                           None if codes is None else codes[keep], direct=direct)
+        vectors.copy(conn, self.index, [ids[i] for i in keep], embedded[keep],
+                     None if codes is None else codes[keep], direct=direct)
         if self.keypoints is not None:
             local_features.write(conn, str(self.keypoints), [(image_id, item.local.scale, item.local.xy, item.local.codes)
                                                              for image_id, item in zip(ids, batch) if item.local is not None])
         if direct and present:
-            store.mark_direct(conn, self.index, ids=sorted(present))
+            vectors.mark_direct(conn, self.index, ids=sorted(present))
         return ids, len(keep)

@@ -4,22 +4,21 @@ side by side in their detection frames, a line for each inlier of the fitted hom
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from imgdb.db import attached, local_features, store
+from imgdb.catalog import Catalog
+from imgdb.db import local_features
 from imgdb.errors import ImgdbError
 from imgdb.features import keypoints
 from imgdb.features.local import grey
 from imgdb.io.reader import decode
-from imgdb.io.sources import original
+from imgdb.jobs.originals import original
+from imgdb.jobs.search import Query, encode
 from imgdb.query.verify import Verdict, Verify, verify
 
-if TYPE_CHECKING:
-    from imgdb.client import Imgdb, Query
 
 #: Height both images are drawn at.
 HEIGHT = 480
@@ -32,39 +31,29 @@ class Explanation:
     verified: bool
 
 
-def explain(db: Imgdb, query: Query, image_id: int, index: str) -> Explanation:
+def explain(catalog: Catalog, query: Query, image_id: int, index: str) -> Explanation:
     """The inlier matches between ``query`` and stored image ``image_id`` of ``index``."""
-    target = db.index(index)
+    target = catalog.index(index)
     if target.local is None:
         raise ImgdbError(f"index {index!r} keeps no local features: run `imgdb index verify {index}` first")
     spec = keypoints.parse_keypoints(target.local)
-    encoded = db.encode_query(query, index=index)
-    pixels = encoded.image.pixels if encoded.image.pixels is not None else (
-        _stored_pixels(db, encoded.image.image_id, spec) if encoded.image.image_id is not None else None)
+    _, image = encode(catalog, target, query)
+    pixels = image.pixels if image.pixels is not None else (
+        _stored_pixels(catalog, image.image_id, spec) if image.image_id is not None else None)
     if pixels is None:
         raise ImgdbError("a vector has no picture to explain: give an image, a URL or id:N")
-    found = db.database.searching(lambda conn: local_features.read(conn, str(spec), spec.dim, [image_id]))
+    found = catalog.database.searching(lambda conn: local_features.read(conn, str(spec), spec.dim, [image_id]))
     if image_id not in found:
         raise ImgdbError(f"image {image_id} has no stored local features in index {index!r}")
     scale, xy, codes = found[image_id]
     mine = spec.extract(pixels)
-    verdict = verify(mine.xy, mine.descriptors, xy, keypoints.descriptors(keypoints.Stored(scale, xy, codes), spec))
-    picture = draw(pixels, mine.xy, _stored_pixels(db, image_id, spec), xy, verdict, spec.side)
+    verdict = verify(mine.xy, mine.descriptors, xy, keypoints.descriptors(keypoints.QuantizedFeatures(scale, xy, codes), spec))
+    picture = draw(pixels, mine.xy, _stored_pixels(catalog, image_id, spec), xy, verdict, spec.side)
     return Explanation(picture, verdict.inliers, verdict.inliers >= Verify.MIN_INLIERS)
 
 
-def _stored_pixels(db: Imgdb, image_id: int, spec: keypoints.KeypointSpec) -> Image.Image:
-    with db.database.connect() as conn:
-        row = store.get_image(conn, image_id)
-    if row is None:
-        raise ImgdbError(f"no image {image_id}")
-
-    def table_bytes() -> bytes | None:
-        with db.database.connect() as conn:
-            return attached.image_bytes(conn, image_id, db.settings.fetch.max_bytes)
-
-    data = original(row["uri"], row["sha256"], table_bytes)
-    return decode(data, limits=db.settings.decoding, scale_hint=spec.scale_hint).pixels
+def _stored_pixels(catalog: Catalog, image_id: int, spec: keypoints.KeypointSpec) -> Image.Image:
+    return decode(original(catalog, image_id).data, limits=catalog.settings.decoding, scale_hint=spec.scale_hint).pixels
 
 
 def draw(query: Image.Image, query_xy: np.ndarray, hit: Image.Image, hit_xy: np.ndarray, verdict: Verdict,

@@ -25,25 +25,26 @@ images land in one transaction, or nothing does.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import re
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from imgdb.ann.spec import parse_ann
-from imgdb.db import local_features, networks, store, values
+from imgdb.ann.registry import parse_ann
+from imgdb.catalog import Catalog
+from imgdb.db import images, local_features, networks, state, values, vectors
+from imgdb.db.records import IndexRecord, StoredNetwork, check_name
 from imgdb.errors import ImgdbError
-from imgdb.features import keypoints, known
+from imgdb.features import keypoints
+from imgdb.features.registry import extractor_class
 from imgdb.features.spec import parse_spec
-from imgdb.io.reader import ImageFacts
-
-if TYPE_CHECKING:
-    from imgdb.client import Imgdb
-    from imgdb.orm import SearchIndex
+from imgdb.io.reader import SHA256_HEX, ImageFacts
 
 FORMAT = "imgdb-index"
 VERSION = 1
@@ -53,43 +54,46 @@ _STATE_KEY = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _FACTS = ("width", "height", "format", "file_size", "taken_at", "camera")
 
 
-def export_index(db: Imgdb, name: str, path: str | Path) -> dict[str, Any]:
+def export_index(catalog: Catalog, name: str, path: str | Path) -> dict[str, Any]:
     """Write index ``name`` to ``path``; returns the manifest."""
-    index = db.index(name)
-    with db.database.connect() as conn:
-        rows = store.index_images(conn, index)
-        ids, vectors = store.read_vectors(conn, index)
-        state = store.load_state(conn, index)
-        sha = parse_spec(index.extractor).options.get("net")
-        network = networks.record(conn, sha) if sha else None
-    local = _local_arrays(db, index, ids) if index.local else {}
-    if sha and network is None:
-        raise ImgdbError(f"network {sha[:12]} of index {name!r} is missing from the database")
+    index = catalog.index(name)
+    spec = parse_spec(index.extractor)
+    shas = extractor_class(spec.family).networks(spec)
+    with catalog.database.connect() as conn:
+        rows = images.rows_of_index(conn, index)
+        ids, stored = vectors.read(conn, index)
+        learned = state.load(conn, index)
+        found = {sha: networks.record(conn, sha) for sha in shas}
+    local = _local_arrays(catalog, index, ids) if index.local else {}
+    for sha, network in found.items():
+        if network is None:
+            raise ImgdbError(f"network {sha[:12]} of index {name!r} is missing from the database")
     if [row["id"] for row in rows] != ids.tolist():
         raise ImgdbError(f"index {name!r} changed while it was read: export it again")
-    manifest = {"format": FORMAT, "version": VERSION, "images": len(rows), "state": sorted(state),
-                "networks": [sha] if sha else [], "local": index.local,
+    manifest = {"format": FORMAT, "version": VERSION, "images": len(rows), "state": sorted(learned),
+                "networks": list(shas), "local": index.local,
                 "index": {"name": index.name, "extractor": index.extractor, "dim": index.dim, "ann": index.ann,
                           "ann_params": index.ann_params, "storage": index.storage}}
-    images = [{"uri": r["uri"], "sha256": r["sha256"], "metadata": r["metadata"], "direct": r["direct"],
-               **{k: r[k].isoformat() if isinstance(r[k], dt.datetime) else r[k] for k in _FACTS}} for r in rows]
+    entries = [{"uri": r["uri"], "sha256": r["sha256"], "metadata": r["metadata"], "direct": r["direct"],
+                **{k: r[k].isoformat() if isinstance(r[k], dt.datetime) else r[k] for k in _FACTS}} for r in rows]
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("manifest.json", json.dumps(manifest, indent=1))
-        archive.writestr("images.json", json.dumps(images, ensure_ascii=False))
-        archive.writestr("vectors.npy", store.npy_bytes(vectors.astype(np.float32)))
-        for key, array in state.items():
-            archive.writestr(f"state/{key}.npy", store.npy_bytes(array))
-        if network is not None:
-            archive.writestr(f"networks/{sha}.safetensors", network.pop("weights"))
-            archive.writestr(f"networks/{sha}.json", json.dumps(network, default=str))
+        archive.writestr("images.json", json.dumps(entries, ensure_ascii=False))
+        archive.writestr("vectors.npy", state.npy_bytes(stored.astype(np.float32)))
+        for key, array in learned.items():
+            archive.writestr(f"state/{key}.npy", state.npy_bytes(array))
+        for sha, network in found.items():
+            archive.writestr(f"networks/{sha}.safetensors", network.weights)
+            archive.writestr(f"networks/{sha}.json", json.dumps({k: v for k, v in asdict(network).items()
+                                                                  if k != "weights"}, default=str))
         for key, array in local.items():
-            archive.writestr(f"local/{key}.npy", store.npy_bytes(array))
+            archive.writestr(f"local/{key}.npy", state.npy_bytes(array))
     return manifest
 
 
-def _local_arrays(db: Imgdb, index: SearchIndex, ids: np.ndarray) -> dict[str, np.ndarray]:
+def _local_arrays(catalog: Catalog, index: IndexRecord, ids: np.ndarray) -> dict[str, np.ndarray]:
     spec = keypoints.parse_keypoints(index.local or "")
-    found = db.database.searching(lambda conn: local_features.read(conn, str(spec), spec.dim, ids.tolist()))
+    found = catalog.database.searching(lambda conn: local_features.read(conn, str(spec), spec.dim, ids.tolist()))
     rows = [found.get(i) for i in ids.tolist()]
     present = [r for r in rows if r is not None]
     return {"counts": np.array([-1 if r is None else len(r[1]) for r in rows], np.int32),
@@ -122,7 +126,7 @@ def _local_rows(archive: zipfile.ZipFile, text: str,
                   for row, (n, end) in enumerate(zip(counts.tolist(), ends.tolist())) if n >= 0]
 
 
-def import_index(db: Imgdb, path: str | Path, name: str | None = None) -> dict[str, Any]:
+def import_index(catalog: Catalog, path: str | Path, name: str | None = None) -> dict[str, Any]:
     """Create an index from an export (under ``name``, default its own); returns the manifest."""
     try:
         archive = zipfile.ZipFile(path)
@@ -133,45 +137,44 @@ def import_index(db: Imgdb, path: str | Path, name: str | None = None) -> dict[s
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise ImgdbError(f"{path}: not an imgdb index export of format version {VERSION}")
         spec = _field(manifest, "index", dict)
-        name = store.check_name(name or _field(spec, "name", str))
+        name = check_name(name or _field(spec, "name", str))
         extractor, dim = _field(spec, "extractor", str), _field(spec, "dim", int)
-        images = _images(_json(archive, "images.json"), _field(manifest, "images", int))
-        vectors = _array(archive, "vectors.npy")
-        if vectors.dtype != np.float32 or vectors.shape != (len(images), dim) or not np.isfinite(vectors).all():
-            raise ImgdbError(f"vectors.npy must hold {len(images)} finite float32 rows of {dim} values")
-        state = {key: _array(archive, f"state/{key}.npy") for key in _keys(manifest)}
+        listed = _images(_json(archive, "images.json"), _field(manifest, "images", int))
+        found = _array(archive, "vectors.npy")
+        if found.dtype != np.float32 or found.shape != (len(listed), dim) or not np.isfinite(found).all():
+            raise ImgdbError(f"vectors.npy must hold {len(listed)} finite float32 rows of {dim} values")
+        learned = {key: _array(archive, f"state/{key}.npy") for key in _keys(manifest)}
         nets = [_network(archive, sha) for sha in _field(manifest, "networks", list)]
         local = manifest.get("local")
         if local is not None and not isinstance(local, str):
             raise ImgdbError("manifest.json: local must be a local feature spec")
-        features = _local_rows(archive, local, len(images)) if local else None
-    if parse_spec(extractor).options.get("net") not in {None, *(n["sha256"] for n in nets)}:
+        features = _local_rows(archive, local, len(listed)) if local else None
+    named = parse_spec(extractor)
+    if not set(extractor_class(named.family).networks(named)) <= {n.sha256 for n in nets}:
         raise ImgdbError("the index's extractor names a network the file does not hold")
-    with db.database.engine.begin() as conn:
-        for record in nets:
-            networks.save(conn, record)
+    for network in nets:
+        catalog.store_network(network)
     # The spec checked and its model loaded now, before anything is written.
     ann = spec.get("ann", "hnsw")
-    info = db.create_index(name, extractor, ann=_ann(ann, spec.get("ann_params")), storage=spec.get("storage", "vector"))
-    if info.dim != dim:
-        db.drop_index(name)
-        raise ImgdbError(f"the extractor makes {info.dim}-dimensional vectors here, the file holds {dim}")
-    target = db.index(name)
+    target = catalog.create_index(name, extractor, ann=_ann(ann, spec.get("ann_params")),
+                                  storage=spec.get("storage", "vector"))
+    if target.dim != dim:
+        catalog.drop_index(name)
+        raise ImgdbError(f"the extractor makes {target.dim}-dimensional vectors here, the file holds {dim}")
     try:
-        with db.database.engine.begin() as conn:
-            ids = store.upsert_images(conn, [(i["uri"], i["facts"], i["metadata"]) for i in images])
-            store.copy_vectors(conn, target, ids, vectors, direct=[i["direct"] for i in images])
-            store.save_state(conn, target, state)
+        with catalog.database.engine.begin() as conn:
+            ids = images.upsert(conn, [(i["uri"], i["facts"], i["metadata"]) for i in listed])
+            vectors.copy(conn, target, ids, found, direct=[i["direct"] for i in listed])
+            state.save(conn, target, learned)
             if features is not None:
                 local_features.set_spec(conn, target, str(features[0]))
                 local_features.write(conn, str(features[0]), [(ids[row], scale, xy, codes)
                                                               for row, scale, xy, codes in features[1]])
     except Exception:
-        db.drop_index(name)
+        catalog.drop_index(name)
         raise
-    db.forget_extractor(target)
-    db.layer.forget(target)
-    db.layer.sync(target, retrain=True)
+    catalog.forget(target)
+    catalog.layer.sync(target, relearn=True)
     return {**manifest, "index": {**spec, "name": name}}
 
 
@@ -232,7 +235,7 @@ def _images(entries: Any, count: int) -> list[dict[str, Any]]:
     for n, entry in enumerate(entries):
         try:
             sha = _field(entry, "sha256", str)
-            if not known.SHA256.fullmatch(sha):
+            if not SHA256_HEX.fullmatch(sha):
                 raise ImgdbError("sha256 is not 64 hex digits")
             taken = entry.get("taken_at")
             facts = ImageFacts(sha, _bounded(entry, "width"), _bounded(entry, "height"), _text(entry, "format") or "",
@@ -262,20 +265,20 @@ def _text(entry: dict[str, Any], key: str) -> str | None:
     return None if value is None else values.check_text(value, key)
 
 
-def _network(archive: zipfile.ZipFile, sha: Any) -> dict[str, Any]:
-    """A network's row: its bytes checked against its name, its record's fields typed."""
-    if not isinstance(sha, str) or not known.SHA256.fullmatch(sha):
+def _network(archive: zipfile.ZipFile, sha: Any) -> StoredNetwork:
+    """A network: its bytes checked against its name, its record's fields typed."""
+    if not isinstance(sha, str) or not SHA256_HEX.fullmatch(sha):
         raise ImgdbError("the export names a network by something that is not a sha256")
     blob = _read(archive, f"networks/{sha}.safetensors")
     record = _json(archive, f"networks/{sha}.json")
     if not isinstance(record, dict):
         raise ImgdbError(f"networks/{sha}.json is not an object")
-    known.provide(sha, blob)  # raises if the bytes are not what their hash says
+    if hashlib.sha256(blob).hexdigest() != sha:
+        raise ImgdbError(f"networks/{sha}.safetensors: its weights do not match their sha256")
     loss = _field(record, "loss", list)
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in loss):
         raise ImgdbError(f"networks/{sha}.json: loss must be finite numbers")
-    return {"sha256": sha, "weights": blob, "backbone": values.check_text(_field(record, "backbone", str), "backbone"),
-            "method": values.check_text(_field(record, "method", str), "method"),
-            "params": values.check_metadata(_field(record, "params", dict), "params"),
-            "images": _bounded(record, "images"), "loss": [float(x) for x in loss],
-            "seconds": float(_field(record, "seconds", (int, float)))}
+    return StoredNetwork(sha, values.check_text(_field(record, "backbone", str), "backbone"), blob,
+                         values.check_text(_field(record, "method", str), "method"),
+                         values.check_metadata(_field(record, "params", dict), "params"), _bounded(record, "images"),
+                         [float(x) for x in loss], float(_field(record, "seconds", (int, float))))

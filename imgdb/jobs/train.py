@@ -1,9 +1,10 @@
 """``imgdb train NAME --from INDEX``: fine-tune INDEX's network on its images into a new index NAME.
 
 The steps, each reusing what imgdb does elsewhere: read INDEX's images back as the re-encoder does
-(:func:`imgdb.reencode.read_back`: files, URLs or an attached table's bytes, refused if they changed),
-train (:mod:`imgdb.training.trainer`), store the trained weights by their sha256
-(:mod:`imgdb.db.networks`), create NAME with a spec naming them, and encode INDEX's images into it.
+(:func:`imgdb.jobs.reencode.read_back`: files, URLs or an attached table's bytes, refused if they
+changed), train (:mod:`imgdb.training.trainer`), store the trained weights by their sha256
+(:meth:`imgdb.catalog.Catalog.store_network`), create NAME with a spec naming them, and encode
+INDEX's images into it.
 INDEX is never changed, so a training that disappoints costs nothing but ``imgdb index drop NAME``.
 
 Methods: ``triplet`` (no labels), ``category`` (one ``--label-key``: a classification head plus the
@@ -17,27 +18,25 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from imgdb.ann.spec import parse_ann
-from imgdb.db import networks, store
+from imgdb.ann.spec import AnnSpec
+from imgdb.catalog import Catalog
+from imgdb.db import images, indexes, state
+from imgdb.db.images import StoredImage
+from imgdb.db.records import IndexRecord, StoredNetwork, check_name
 from imgdb.errors import ImgdbError, IndexExists
-from imgdb.features.cnn import CnnConfig, CnnExtractor
-from imgdb.features.known import provide
+from imgdb.features.cnn import CnnExtractor
+from imgdb.features.cnn_config import CnnConfig
 from imgdb.features.network import serialize
-from imgdb.features.torch_net import torch_device
-from imgdb.features.registry import create_extractor
 from imgdb.features.spec import parse_spec
-from imgdb.ingest import Failure, Ingester, IngestReport, ProgressCallback, StatusCallback
-from imgdb.reencode import read_back
+from imgdb.features.torch_net import torch_device
+from imgdb.jobs.ingest import Failure, Ingester, IngestReport, ProgressCallback, StatusCallback
+from imgdb.jobs.reencode import read_back
 from imgdb.training import losses
 from imgdb.training.trainer import EpochCallback, Member, TrainOptions, train
-
-if TYPE_CHECKING:
-    from imgdb.client import Imgdb
-    from imgdb.orm import SearchIndex
 
 METHODS = ("triplet", "category", "multitask", "distill")
 #: Images training reads at most (a random sample beyond): each is held in memory as pixels.
@@ -46,7 +45,7 @@ MAX_TRAINING_IMAGES = 5000
 
 @dataclass
 class TrainReport:
-    """The CONVENTIONS.md ``imgdb train`` summary."""
+    """What ``imgdb train --json`` prints (the contract in ``../shared/CONVENTIONS.md``)."""
 
     index: str
     source: str
@@ -105,40 +104,41 @@ def student_spec(student: str, teacher: CnnConfig) -> CnnConfig:
     return replace(config, whiten="off")
 
 
-def train_network(db: Imgdb, name: str, source_name: str, *, method: str = "triplet",
+def train_network(catalog: Catalog, name: str, source_name: str, *, method: str = "triplet",
                   label_keys: Sequence[str] = (), student: str | None = None,
                   options: TrainOptions | None = None, on_status: StatusCallback | None = None,
                   on_progress: ProgressCallback | None = None, on_epoch: EpochCallback | None = None) -> TrainReport:
     """Fine-tune ``source_name``'s network on its images into a new index ``name`` (see the module)."""
     started = time.monotonic()
     options = options or TrainOptions()
-    store.check_name(name)
+    check_name(name)
     keys = label_heads(label_keys)
     check_method(method, keys, student)
-    source = db.index(source_name)
-    with db.database.connect() as conn:
-        if store.get_index(conn, name) is not None:
+    source = catalog.index(source_name)
+    with catalog.database.connect() as conn:
+        if indexes.get(conn, name) is not None:
             raise IndexExists(f"index {name!r} exists already")
-        images = store.stored_images(conn, source)
-        state = store.load_state(conn, source)
-    teacher = db.extractor(source)
+        held = images.of_index(conn, source)
+        learned = state.load(conn, source)
+    teacher = catalog.extractor(source)
     if not isinstance(teacher, CnnExtractor):
         raise ImgdbError(f"index {source.name!r} ({source.extractor}) has no network to fine-tune: use a cnn: index")
-    if len(images) > MAX_TRAINING_IMAGES:
-        images = sorted(random.Random(0).sample(images, MAX_TRAINING_IMAGES), key=lambda row: row.image_id)
-    trainee = CnnExtractor(student_spec(student, teacher.config) if student else teacher.config, runtime="torch")
+    if len(held) > MAX_TRAINING_IMAGES:
+        held = sorted(random.Random(0).sample(held, MAX_TRAINING_IMAGES), key=lambda row: row.image_id)
+    trainee = CnnExtractor(student_spec(student, teacher.config) if student else teacher.config,
+                           replace(catalog.context, runtime="torch"))
     if not student:
-        trainee.load_state(state)  # (a whitening the source learned is where training starts)
-    device = torch_device(db.settings.device)
+        trainee.load_state(learned)  # (a whitening the source learned is where training starts)
+    device = torch_device(catalog.settings.device)
 
     if on_status:
-        on_status(f"reading the {len(images)} images of {source.name!r}")
+        on_status(f"reading the {len(held)} images of {source.name!r}")
     read = IngestReport()
-    ingester = Ingester(db.database, source, teacher, db.settings, db.layer)
+    ingester = Ingester(catalog, source, teacher)
     pixels = {row.image_id: loaded.prepared for batch in read_back(
-        ingester, images, read, on_progress, prepare=lambda image: trainee.resized(np.asarray(image)),
+        ingester, held, read, on_progress, prepare=lambda image: trainee.resized(np.asarray(image)),
         outcome="left out of training") for row, loaded in batch}
-    members, classes = _members(db, pixels, keys)
+    members, classes = _members(catalog, pixels, keys)
     if on_status:
         views = f"{options.views} synthetic photos of each"
         on_status(f"training {method} on {len(members)} images ({views}) on {device.type}")
@@ -148,34 +148,26 @@ def train_network(db: Imgdb, name: str, source_name: str, *, method: str = "trip
                     if student else None, on_progress=on_progress, on_epoch=on_epoch)
     sha, blob = serialize(net.trained_state())
     spec = str(replace(trainee.config, whiten="off", net=sha))
-    record = {"sha256": sha, "backbone": trainee.config.backbone, "weights": blob, "method": method,
-              "params": {**vars(options), "from": source.name, "from_extractor": source.extractor,
-                         "label_keys": list(label_keys), "views": trained.views},
-              "images": len(members), "loss": trained.losses, "seconds": trained.seconds}
-    with db.database.engine.begin() as conn:
-        networks.save(conn, record)
-    provide(sha, blob)
-    db.create_index(name, spec, ann=_ann_of(source), storage=source.storage)
+    catalog.store_network(StoredNetwork(
+        sha, trainee.config.backbone, blob, method,
+        {**vars(options), "from": source.name, "from_extractor": source.extractor, "label_keys": list(label_keys),
+         "views": trained.views}, len(members), trained.losses, trained.seconds))
+    created = catalog.create_index(name, spec, ann=str(AnnSpec.of(source)), storage=source.storage)
     if on_status:
         on_status(f"encoding the {len(pixels)} images into {name!r} with network {sha[:12]}")
     try:
-        encoded = fill(db, db.index(name), images, on_progress)
+        encoded = fill(catalog, created, held, on_progress)
     except BaseException:  # (Ctrl-C too) no half-filled index: the network stays stored, a rerun is quick
-        db.drop_index(name)
+        catalog.drop_index(name)
         raise
     return TrainReport(name, source.name, method, sha, spec, len(members), trained.losses, trained.seconds,
                        trained.views, encoded, read.failed, time.monotonic() - started)
 
 
-def _ann_of(index: SearchIndex) -> str:
-    """The source index's first stage, for the new index to have the same."""
-    return str(parse_ann(index.ann, index.ann_params))
-
-
-def _members(db: Imgdb, pixels: dict[int, np.ndarray], keys: Sequence[str]) -> tuple[list[Member], list[int]]:
+def _members(catalog: Catalog, pixels: dict[int, np.ndarray], keys: Sequence[str]) -> tuple[list[Member], list[int]]:
     """Training images with their class per label key (values as text; images without it: no label)."""
-    with db.database.connect() as conn:
-        meta = store.image_metadata(conn, list(pixels)) if keys else {}
+    with catalog.database.connect() as conn:
+        meta = images.metadata(conn, list(pixels)) if keys else {}
     values = [{str(meta[i][k]) for i in pixels if meta.get(i, {}).get(k) not in (None, "")} for k in keys]
     for key, found in zip(keys, values):
         if len(found) < 2:
@@ -188,20 +180,20 @@ def _members(db: Imgdb, pixels: dict[int, np.ndarray], keys: Sequence[str]) -> t
     return members, [len(found) for found in values]
 
 
-def fill(db: Imgdb, index: SearchIndex, images: Sequence[store.Stored], on_progress: ProgressCallback | None) -> IngestReport:
+def fill(catalog: Catalog, index: IndexRecord, held: Sequence[StoredImage],
+         on_progress: ProgressCallback | None) -> IngestReport:
     """Encode the source index's images (read back again) into the new index."""
     report = IngestReport()
     started = time.perf_counter()
-    extractor = create_extractor(index.extractor)
-    ingester = Ingester(db.database, index, extractor, db.settings, db.layer)
+    ingester = Ingester(catalog, index)
     try:
-        for batch in read_back(ingester, images, report, on_progress, outcome="not in the new index"):
+        for batch in read_back(ingester, held, report, on_progress, outcome="not in the new index"):
             prepared = [loaded for _, loaded in batch]
-            vectors, codes = ingester.embed(prepared)
-            _, added = db.database.writing(lambda conn: ingester.write(conn, prepared, vectors, codes))
+            embedded, codes = ingester.embed(prepared)
+            _, added = catalog.database.writing(lambda conn: ingester.write(conn, prepared, embedded, codes))
             report.added += added
     finally:
-        db.layer.sync(index)
+        catalog.layer.sync(index)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from imgdb.db import local_features, store
+from imgdb.catalog import Catalog
+from imgdb.db import images, local_features
+from imgdb.db.records import IndexRecord
 from imgdb.features import keypoints
-from imgdb.ingest import Failure, Ingester, IngestReport, ProgressCallback
-from imgdb.reencode import read_back
-
-if TYPE_CHECKING:
-    from imgdb.client import Imgdb
-    from imgdb.orm import SearchIndex
+from imgdb.jobs.ingest import Failure, Ingester, IngestReport, ProgressCallback
+from imgdb.jobs.reencode import read_back
 
 
 @dataclass
@@ -39,38 +37,39 @@ class VerifyReport:
                 "failed": [{"path": f.path, "error": f.error} for f in self.failed]}
 
 
-def enable(db: Imgdb, index: SearchIndex, text: str, on_progress: ProgressCallback | None = None) -> VerifyReport:
+def enable(catalog: Catalog, index: IndexRecord, text: str,
+           on_progress: ProgressCallback | None = None) -> VerifyReport:
     """Make ``index`` keep local features of spec ``text`` and store those its images lack."""
     started = time.perf_counter()
     spec = keypoints.parse_keypoints(text)
-    with db.database.engine.begin() as conn:
+    with catalog.database.engine.begin() as conn:
         local_features.set_spec(conn, index, str(spec))
-    db.layer.forget(index)
-    index = db.index(index.name)
-    ingester = Ingester(db.database, index, db.extractor(index), db.settings, db.layer)
-    with db.database.connect() as conn:
+    catalog.layer.forget(index)
+    index = catalog.index(index.name)
+    ingester = Ingester(catalog, index)
+    with catalog.database.connect() as conn:
         missing = set(local_features.without_features(conn, index, str(spec)))
-        images = [row for row in store.stored_images(conn, index) if row.image_id in missing]
+        held = [row for row in images.of_index(conn, index) if row.image_id in missing]
     report = IngestReport()
     added = 0
 
     def extract(pixels):  # noqa: ANN001, ANN202 - worker-thread part, as ingest's prepare
         return keypoints.quantize(spec.extract(pixels), spec)
 
-    for batch in read_back(ingester, images, report, on_progress, prepare=extract,
+    for batch in read_back(ingester, held, report, on_progress, prepare=extract,
                            outcome="it is searched but never verified"):
         rows = [(row.image_id, found.prepared.scale, found.prepared.xy, found.prepared.codes) for row, found in batch]
-        with db.database.engine.begin() as conn:
+        with catalog.database.engine.begin() as conn:
             local_features.write(conn, str(spec), rows)
         added += len(rows)
-    with db.database.connect() as conn:
+    with catalog.database.connect() as conn:
         count, mean = local_features.footprint(conn, index, str(spec))
     return VerifyReport(index.name, str(spec), added, count, mean, time.perf_counter() - started, report.failed)
 
 
-def disable(db: Imgdb, index: SearchIndex) -> VerifyReport:
+def disable(catalog: Catalog, index: IndexRecord) -> VerifyReport:
     """Stop verifying ``index`` (the stored features stay for other indexes of the same images)."""
-    with db.database.engine.begin() as conn:
+    with catalog.database.engine.begin() as conn:
         local_features.set_spec(conn, index, None)
-    db.layer.forget(index)
+    catalog.layer.forget(index)
     return VerifyReport(index.name, None)

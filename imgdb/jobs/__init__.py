@@ -1,0 +1,1 @@
+"""The jobs: what imgdb does with a catalog (:mod:`imgdb.catalog`), one module each."""

@@ -1,0 +1,115 @@
+"""Search: a query decoded and encoded as its index's gallery was, then the query path
+(:mod:`imgdb.query.plan`) on a pooled search connection, or several indexes' rankings fused.
+
+A process that only searches loads none of what writes: the registry row is read over the search
+path's own psycopg connections (:meth:`imgdb.ann.layer.AnnLayer.record`) and SQLAlchemy is touched
+only to create the default index or to compile a filter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+import psycopg
+from PIL import Image
+
+from imgdb import lazy
+from imgdb.catalog import Catalog
+from imgdb.db import records
+from imgdb.db import search as sql
+from imgdb.db.records import IndexRecord
+from imgdb.errors import ImgdbError
+from imgdb.features import keypoints
+from imgdb.io import sources
+from imgdb.query import fusion as fusion_of
+from imgdb.query import plan
+from imgdb.query.parts import EncodedQuery, QueryImage
+
+if TYPE_CHECKING:
+    from imgdb.db import filters as filtering
+else:
+    filtering = lazy.module("imgdb.db.filters")
+
+#: What a query can be: a path, an http(s) URL, ``"id:N"``, image bytes, a Pillow image, a vector, or
+#: a query encoded already (:func:`encode`).
+Query = Union[str, Path, bytes, Image.Image, np.ndarray, EncodedQuery]
+#: Largest k and first-stage candidate count a search takes (pgvector's HNSW stops at 1,000 anyway).
+MAX_K = 1000
+MAX_CANDIDATES = 100_000
+_ID_QUERY = re.compile(r"^id:([0-9]+)$")
+
+
+def search(catalog: Catalog, query: Query, *, k: int = 10, filters: Sequence[str] = (), index: str,
+           rerank: str = "exact", candidates: int | None = None, fusion: str = "rrf") -> list[sql.Hit]:
+    """The ``k`` images of ``index`` most similar to ``query`` that pass ``filters`` (see
+    :meth:`imgdb.client.Imgdb.search`)."""
+    if k < 1:
+        raise ImgdbError(f"k must be at least 1, not {k}")
+    if k > MAX_K:
+        raise ImgdbError(f"k must be at most {MAX_K}, not {k}")
+    if candidates is not None and not 1 <= candidates <= MAX_CANDIDATES:
+        raise ImgdbError(f"candidates must be between 1 and {MAX_CANDIDATES}, not {candidates}")
+    names = [name.strip() for name in index.split(",")]
+    if len(names) > 1:
+        fusion_of.check(fusion, names)
+        for name in names:
+            records.check_name(name)
+        if isinstance(query, (str, Path)) and not _ID_QUERY.match(str(query).strip()):
+            query = sources.load(query, catalog.settings.fetch)  # read once, decoded by each index
+        depth = max(k, fusion_of.DEPTH)
+        return fusion_of.fuse({name: search(catalog, query, k=depth, filters=filters, index=name, rerank=rerank,
+                                            candidates=candidates) for name in names}, k, fusion)
+    records.check_name(index)
+    clauses = filtering.parse_filters(filters) if filters else []
+    for attempt in (1, 2):
+        target = catalog.layer.record(index)
+        if target is None:
+            catalog.index(index)  # creates `default`, or says what is missing
+            target = catalog.layer.record(index) or catalog.index(index)
+        vector, image = encode(catalog, target, query)
+        try:
+            return catalog.database.searching(lambda conn: plan.search(
+                catalog.layer, conn, target, vector, k, clauses, image=image, rerank=rerank, candidates=candidates))
+        except psycopg.errors.UndefinedTable:
+            # Dropped (and maybe re-created) by another process since this one cached it: ask again.
+            catalog.layer.forget(target)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def encode(catalog: Catalog, index: IndexRecord, query: Query) -> tuple[np.ndarray, QueryImage]:
+    """The query's vector, and its image for the re-rankers that look at one (its pixels, decoded
+    once, or the stored image ``id:N`` names)."""
+    if isinstance(query, EncodedQuery):
+        return encode(catalog, index, query.vector)[0], query.image
+    if isinstance(query, np.ndarray):
+        if query.shape != (index.dim,):
+            raise ImgdbError(f"query vector has shape {query.shape}, index {index.name!r} needs ({index.dim},)")
+        return query.astype(np.float32), QueryImage()
+    if isinstance(query, str) and (match := _ID_QUERY.match(query.strip())):
+        digits = match.group(1)
+        image_id = int(digits) if len(digits) <= 19 else records.MAX_ID + 1  # (longer: no such image)
+        found = catalog.database.searching(lambda conn: sql.stored_vectors(conn, index, [image_id])) \
+            if 0 < image_id <= records.MAX_ID else {}
+        if image_id not in found:
+            raise ImgdbError(f"image {digits[:30]} is not in index {index.name!r}")
+        return found[image_id], QueryImage(image_id=image_id)
+    from imgdb.encoding import embed_image, embed_pixels  # (the decoding pipeline: photos only)
+
+    extractor = catalog.extractor(index)
+    if isinstance(query, Image.Image):
+        pixels = query.convert("RGB")
+        return embed_pixels(extractor, pixels, catalog.model_gate), QueryImage(pixels)
+    data = query if isinstance(query, bytes) else sources.load(query, catalog.settings.fetch)
+    spec = None if index.local is None else keypoints.parse_keypoints(index.local)
+    try:
+        vector, pixels = embed_image(extractor, data, catalog.settings, catalog.model_gate, spec)
+        return vector, QueryImage(pixels)
+    except ImgdbError as exc:
+        where = "query image" if isinstance(query, bytes) else str(query)
+        raise type(exc)(f"{where}: {exc}") from None
