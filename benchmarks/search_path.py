@@ -87,10 +87,11 @@ def main() -> None:
 
             cProfile.runctx("for q in queries: imgdb_search(q)", globals(), locals(), str(args.profile))
     p50 = {name: float(np.median(v)) * 1e3 for name, v in latencies.items()}
-    print("| way | p50 ms | p99 ms | Imgdb.search / this |\n| --- | --- | --- | --- |")
-    for name, values in latencies.items():
-        print(f"| {name} | {p50[name]:.3f} | {np.percentile(values, 99) * 1e3:.3f} | "
-              f"{p50['Imgdb.search'] / p50[name]:.2f}x |")
+    p99 = {name: float(np.percentile(v, 99)) * 1e3 for name, v in latencies.items()}
+    print("| way | p50 ms | p99 ms | Imgdb.search / this, p50 | Imgdb.search / this, p99 |\n| --- | --- | --- | --- | --- |")
+    for name in latencies:
+        print(f"| {name} | {p50[name]:.3f} | {p99[name]:.3f} | {p50['Imgdb.search'] / p50[name]:.2f}x | "
+              f"{p99['Imgdb.search'] / p99[name]:.2f}x |")
     print(f"\n{len(queries)} queries on {len(base):,} SIFT descriptors; the three gave the same ids for {agree}.")
 
 

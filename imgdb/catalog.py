@@ -27,7 +27,7 @@ from imgdb.ann.layer import AnnLayer
 from imgdb.config import Settings
 from imgdb.db import search as sql
 from imgdb.db.engine import Database
-from imgdb.db.records import IndexRecord, StoredNetwork, check_name
+from imgdb.db.records import IndexRecord, StoredNetwork, check_name, check_storage
 from imgdb.errors import ExtractorSpecError, IndexExists
 from imgdb.features.base import Extractor, ExtractorContext
 from imgdb.features.registry import DEFAULT_SPEC, canonical_spec, create_extractor, extractor_class
@@ -94,6 +94,7 @@ class Catalog:
         """Create an index: ``extractor`` a spec (stored in canonical form, a weights file it names
         stored as a network), ``ann`` an ANN spec, ``storage`` ``vector`` or ``halfvec``."""
         check_name(name)
+        check_storage(storage)
         first_stage = ann_methods.parse_ann(ann)
         spec = parse_spec(canonical_spec(extractor or DEFAULT_SPEC, self.context))
         spec, files = extractor_class(spec.family).store_files(spec, self.context)

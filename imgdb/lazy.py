@@ -2,7 +2,7 @@
 
 Importing SQLAlchemy's engine and ORM takes about half a second, as long as everything else a
 cold ``imgdb search`` does. The search path itself speaks plain psycopg (:mod:`imgdb.db.search`),
-so the modules that write through SQLAlchemy (:mod:`imgdb.db.store` and its neighbours) are bound
+so the modules that write through SQLAlchemy (:mod:`imgdb.db.indexes` and its neighbours) are bound
 where they are used as stand-ins from :func:`module`, which import the real module at the first
 attribute read and forward to it from then on. Static type checkers are shown the real modules
 (imported under ``TYPE_CHECKING`` beside the stand-ins).

@@ -201,8 +201,10 @@ def test_bad_ann_specs_and_options_are_one_line_errors(client) -> None:  # noqa:
                           ("pq/bits=4", "bad option"), ("ivfpq/lists=x", "must be an integer")]:
         with pytest.raises(ImgdbError, match=message):
             client.create_index("bad_ann", "color:hsv", ann=spec)
-    with pytest.raises(ImgdbError, match="at most 2000 dimensions"):
+    with pytest.raises(ImgdbError, match="at most 2000 dimensions.*--storage halfvec, --ann bq, pq, ivfpq, lsh"):
         client.create_index("too_wide", "external/dim=3000")
+    with pytest.raises(ImgdbError, match="unknown storage"):
+        client.create_index("bad_storage", "color:hsv", storage="float8")
     client.create_index("wide_half", "external/dim=3000", storage="halfvec")
     with pytest.raises(ImgdbError, match="unknown re-rank"):
         client.search(np.zeros(3000, np.float32), index="wide_half", rerank="best")

@@ -26,6 +26,8 @@ BUILTIN: dict[str, str] = {
 }
 #: What an index gets when created without ``--ann``.
 DEFAULT = "hnsw"
+#: Namespace of the index layer's arrays in ``index_state`` (the extractor's keys have no dot).
+STATE_OWNER = "ann."
 
 
 def names() -> list[str]:
@@ -98,9 +100,5 @@ def help_text() -> str:
 
 def query_state_keys() -> tuple[str, ...]:
     """The learned-state keys that some method's SQL reads with every query, in the index layer's
-    namespace (read with the registry row: :func:`imgdb.db.records.lookup`)."""
+    namespace (read with the registry row: :func:`imgdb.db.search.lookup`)."""
     return tuple(sorted({STATE_OWNER + key for name in names() for key in method(name).query_state}))
-
-
-#: Namespace of the index layer's arrays in ``index_state`` (the extractor's keys have no dot).
-STATE_OWNER = "ann."

@@ -26,10 +26,9 @@ from sqlalchemy.engine import Connection
 from imgdb.db import derived, vectors
 from imgdb.db import search as reads
 from imgdb.db.models import SearchIndex
-from imgdb.db.records import IndexRecord, check_name
-from imgdb.errors import ImgdbError, IndexExists, IndexNotFound
+from imgdb.db.records import IndexRecord, check_name, check_storage
+from imgdb.errors import IndexExists, IndexNotFound
 
-STORAGES = ("vector", "halfvec")
 _indexes = SearchIndex.__table__
 
 
@@ -55,11 +54,6 @@ def all_indexes(conn: Connection) -> list[IndexRecord]:
     """Every index, by name, with its number of vectors."""
     names = conn.execute(sa.select(_indexes.c.name).order_by(_indexes.c.name)).scalars().all()
     return [counted(conn, require(conn, name)) for name in names]
-
-
-def check_storage(storage: str) -> None:
-    if storage not in STORAGES:
-        raise ImgdbError(f"unknown storage {storage[:20]!r}: use {' or '.join(STORAGES)}")
 
 
 def create(conn: Connection, name: str, extractor: str, dim: int, ann: str, ann_params: dict[str, int],

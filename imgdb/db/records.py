@@ -35,6 +35,16 @@ def check_name(name: str) -> str:
     return name
 
 
+#: How an index stores its vectors: float32, or float16 (half the bytes, indexable to 4000 dimensions).
+STORAGES = ("vector", "halfvec")
+
+
+def check_storage(storage: str) -> str:
+    if storage not in STORAGES:
+        raise ImgdbError(f"unknown storage {printable(storage)[:20]!r}: use {' or '.join(STORAGES)}")
+    return storage
+
+
 def view_name(index_name: str) -> str:
     """The view plain SQL queries for index ``index_name``."""
     return VIEW_PREFIX + index_name

@@ -159,7 +159,7 @@ class Ingester:
               sampled: bool = False) -> None:
         """Fit a trainable extractor on a random sample of ``todo`` (all of it, when ``sampled``
         already) and store what it learned: the first learning of an index (learning again is
-        :mod:`imgdb.reencode`'s).
+        :mod:`imgdb.jobs.reencode`'s).
 
         Processes take the index's training lock in turn; one that finds the state learned
         meanwhile takes it instead of learning its own (every vector of an index must come from
@@ -290,7 +290,7 @@ class Ingester:
               metas: Sequence[dict[str, Any]] | None = None, *, direct: bool = True) -> tuple[list[int], int]:
         """Write a batch's images and vectors in ``conn``'s transaction; returns the images' ids in
         order and how many vectors were new. ``direct`` false: the vectors are there only for
-        attached tables' rows (:mod:`imgdb.sync`).
+        attached tables' rows (:mod:`imgdb.jobs.sync`).
 
         Images first, then vectors (whose trigger locks the index's registry row): every writer
         takes its locks in that order."""
