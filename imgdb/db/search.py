@@ -58,7 +58,8 @@ class Hit:
 
 def lookup(conn: psycopg.Connection, name: str, state_keys: Sequence[str] = ()) -> IndexRecord | None:
     """The index named ``name`` in one round trip: its row, whether its pgvector index exists, the
-    learned arrays of ``state_keys`` (those its first stage's SQL reads), and its attached tables."""
+    learned arrays of ``state_keys`` (those its first stage's SQL reads: ``ann.center`` is
+    ``ann_state["center"]``), and its attached tables."""
     row = conn.cursor(row_factory=dict_row).execute(
         "SELECT *, to_regclass(format('%%I.vectors_%%s_ann', current_schema(), id)) IS NOT NULL AS has_ann,"
         " (SELECT array_agg(s.key ORDER BY s.key) FROM index_state s WHERE s.index_id = indexes.id"

@@ -7,8 +7,9 @@ the prepared images through the extractor and write each batch in its own transa
 by content hash, vectors and their first-stage codes by binary COPY, local features beside them). A
 crash or Ctrl-C therefore loses at most the batch in flight, and a rerun skips everything committed.
 When a load of BULK_LOAD images or more at least doubles an index, its ANN index is dropped first and
-built once at the end, instead of growing the graph vector by vector; a Python-side first stage is
-trained at the end of the first load.
+built once at the end, instead of growing the graph vector by vector; a first stage that learns from
+the data (a quantizer, binary quantization's centre) learns at the end of the first load that leaves
+the index enough vectors (:meth:`imgdb.ann.layer.AnnLayer.sync`).
 """
 
 from __future__ import annotations
