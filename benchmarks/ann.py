@@ -39,7 +39,7 @@ WARMUP = 300
 
 def placeholder_images(db, n: int, tag: str) -> np.ndarray:  # noqa: ANN001
     """One ``images`` row per descriptor, for ``add_vectors`` to hang the vectors on (not timed)."""
-    from imgdb.db import images, vectors
+    from imgdb.db import images
     from imgdb.io.reader import ImageFacts
 
     ids: list[int] = []
@@ -196,7 +196,7 @@ def museum_benchmark() -> str:
     with private_imgdb() as db:
         db.create_index("cnn", ann="none")
         db.ingest([museum / "images"], index="cnn")
-        from imgdb.db import images, vectors
+        from imgdb.db import vectors
 
         with db.database.connect() as conn:
             ids, base = vectors.read(conn, db.index("cnn"))

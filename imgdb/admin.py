@@ -25,7 +25,17 @@ def database_status(settings: Settings | None = None) -> dict[str, Any]:
     settings = settings or Settings.from_env()
     if settings.database_url:
         database = Database(settings.database_url, schema=settings.schema, migrate=False)
-        return {"embedded": False, "running": True, "schema": settings.schema, "revision": database.revision()}
+        try:
+            status = {"embedded": False, "running": True, "schema": settings.schema, "revision": database.revision(),
+                      "citus": database.placement.citus}
+            if database.distributed:
+                from imgdb.db import cluster
+
+                with database.connect() as conn:
+                    status["cluster"] = cluster.layout(conn)
+            return status
+        finally:
+            database.dispose()
     status = EmbeddedServer(settings.home).status()
     return {"embedded": True, "running": status.running, "pgdata": str(status.pgdata), "pid": status.pid,
             "url": status.url, "schema": settings.schema}

@@ -34,7 +34,7 @@ from imgdb.jobs.search import Query, encode, search
 from imgdb.query.parts import EncodedQuery
 
 if TYPE_CHECKING:
-    from imgdb.db import attached, derived, images
+    from imgdb.db import attached, cluster, derived, images
     from imgdb.jobs.evaluate import EvalReport
     from imgdb.jobs.explain import Explanation
     from imgdb.jobs.ingest import IngestReport, ProgressCallback, StatusCallback
@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from imgdb.jobs.verification import VerifyReport
     from imgdb.training.trainer import EpochCallback, TrainOptions
 else:
-    attached, derived, images = (lazy.module(f"imgdb.db.{name}") for name in ("attached", "derived", "images"))
+    attached, cluster, derived, images = (lazy.module(f"imgdb.db.{name}")
+                                          for name in ("attached", "cluster", "derived", "images"))
 
 
 class Imgdb:
@@ -231,6 +232,18 @@ class Imgdb:
         target = self.index(index) if index else None
         with self.database.connect() as conn:
             return attached.failures(conn, target)
+
+    def distribute(self, shards: int | None = None) -> dict[str, Any]:
+        """Distribute imgdb's tables over the Citus cluster this database coordinates (images and
+        every index's vectors sharded by image id, the registry replicated: :mod:`imgdb.db.cluster`),
+        and return how the data lies. Running it again changes nothing; indexes created later are
+        distributed when created."""
+        with self.database.engine.begin() as conn:
+            cluster.distribute(conn, shards)
+        self.database.look_again()
+        self.catalog.forget()
+        with self.database.connect() as conn:
+            return cluster.layout(conn)
 
     def grant(self, role: str) -> None:
         """Give an application role read access: the views (per index, sync status) and

@@ -60,7 +60,11 @@ def test_attach_sync_search_update_delete_detach(client, app_sql, gallery: list[
     """The whole life of a table of paths, on the default CNN extractor: each step as a user sees it."""
     client.create_index("shop", DEFAULT_SPEC)
     make_table(app_sql, "products", "id bigint PRIMARY KEY, photo text, owner text NOT NULL")
+    # Bytes after the JPEG's end change the content hash, not the pixels: images only this test holds,
+    # whatever other tests put in the shared database, so that deleting their rows deletes them.
     paths = [copy_image(gallery[i], tmp_path / f"p{i}.jpg") for i in range(8)]
+    for path in paths:
+        path.write_bytes(path.read_bytes() + b"test_attach")
     app_sql.execute("INSERT INTO products VALUES (1, %s, 'alice'), (2, %s, 'bob')", (str(paths[0]), str(paths[1])))
     attach = client.attach("products", "photo", index="shop")
     assert (attach.table, attach.index, attach.queued) == ("products", "shop", 2)
@@ -129,7 +133,7 @@ def test_bytes_uuid_keys_urls_and_failures_with_back_off(client, app_sql, galler
     client.create_index("blobs", COLOR)
     make_table(app_sql, "scans", "id uuid PRIMARY KEY, image bytea")
     keys = [uuid.UUID(int=i + 1) for i in range(5)]
-    rows = [(keys[i], gallery[50 + i].read_bytes()) for i in range(3)]
+    rows = [(keys[i], gallery[50 + i].read_bytes() + b"test_attach") for i in range(3)]  # (this test's own content)
     rows += [(keys[3], b"not an image at all"), (keys[4], None)]
     for key, data in rows:
         app_sql.execute("INSERT INTO scans VALUES (%s, %s)", (key, data))

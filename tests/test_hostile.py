@@ -115,7 +115,7 @@ def test_a_replaced_file_is_never_served_as_the_image(client, tmp_path: Path) ->
 def test_a_search_never_builds_an_index(client, museum: Path) -> None:  # noqa: ANN001
     """While a bulk load has the HNSW index dropped, searches answer by exact scan and run no DDL;
     the writer builds it again."""
-    from imgdb.db import images, pgvector, vectors
+    from imgdb.db import pgvector
 
     client.create_index("nobuild", COLOR)
     gallery = sorted((museum / "images").glob("*.jpg"))[:30]

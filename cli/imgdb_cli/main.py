@@ -592,6 +592,28 @@ def db_stop(as_json: Json = False, debug: Debug = False) -> None:
     guarded(debug, run)
 
 
+@db_app.command("distribute")
+def db_distribute(
+    shards: Annotated[Optional[int], typer.Option("--shards", min=1, max=4096, help="Shards of the images and "
+                                                  "vectors (default: the cluster's citus.shard_count).")] = None,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Distribute imgdb's tables over a Citus cluster (IMGDB_DATABASE_URL: its coordinator); run once."""
+
+    def run() -> None:
+        layout = _client().distribute(shards)
+        if as_json:
+            emit_json(layout)
+            return
+        stdout.print(f"distributed: {', '.join(layout['distributed'])} ({layout['shards']} shards); "
+                     f"reference tables: {', '.join(layout['reference'])}", markup=False)
+        for node in layout["nodes"]:
+            stdout.print(f"  {node['node']}: {node['shards']} shards, {node['images']} images, "
+                         f"{node['bytes'] / 2**20:.1f} MiB", markup=False)
+
+    guarded(debug, run)
+
+
 @db_app.command("grant")
 def db_grant(
     role: Annotated[str, typer.Argument(help="An application role.")],

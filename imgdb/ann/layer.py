@@ -126,7 +126,7 @@ class AnnLayer:
         if cached is not None and time.monotonic() - cached[0] < RECORD_TTL:
             return cached[1]
         keys = query_state_keys()
-        found = self.database.searching(lambda conn: sql.lookup(conn, name, keys))
+        found = self.database.searching(lambda conn: sql.lookup(conn, name, keys, self.database.distributed))
         if found is not None:
             self._records[name] = (time.monotonic(), found)
         return found

@@ -25,11 +25,10 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from imgdb.db import derived
-from imgdb.db.records import TABLE_NAME, Source
+from imgdb.db import cluster, derived, images
+from imgdb.db.records import TABLE_NAME, IndexRecord, Source
 from imgdb.db.schema import quote
 from imgdb.errors import ImgdbError, first_line
-from imgdb.db.records import IndexRecord
 
 #: Trigger events, each with the transition tables its trigger declares.
 _EVENTS = (("insert", "INSERT", "REFERENCING NEW TABLE AS new_rows"),
@@ -364,11 +363,13 @@ def remove_orphan_vectors(conn: Connection, index: IndexRecord, image_ids: Itera
     ids = sorted(set(image_ids))
     if not ids:
         return []
-    return list(conn.execute(sa.text(
+    gone = list(conn.execute(sa.text(
         f'DELETE FROM "{index.vectors_table}" v WHERE v.image_id = ANY(:ids) AND NOT v.direct'
         " AND NOT EXISTS (SELECT 1 FROM refs r JOIN sources s ON s.id = r.source_id"
         "                 WHERE r.image_id = v.image_id AND s.index_id = :i) RETURNING v.image_id"),
         {"ids": ids, "i": index.id}).scalars())
+    cluster.touch(conn, index)
+    return gone
 
 
 def remove_orphan_images(conn: Connection, image_ids: Iterable[int]) -> None:
@@ -382,8 +383,9 @@ def remove_orphan_images(conn: Connection, image_ids: Iterable[int]) -> None:
         return
     tables = conn.execute(sa.text("SELECT id FROM indexes")).scalars().all()
     held = "".join(f' AND NOT EXISTS (SELECT 1 FROM "vectors_{t}" v WHERE v.image_id = g.id)' for t in tables)
-    conn.execute(sa.text(f"DELETE FROM images g WHERE g.id = ANY(:ids)"
-                         f" AND NOT EXISTS (SELECT 1 FROM refs r WHERE r.image_id = g.id){held}"), {"ids": ids})
+    images.forget(conn, conn.execute(sa.text(
+        f"DELETE FROM images g WHERE g.id = ANY(:ids) AND NOT EXISTS (SELECT 1 FROM refs r WHERE r.image_id = g.id)"
+        f"{held} RETURNING g.id"), {"ids": ids}).scalars().all())
 
 
 def status(conn: Connection, index: IndexRecord | None = None) -> list[dict[str, Any]]:

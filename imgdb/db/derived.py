@@ -15,6 +15,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from imgdb.db.cluster import distributed
 from imgdb.db.models import Image
 from imgdb.db.records import IndexRecord
 from imgdb.db.schema import EXTENSION_SCHEMA, quote
@@ -73,6 +74,10 @@ def create_index_changed(conn: Connection) -> None:
 
 
 def create_index_trigger(conn: Connection, index: IndexRecord) -> None:
+    """The trigger that counts every write to an index's vectors; on a distributed database, where
+    triggers cannot update the registry from the shards, the writers count (:func:`imgdb.db.cluster.touch`)."""
+    if distributed(conn):
+        return
     conn.execute(sa.text(
         f'CREATE OR REPLACE TRIGGER imgdb_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON "{index.vectors_table}"'
         f" FOR EACH STATEMENT EXECUTE FUNCTION index_changed('{index.id}')"))

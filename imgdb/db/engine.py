@@ -38,6 +38,9 @@ else:
     sa = lazy.module("sqlalchemy")
 
 T = TypeVar("T")
+#: The engine's execution option that tells the database layer's writers whether imgdb's tables are
+#: distributed over a Citus cluster (:func:`imgdb.db.cluster.distributed`).
+DISTRIBUTED = "imgdb_distributed"
 log = logging.getLogger("imgdb")
 
 
@@ -125,11 +128,32 @@ class Database:
         if self._engine is None:
             with self._engine_lock:
                 if self._engine is None:
-                    translate = {} if self.schema == DEFAULT_SCHEMA else {
+                    options = {} if self.schema == DEFAULT_SCHEMA else {
                         "schema_translate_map": {DEFAULT_SCHEMA: self.schema}}
-                    self._engine = sa.create_engine(sqlalchemy_url(self.url), connect_args={"options": self._options},
-                                                    execution_options=translate, pool_pre_ping=True)
+                    # The database layer's writers ask it whether the tables are distributed.
+                    options[DISTRIBUTED] = self.placement.distributed
+                    # A writer's transaction on a Citus cluster touches sharded tables and the reference
+                    # tables of the registry (an index's count of writes) in turn: Citus allows that
+                    # only over one connection per worker.
+                    sequential = " -c citus.multi_shard_modify_mode=sequential" if self.placement.citus else ""
+                    self._engine = sa.create_engine(sqlalchemy_url(self.url),
+                                                    connect_args={"options": self._options + sequential},
+                                                    execution_options=options, pool_pre_ping=True)
         return self._engine
+
+    @property
+    def distributed(self) -> bool:
+        """Whether imgdb's tables are distributed over a Citus cluster (:mod:`imgdb.db.cluster`)."""
+        return self.placement.distributed
+
+    def look_again(self) -> None:
+        """Read where imgdb lives again (its tables were distributed meanwhile), and start every
+        connection afresh with what that changes."""
+        self.placement = place(self.url, self.schema, create=False)
+        self._options = self._connect_options()
+        self.dispose()
+        self._engine = None
+        self.__dict__.pop("sessions", None)  # (made on the old engine)
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:

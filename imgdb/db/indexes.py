@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
-from imgdb.db import derived, vectors
+from imgdb.db import cluster, derived, vectors
 from imgdb.db import search as reads
 from imgdb.db.models import SearchIndex
 from imgdb.db.records import IndexRecord, check_name, check_storage
@@ -35,7 +35,7 @@ _indexes = SearchIndex.__table__
 def get(conn: Connection, name: str, state_keys: Sequence[str] = ()) -> IndexRecord | None:
     """The index named ``name`` (with the learned arrays of ``state_keys``), or None."""
     check_name(name)
-    return reads.lookup(conn.connection.driver_connection, name, state_keys)
+    return reads.lookup(conn.connection.driver_connection, name, state_keys, cluster.distributed(conn))
 
 
 def require(conn: Connection, name: str) -> IndexRecord:

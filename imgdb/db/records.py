@@ -99,6 +99,9 @@ class IndexRecord(IndexNames):
     ann_state: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
     #: The application tables attached to it.
     sources: tuple[Source, ...] = ()
+    #: Whether its vectors are sharded over a Citus cluster (``imgdb db distribute``): queries are
+    #: then one distributed statement, their settings made in its transaction.
+    distributed: bool = False
     #: How many vectors it holds, where they were counted (``index list``, create, rebuild).
     images: int | None = None
 

@@ -64,11 +64,15 @@ def quote(identifier: str) -> str:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where imgdb lives in one database: its schema, and the schema pgvector was installed in
-    (None while the extension is missing, before the first migration)."""
+    """Where imgdb lives in one database: its schema, the schema pgvector was installed in (None
+    while the extension is missing, before the first migration), whether the database is a Citus
+    coordinator, and whether imgdb's tables are distributed over its workers
+    (``imgdb db distribute``, :mod:`imgdb.db.cluster`)."""
 
     schema: str
     extension_schema: str | None
+    citus: bool = False
+    distributed: bool = False
 
     @property
     def search_path(self) -> str:
@@ -78,7 +82,10 @@ class Placement:
     def connect_options(self, existing: str = "") -> str:
         """libpq ``options`` for every imgdb connection: the search path and pgvector's settings,
         after whatever ``options`` the user's URL carries."""
-        settings = {"search_path": self.search_path, **SESSION_SETTINGS}
+        # On Citus, SET LOCAL inside a transaction reaches the workers' connections too: how a
+        # query's pgvector settings get to every shard (:mod:`imgdb.db.search`).
+        citus = {"citus.propagate_set_commands": "local"} if self.citus else {}
+        settings = {"search_path": self.search_path, **SESSION_SETTINGS, **citus}
         ours = " ".join(f"-c {key}={_escape_option(value)}" for key, value in settings.items())
         return f"{existing} {ours}".strip()
 
@@ -99,14 +106,18 @@ def place(url: str, schema: str, *, create: bool) -> Placement:
     except psycopg.OperationalError as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL: {first_line(exc)}") from exc
     with conn:
-        extension, has_schema, has_public = conn.execute(
+        extension, has_schema, has_public, citus = conn.execute(
             f"SELECT ({EXTENSION_SCHEMA}),"
             " EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s),"
-            " EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'public')",
+            " EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'public'),"
+            " EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')",
             (schema,),
         ).fetchone()
+        distributed = citus and has_schema and conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = to_regclass(format('%%I.images', %s::text)))",
+            (schema,)).fetchone()[0]
         if not create:
-            return Placement(schema, extension)
+            return Placement(schema, extension, citus, distributed)
         if extension is None:
             extension = _install_vector(conn, has_public)
         if not has_schema:
@@ -122,7 +133,7 @@ def place(url: str, schema: str, *, create: bool) -> Placement:
         if not can_create:
             raise DatabaseError(f"role {_user(conn)!r} cannot create objects in schema {schema!r}: ask an "
                                 f"administrator to run ALTER SCHEMA {quote(schema)} OWNER TO {quote(_user(conn))}")
-    return Placement(schema, extension)
+    return Placement(schema, extension, citus, distributed)
 
 
 def _install_vector(conn: psycopg.Connection, has_public: bool) -> str:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +58,8 @@ class Hit:
         return document
 
 
-def lookup(conn: psycopg.Connection, name: str, state_keys: Sequence[str] = ()) -> IndexRecord | None:
+def lookup(conn: psycopg.Connection, name: str, state_keys: Sequence[str] = (),
+           distributed: bool = False) -> IndexRecord | None:
     """The index named ``name`` in one round trip: its row, whether its pgvector index exists, the
     learned arrays of ``state_keys`` (those its first stage's SQL reads: ``ann.center`` is
     ``ann_state["center"]``), and its attached tables."""
@@ -77,7 +80,8 @@ def lookup(conn: psycopg.Connection, name: str, state_keys: Sequence[str] = ()) 
         return None
     keys, values, sources = row.pop("state_keys") or [], row.pop("state_values") or [], row.pop("sources")
     state = {key.partition(".")[2]: np.load(io.BytesIO(value), allow_pickle=False) for key, value in zip(keys, values)}
-    return IndexRecord(**row, ann_state=state, sources=tuple(Source(**s) for s in sources or ()))
+    return IndexRecord(**row, ann_state=state, sources=tuple(Source(**s) for s in sources or ()),
+                       distributed=distributed)
 
 
 #: What a hit reads of ``images``; its distance ``d`` follows, then :func:`_ref_column`.
@@ -121,6 +125,29 @@ def configure(conn: psycopg.Connection, wanted: dict[str, str]) -> None:
         current.update(changed)
 
 
+_SETTING = re.compile(r"^[a-z_]+\.[a-z_]+$")
+
+
+@contextmanager
+def _settings_for(conn: psycopg.Connection, index: IndexRecord, wanted: Mapping[str, str] | None) -> Iterator[None]:
+    """Run the statements inside with pgvector's settings ``wanted``. On one node they are the
+    connection's (:func:`configure`). On a Citus cluster a session's settings never reach the
+    connections the coordinator opens to the workers, where the index scans run, and a shard
+    would scan with the default ``hnsw.ef_search``: recall silently lost. There they are ``SET
+    LOCAL`` in a transaction around the statements, which Citus sends on to every worker
+    (``citus.propagate_set_commands = local``, set on imgdb's connections)."""
+    if not index.distributed:
+        configure(conn, dict(wanted or {}))
+        yield
+        return
+    with conn.transaction():
+        for name, value in {**SESSION_SETTINGS, **(wanted or {})}.items():
+            if not _SETTING.match(name):
+                raise ValueError(f"not a setting name: {name!r}")
+            conn.execute(f"SET LOCAL {name} = '{str(value).replace(chr(39), chr(39) * 2)}'")
+        yield
+
+
 @functools.cache
 def _dialect() -> Any:
     from sqlalchemy.dialects import postgresql
@@ -161,7 +188,6 @@ def nearest(conn: psycopg.Connection, index: IndexRecord, vector: np.ndarray, k:
     re-ranked by the full vectors in the same statement (``rerank=False`` keeps the Hamming order).
     ``exact`` hides the distance from the index (``+ 0``): an exact scan of what passes.
     """
-    configure(conn, dict(settings or {}))
     where, params = compile_filters(filters)
     params |= {"q": _param(index, vector)}
     k, n = int(k), max(int(candidates), int(k))
@@ -171,7 +197,9 @@ def nearest(conn: psycopg.Connection, index: IndexRecord, vector: np.ndarray, k:
         order = "c.embedding <-> %(q)s" if rerank else "c.d"
         sql = (f"SELECT {HIT_COLUMNS}, {order} AS d{refs} FROM ({inner}) c JOIN images ON images.id = c.image_id"
                f" ORDER BY d LIMIT {k}")
-    elif filters:
+    elif filters or index.distributed:
+        # (Sharded: one statement that each shard runs whole, its index scan joined with its own
+        # image rows; a subquery with a LIMIT would be run first and its rows shipped back.)
         distance = _distance(exact)
         sql = (f'SELECT {HIT_COLUMNS}, {distance} AS d{refs} FROM "{index.vectors_table}" v'
                f" JOIN images ON images.id = v.image_id WHERE {where} ORDER BY {distance} LIMIT {k}")
@@ -181,7 +209,8 @@ def nearest(conn: psycopg.Connection, index: IndexRecord, vector: np.ndarray, k:
         inner = _first_stage_sql(index, where, filters, n, center=None, exact=exact)
         sql = (f"SELECT {HIT_COLUMNS}, c.d{refs} FROM ({inner}) c JOIN images ON images.id = c.image_id"
                f" ORDER BY c.d LIMIT {k}")
-    return _hits(index, conn.execute(sql, params, binary=True).fetchall())
+    with _settings_for(conn, index, settings):
+        return _hits(index, conn.execute(sql, params, binary=True).fetchall())
 
 
 def _distance(exact: bool) -> str:
@@ -213,11 +242,11 @@ def first_stage(conn: psycopg.Connection, index: IndexRecord, vector: np.ndarray
     """Ids and first-stage distances of the ``n`` best rows that pass ``filters``, best first (a
     pgvector index scan, or with ``exact`` a scan), for re-rankers to work on; no ``images`` join
     but the one filters need; a ``center``: by the Hamming distance of the sign bits around it."""
-    configure(conn, dict(settings or {}))
     where, params = compile_filters(filters)
     params |= {"q": _param(index, vector)}
-    rows = conn.execute(_first_stage_sql(index, where, filters, n, center=center, exact=exact), params,
-                        binary=True).fetchall()
+    with _settings_for(conn, index, settings):
+        rows = conn.execute(_first_stage_sql(index, where, filters, n, center=center, exact=exact), params,
+                            binary=True).fetchall()
     return _columns(rows)
 
 

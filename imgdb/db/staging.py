@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sqlalchemy.engine import Connection
 
-from imgdb.db import derived, vectors
+from imgdb.db import cluster, derived, vectors
 from imgdb.db.records import IndexRecord
 
 
@@ -42,3 +42,4 @@ def swap_in_next(conn: Connection, index: IndexRecord) -> None:
     conn.exec_driver_sql(f'ALTER TABLE "{table}" RENAME CONSTRAINT "{staged}_image_id_fkey" TO "{table}_image_id_fkey"')
     derived.create_index_trigger(conn, index)
     derived.create_view(conn, index)
+    cluster.touch(conn, index)

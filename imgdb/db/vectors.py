@@ -15,6 +15,7 @@ from pgvector import HalfVector
 from pgvector.psycopg import register_vector
 from sqlalchemy.engine import Connection
 
+from imgdb.db import cluster
 from imgdb.db.records import IndexRecord
 
 #: Rows per page when reading a whole index's vectors or codes back.
@@ -22,12 +23,15 @@ READ_PAGE = 65_536
 
 
 def create_table(conn: Connection, index: IndexRecord, name: str) -> None:
-    """An empty vectors table of the index's shape, named ``name``."""
+    """An empty vectors table of the index's shape, named ``name``: on a distributed database,
+    sharded with ``images`` (its key to them added once it is, as Citus wants)."""
     conn.exec_driver_sql(
-        f'CREATE TABLE "{name}" ('
-        f" image_id bigint PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,"
-        f" embedding {index.storage}({index.dim}) NOT NULL, ann_code bytea, direct boolean NOT NULL DEFAULT true)"
-    )
+        f'CREATE TABLE "{name}" (image_id bigint PRIMARY KEY, embedding {index.storage}({index.dim}) NOT NULL,'
+        " ann_code bytea, direct boolean NOT NULL DEFAULT true)")
+    if cluster.distributed(conn):
+        cluster.distribute_table(conn, name)
+    conn.exec_driver_sql(f'ALTER TABLE "{name}" ADD CONSTRAINT "{name}_image_id_fkey"'
+                         " FOREIGN KEY (image_id) REFERENCES images(id) ON DELETE CASCADE")
 
 
 def count(conn: Connection, index: IndexRecord) -> int:
@@ -50,6 +54,8 @@ def copy(conn: Connection, index: IndexRecord, ids: Sequence[int], vectors: np.n
         for i, (image_id, vector) in enumerate(zip(ids, vectors)):
             writer.write_row((image_id, HalfVector(vector) if half else vector,
                               None if codes is None else codes[i].tobytes(), flags[i]))
+    if table is None:
+        cluster.touch(conn, index)
 
 
 def mark_direct(conn: Connection, index: IndexRecord, hashes: Sequence[str] = (), *,
@@ -76,10 +82,12 @@ def write_codes(conn: Connection, index: IndexRecord, ids: np.ndarray, codes: np
     raw.execute(f'UPDATE "{index.vectors_table}" v SET ann_code = c.ann_code FROM imgdb_codes c'
                 " WHERE v.image_id = c.image_id")
     raw.execute("DROP TABLE imgdb_codes")
+    cluster.touch(conn, index)
 
 
 def clear_codes(conn: Connection, index: IndexRecord) -> None:
     conn.exec_driver_sql(f'UPDATE "{index.vectors_table}" SET ann_code = NULL WHERE ann_code IS NOT NULL')
+    cluster.touch(conn, index)
 
 
 def ids_with_vectors(conn: Connection, index: IndexRecord, ids: Sequence[int]) -> set[int]:
