@@ -7,6 +7,8 @@
 #   IMGDB_DATABASE_URL      the server (compose points it at the pgvector service); unset: embedded
 #   IMGDB_HOST, IMGDB_PORT  where to listen (default 0.0.0.0:8000, as a container should)
 #   IMGDB_DB_WAIT           seconds to wait for the database to accept connections (default 60)
+#   IMGDB_DISTRIBUTE_SHARDS on a Citus coordinator: distribute imgdb's tables over that many shards
+#                           first (`imgdb db distribute`; once distributed, later starts change nothing)
 #   IMGDB_INGEST_ON_START   paths (space-separated) to ingest before serving; content already
 #                           stored is skipped by hash, so a restart only adds what is new
 set -euo pipefail
@@ -25,6 +27,10 @@ until error=$(imgdb db upgrade 2>&1 >/dev/null); do
   fi
   sleep 1
 done
+
+if [[ -n "${IMGDB_DISTRIBUTE_SHARDS:-}" ]]; then
+  imgdb db distribute --shards "${IMGDB_DISTRIBUTE_SHARDS}" >&2
+fi
 
 if [[ -n "${IMGDB_INGEST_ON_START:-}" ]]; then
   read -r -a paths <<< "${IMGDB_INGEST_ON_START}"

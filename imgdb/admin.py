@@ -24,10 +24,13 @@ def database_status(settings: Settings | None = None) -> dict[str, Any]:
     """Which database imgdb uses and whether it is up; an embedded server is not started for it."""
     settings = settings or Settings.from_env()
     if settings.database_url:
-        database = Database(settings.database_url, schema=settings.schema, migrate=False)
+        database = Database(settings.database_url, schema=settings.schema, migrate=False,
+                            read_url=settings.read_database_url)
         try:
             status = {"embedded": False, "running": True, "schema": settings.schema, "revision": database.revision(),
                       "citus": database.placement.citus}
+            if database.read_url:
+                status["read_replica"] = database.replica_status()
             if database.distributed:
                 from imgdb.db import cluster
 

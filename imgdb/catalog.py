@@ -154,7 +154,8 @@ class Catalog:
                 self._trained[index.id] = self.new_extractor(index)
             trainable = self._trained[index.id]
         if not trainable.trained:
-            trainable.load_state(self.database.searching(lambda conn: sql.state(conn, index)))
+            # (From the primary: a writer encodes with what was learned, even a moment ago.)
+            trainable.load_state(self.database.searching(lambda conn: sql.state(conn, index), primary=True))
         return trainable
 
     def new_extractor(self, index: IndexRecord) -> Extractor:

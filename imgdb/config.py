@@ -1,7 +1,8 @@
 """Settings read from the environment, in one place.
 
 imgdb is configured the way the contract in ``../shared/CONVENTIONS.md`` fixes it:
-``IMGDB_DATABASE_URL`` picks an external PostgreSQL, ``IMGDB_HOME`` the private directory of the
+``IMGDB_DATABASE_URL`` picks an external PostgreSQL (``IMGDB_READ_DATABASE_URL`` a read replica of it
+for searches), ``IMGDB_HOME`` the private directory of the
 embedded one, ``IMGDB_SCHEMA`` the one schema imgdb keeps everything in. The remaining variables tune the limits on hostile input, so that a
 deployment can widen them without code changes.
 """
@@ -39,6 +40,9 @@ class Settings:
     """Where imgdb keeps its data and how far it trusts its input."""
 
     database_url: str | None = None
+    #: A read replica of that database (``IMGDB_READ_DATABASE_URL``, a streaming standby): searches
+    #: read there, as fresh as its replay; writes, migrations and what writers read stay on the primary.
+    read_database_url: str | None = None
     #: The schema that holds everything imgdb creates (checked when a database is opened).
     schema: str = "imgdb"
     home: Path = field(default_factory=lambda: Path(platformdirs.user_data_dir("imgdb")))
@@ -66,6 +70,7 @@ class Settings:
         home = os.environ.get("IMGDB_HOME")
         return cls(
             database_url=os.environ.get("IMGDB_DATABASE_URL") or None,
+            read_database_url=os.environ.get("IMGDB_READ_DATABASE_URL") or None,
             schema=os.environ.get("IMGDB_SCHEMA") or cls.schema,
             home=Path(home).expanduser() if home else Path(platformdirs.user_data_dir("imgdb")),
             decoding=DecodeLimits(

@@ -7,6 +7,7 @@ every test that needs it shares one load.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import http.server
@@ -91,6 +92,24 @@ def new_database(client) -> Callable[..., str]:  # noqa: ANN001
         return url
 
     return make
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - Iterator[tests.citus.Cluster]
+    """A Citus coordinator and two workers on loopback, for the whole session (Citus built once, from
+    its source release); skipped where it cannot be built, except under ``.ci/run``
+    (``IMGDB_REQUIRE_CITUS``), where that fails."""
+    from tests import citus
+
+    try:
+        citus.install()
+    except citus.CitusUnavailable as exc:
+        if os.environ.get("IMGDB_REQUIRE_CITUS"):
+            raise
+        pytest.skip(f"no Citus cluster here: {exc}")
+    started = citus.start(tmp_path_factory.mktemp("citus"))
+    yield started
+    started.stop()
 
 
 @pytest.fixture(scope="session")
@@ -202,13 +221,22 @@ def live_server(client, sample_index: str, museum_sample: Path,  # noqa: ANN001
     """A real ``imgdb serve`` process, started the way the container starts (``docker/start.sh``:
     migrate, ingest what IMGDB_INGEST_ON_START names, serve), on loopback against the session's
     embedded database, which already holds the museum sample."""
+    with started_like_the_container(tmp_path_factory.mktemp("live-server"),
+                                    IMGDB_INGEST_ON_START=str(museum_sample / "images"),
+                                    IMGDB_HEADER_TIMEOUT=str(LIVE_HEADER_TIMEOUT)) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def started_like_the_container(folder: Path, **env: str) -> Iterator[LiveServer]:
+    """``docker/start.sh`` with ``env`` on a free loopback port, once ``/healthz`` answers; stopped
+    as docker stops it (SIGTERM) on leaving."""
     port = free_port()
-    log = tmp_path_factory.mktemp("live-server") / "server.log"
-    env = tool_env(IMGDB_HOST="127.0.0.1", IMGDB_PORT=str(port), IMGDB_INGEST_ON_START=str(museum_sample / "images"),
-                   IMGDB_HEADER_TIMEOUT=str(LIVE_HEADER_TIMEOUT))
+    log = folder / "server.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen(["bash", str(ROOT / "docker" / "start.sh")], env=env, stdout=sink,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(["bash", str(ROOT / "docker" / "start.sh")], stdout=sink, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL,
+                                   env=tool_env(IMGDB_HOST="127.0.0.1", IMGDB_PORT=str(port), **env))
     server = LiveServer(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + 300
     while True:
@@ -224,9 +252,11 @@ def live_server(client, sample_index: str, museum_sample: Path,  # noqa: ANN001
             process.kill()
             pytest.fail(f"imgdb serve did not answer /healthz within 300 s:\n{server.output()[-3000:]}")
         time.sleep(0.5)
-    yield server
-    process.terminate()
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,25 +16,13 @@ from typer.testing import CliRunner
 
 import imgdb
 from imgdb import Imgdb, ImgdbError
+from imgdb.ann.registry import BUILTIN
 from imgdb.db import images, search
 from imgdb.io.reader import ImageFacts
 from imgdb_cli.main import app
 from tests import citus
 
 SHARDS = 8
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[citus.Cluster]:
-    try:
-        citus.install()
-    except citus.CitusUnavailable as exc:
-        if os.environ.get("IMGDB_REQUIRE_CITUS"):
-            raise
-        pytest.skip(f"no Citus cluster here: {exc}")
-    started = citus.start(tmp_path_factory.mktemp("citus"))
-    yield started
-    started.stop()
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +174,60 @@ def test_delete_and_indexes_made_after_distributing(on_cluster: Imgdb, museum_sa
     assert report.added == 1 and on_cluster.search(photo, index="colors", k=1)[0].distance < 1e-5
     result = CliRunner().invoke(app, ["db", "status", "--json"], env={"IMGDB_DATABASE_URL": on_cluster.database.url})
     assert result.exit_code == 0 and json.loads(result.stdout)["cluster"]["shards"] == SHARDS
+
+
+def test_every_method_reranker_and_query_kind_answers_as_on_one_node(on_cluster: Imgdb, client,  # noqa: ANN001
+                                                                     museum_sample: Path, tmp_path: Path) -> None:
+    """Each ANN method (the Python-side ones reading their codes from the shards), the re-rankers,
+    fusion, filters and queries by id rank the sample as the same index on one node does; rebuild,
+    verification, re-encoding with a new codebook and export/import work on distributed vectors,
+    and so does the HTTP API."""
+    gallery = sorted((museum_sample / "images").glob("*.jpg"))
+    author = json.loads((museum_sample / "metadata.json").read_text())[f"images/{gallery[0].name}"]["author"]
+    queries = gallery[::7]
+
+    def ranked(db: Imgdb, index: str, **options: object) -> list[list[str]]:
+        return [[h.uri for h in db.search(q, k=5, index=index, **options)] for q in queries]
+
+    for method in BUILTIN:
+        name = f"cluster_{method}"
+        for db in (on_cluster, client):
+            db.create_index(name, "color:hsv", ann=method)
+            assert db.ingest([museum_sample / "images"], index=name, metadata_file=museum_sample / "metadata.json").added == len(gallery)
+        assert ranked(on_cluster, name) == ranked(client, name), method
+    for options in ({"rerank": "none"}, {"rerank": "exact,qe"}, {"rerank": "exact,dba"},
+                    {"filters": [f"meta.author={author}"]}, {"index": "cluster_hnsw,cluster_ivfpq"}):
+        options = {"index": "cluster_hnsw", **options}
+        assert ranked(on_cluster, **options) == ranked(client, **options), options
+    by_id = on_cluster.search(gallery[0], k=1, index="cluster_hnsw")[0]
+    assert on_cluster.search(f"id:{by_id.id}", k=1, index="cluster_hnsw")[0].id == by_id.id
+
+    rebuilt = on_cluster.rebuild_index("cluster_hnsw", "ivfflat/lists=4/probes=4")
+    assert rebuilt.ann.startswith("ivfflat") and ranked(on_cluster, "cluster_hnsw") == ranked(client, "cluster_hnsw")
+    report = on_cluster.verify_index("cluster_lsh", "orb/keypoints=300")
+    assert report.added == len(gallery) and not report.failed
+    hit = on_cluster.search(gallery[5], k=1, index="cluster_lsh", rerank="exact,verify")[0]
+    assert hit.uri == str(gallery[5]) and hit.notes["verified"]
+    on_cluster.create_index("cluster_vlad", "vlad:rootsift/k=16/side=480/max=800")
+    assert on_cluster.ingest([museum_sample / "images"], index="cluster_vlad").added == len(gallery)
+    reencoded = on_cluster.train("cluster_vlad")  # (a new codebook; every image re-encoded into a table swapped in)
+    assert reencoded.added == len(gallery) and not reencoded.failed
+    assert on_cluster.index("cluster_vlad").vectors_table in on_cluster.distribute()["distributed"]
+    assert on_cluster.search(gallery[4], k=1, index="cluster_vlad")[0].uri == str(gallery[4])
+    on_cluster.export_index("cluster_pq", tmp_path / "pq.imgdb")
+    on_cluster.import_index(tmp_path / "pq.imgdb", name="cluster_pq_again")
+    assert on_cluster.index("cluster_pq_again").vectors_table in on_cluster.distribute()["distributed"]
+    assert ranked(on_cluster, "cluster_pq_again") == ranked(client, "cluster_pq")
+
+    from fastapi.testclient import TestClient
+
+    from imgdb.web.app import create_app
+
+    with TestClient(create_app(on_cluster)) as api:
+        photo = gallery[9]
+        response = api.post("/search", params={"k": 3, "index": "cluster_kdtree"},
+                            files={"file": (photo.name, photo.read_bytes(), "image/jpeg")})
+        assert response.status_code == 200 and response.json()[0]["uri"] == str(photo)
+    for db in (on_cluster, client):
+        for index in [i.name for i in db.indexes() if i.name.startswith("cluster_")]:
+            db.drop_index(index)

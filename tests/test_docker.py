@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, LiveServer, tool_env
+from tests.conftest import ROOT, SAMPLE_SIZE, LiveServer, started_like_the_container, tool_env
 
 COMPOSE = ROOT / "docker" / "compose.yaml"
 
@@ -83,3 +83,50 @@ def test_compose_file_is_valid_and_wires_imgdb_to_postgres(tmp_path: Path) -> No
             *sources, _ = line.split()[1:]
             assert all((ROOT / source).exists() for source in sources), line
     assert 'ENTRYPOINT ["imgdb-start"]' in dockerfile and "docker/start.sh /usr/local/bin/imgdb-start" in dockerfile
+
+
+COMPOSE_CITUS = ROOT / "docker" / "compose.citus.yaml"
+
+
+def test_citus_compose_file_builds_three_nodes_joins_them_and_distributes(tmp_path: Path) -> None:
+    env = tool_env(IMGDB_IMAGES=str(tmp_path), POSTGRES_PASSWORD="s3cret", IMGDB_SHARDS="16")
+    done = subprocess.run([*_compose(), "-f", str(COMPOSE_CITUS), "config"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    nodes = ("coordinator", "worker1", "worker2")
+    for name in nodes:
+        assert Path(services[name]["build"]["context"]) == ROOT / "docker" / "citus"
+        assert services[name]["environment"]["POSTGRES_DB"] == "imgdb" and "ports" not in services[name]
+    node_image = (ROOT / "docker" / "citus" / "Dockerfile").read_text()
+    assert node_image.startswith("# ") and "FROM pgvector/pgvector:pg18" in node_image
+    assert "shared_preload_libraries = 'citus'" in node_image and "postgresql-18-citus-" in node_image
+    for line in node_image.splitlines():
+        if line.startswith("COPY "):
+            assert (ROOT / "docker" / "citus" / line.split()[1]).is_file(), line
+    # The workers join the coordinator once all three answer; imgdb starts after that, and distributes.
+    joining = services["cluster"]
+    assert {name: joining["depends_on"][name]["condition"] for name in nodes} == dict.fromkeys(nodes, "service_healthy")
+    assert joining["entrypoint"][-1] == "/add-workers.sql"
+    added = (ROOT / "docker" / "citus" / "add-workers.sql").read_text()
+    assert all(f"citus_add_node('{worker}', 5432)" in added for worker in nodes[1:])
+    app = services["imgdb"]
+    assert app["depends_on"]["cluster"]["condition"] == "service_completed_successfully"
+    assert app["environment"]["IMGDB_DATABASE_URL"] == "postgresql://imgdb:s3cret@coordinator:5432/imgdb"
+    assert app["environment"]["IMGDB_DISTRIBUTE_SHARDS"] == "16"
+
+
+def test_start_script_distributes_on_a_citus_coordinator(cluster, museum_sample: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    """The container's start-up with IMGDB_DISTRIBUTE_SHARDS, against the tests' Citus cluster."""
+    url = cluster.new_database("docker_start")
+    with started_like_the_container(tmp_path, IMGDB_DATABASE_URL=url, IMGDB_DISTRIBUTE_SHARDS="4",
+                                    IMGDB_INGEST_ON_START=str(museum_sample / "images")) as server:
+        assert "distributed: image_hashes, images" in server.output()
+        photo = sorted((museum_sample / "images").glob("*.jpg"))[2]
+        answer = httpx.post(f"{server.url}/search", params={"k": 1}, timeout=60,
+                            files={"file": (photo.name, photo.read_bytes(), "image/jpeg")})
+        assert answer.status_code == 200 and answer.json()[0]["uri"] == str(photo), answer.text
+    status = subprocess.run(["imgdb", "db", "status", "--json"], env=tool_env(IMGDB_DATABASE_URL=url),
+                            capture_output=True, text=True, timeout=120)
+    layout = json.loads(status.stdout)["cluster"]
+    assert layout["shards"] == 4 and sum(node["images"] for node in layout["nodes"]) == SAMPLE_SIZE

@@ -1,6 +1,8 @@
 """The README's code, run the way typer and SQLModel test their docs: every fenced block is marked,
 just before it, as ``<!-- example: NAME -->`` (run here, in order, or by the test file that names
-it) or ``<!-- not runnable: REASON -->``, and every example runs against a real embedded PostgreSQL.
+it) or ``<!-- not runnable: REASON -->``, and every example runs twice: against a real embedded
+PostgreSQL, and against a Citus coordinator with two workers (:mod:`tests.citus`) whose imgdb tables
+were distributed first, with the same blocks and the same checks.
 
 The blocks run in a sandbox that stands in for a reader's machine: a working folder with
 ``photo.jpg`` and friends, ``../shared/datasets/museum`` (the museum sample, so that the commands
@@ -30,6 +32,8 @@ TOOLING = {"main-command": "the main job's command: run here too, as the example
            "test-command": "the test command: `.ci/run` runs it, and it runs this file"}
 #: Examples another test file runs (with the database it needs), by name.
 RUN_ELSEWHERE = {"orm-join": "tests/test_application.py"}
+#: Examples for a Citus coordinator: elsewhere they must be refused with the reason.
+CITUS_ONLY = {"cluster-distribute"}
 #: Where each SQL example runs: the shop's database as its administrator or as the application's
 #: role, or the database of the README's first part (the embedded one it stands for) as its owner.
 SQL_RUNS_AS = {"admin-setup": "shop administrator", "sql-view": "owner", "shop-sql": "shop_app"}
@@ -84,17 +88,27 @@ def test_every_block_is_run_or_says_why_not() -> None:
 
 @dataclass
 class Sandbox:
+    place: str
     work: Path
     env: dict[str, str]
     #: Placeholder in the README → what it stands for here.
     placeholders: dict[str, str]
     main_url: str
     shop_url: str
+    #: The shop's database as imgdb's own role.
+    shop_as_imgdb: str
 
 
-@pytest.fixture(scope="module")
-def sandbox(client, new_database, museum_sample: Path, museum: Path, http_root,  # noqa: ANN001
-            tmp_path_factory: pytest.TempPathFactory) -> Sandbox:
+#: Where the README's databases live: the embedded server, or a Citus cluster where imgdb's tables
+#: are distributed (``imgdb db distribute``) before the examples run, unchanged.
+PLACES = ("one node", "citus")
+
+
+@pytest.fixture(scope="module", params=PLACES)
+def sandbox(request: pytest.FixtureRequest, client, new_database, museum_sample: Path, museum: Path,  # noqa: ANN001
+            http_root, tmp_path_factory: pytest.TempPathFactory) -> Sandbox:  # noqa: ANN001
+    place = request.param
+    make_database = request.getfixturevalue("cluster").new_database if place == "citus" else new_database
     root = tmp_path_factory.mktemp("reader")
     work, media = root / "work", root / "media"
     (root / "shared" / "datasets").mkdir(parents=True)
@@ -112,7 +126,7 @@ def sandbox(client, new_database, museum_sample: Path, museum: Path, http_root, 
     for n, path in enumerate(gallery[120:128], start=40):
         copy_image(path, media / "a" / f"{n}.jpg")
     copy_image(media / "a" / "42.jpg", work / "upload.jpg")  # (the shop's search looks for photo 42)
-    main_url, shop_admin = new_database("readme_main"), new_database("readme_shop", vector=False)
+    main_url, shop_admin = make_database("readme_main"), make_database("readme_shop", vector=False)
     shop_as_imgdb = database_url(shop_admin, "readme_shop", user="imgdb:...")  # (the README's role and password)
     for url in (main_url, shop_admin):
         with psycopg.connect(url, autocommit=True) as conn:
@@ -135,7 +149,10 @@ def sandbox(client, new_database, museum_sample: Path, museum: Path, http_root, 
         "imgdb sync --watch": "timeout --preserve-status -s TERM 8 imgdb sync --watch",
     }
     env = tool_env(IMGDB_DATABASE_URL=main_url, IMGDB_ALLOW_PRIVATE_URLS="1", PYTHONPATH=str(ROOT))
-    return Sandbox(work, env, placeholders, main_url, shop_admin)
+    sandbox = Sandbox(place, work, env, placeholders, main_url, shop_admin, shop_as_imgdb)
+    if place == "citus":
+        _run(["imgdb", "db", "distribute"], sandbox)
+    return sandbox
 
 
 def _filled(block: Block, sandbox: Sandbox) -> str:
@@ -161,6 +178,13 @@ EXAMPLES = [b for b in readme_blocks() if b.kind == "example" and b.label not in
 def test_the_readme_example_runs(block: Block, sandbox: Sandbox) -> None:
     """Each example, in the README's order (later ones build on earlier ones, as for a reader)."""
     code = _filled(block, sandbox)
+    if sandbox.place == "citus" and block.label == "shop-attach":  # (once the administrator made imgdb's role)
+        _run(["imgdb", "db", "distribute"], sandbox, IMGDB_DATABASE_URL=sandbox.shop_as_imgdb)
+    if block.label in CITUS_ONLY and sandbox.place != "citus":
+        refused = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=sandbox.work, env=sandbox.env,
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1 and "no Citus" in refused.stderr, refused.stderr  # (and says why)
+        return
     if block.language == "sh":
         out = _run(["bash", "-euo", "pipefail", "-c", code], sandbox)
         # What a reader exports stays set for the next blocks, as in their shell.
@@ -190,6 +214,8 @@ def _check(block: Block, out: str, sandbox: Sandbox) -> None:
     """What some examples say they print, checked."""
     if block.label == "main-command":
         assert "bbdd_" in out  # (a table of hits: the museum's paintings)
+    if block.label == "cluster-distribute":
+        assert "distributed: image_hashes, images" in out and "shards" in out
     if block.label == "shop-search":
         hits = json.loads(out)
         assert hits[0]["table"] == "photos" and hits[0]["ref"] == 42 and hits[0]["distance"] < 1e-5

@@ -253,9 +253,13 @@ def lock_space(conn: Connection, source: Source) -> int:
 
 def claim(conn: Connection, source: Source, limit: int, max_bytes: int) -> list[Claimed]:
     """Take up to ``limit`` queued keys of ``source`` that no other worker holds, with their rows'
-    current images; in the caller's transaction, which keeps them until it commits."""
+    current images; in the caller's transaction, which keeps them until it commits.
+
+    Three statements, each on one kind of table (the queue and the application's table, local to
+    the coordinator on Citus; imgdb's refs and images, which may be distributed): Citus plans no
+    modification joined with distributed tables by ``ctid``."""
     column, key = quote(source.column), quote(source.key)
-    rows = conn.execute(sa.text(f"""
+    mine = conn.execute(sa.text("""
         WITH picked AS (
             SELECT ctid, ref FROM queue WHERE source_id = :s LIMIT :n FOR UPDATE SKIP LOCKED
         ), mine AS (
@@ -263,16 +267,20 @@ def claim(conn: Connection, source: Source, limit: int, max_bytes: int) -> list[
         ), taken AS (
             DELETE FROM queue q USING picked p WHERE q.ctid = p.ctid AND p.ref IN (SELECT ref FROM mine)
         )
-        SELECT m.ref, t.found IS NOT NULL AS found, t.size,
-               CASE WHEN t.size <= :max THEN t.value END AS value, r.image_id, i.sha256
-        FROM mine m
-        LEFT JOIN refs r ON r.source_id = :s AND r.ref = m.ref
-        LEFT JOIN images i ON i.id = r.image_id
+        SELECT ref FROM mine ORDER BY ref"""),
+        {"s": source.id, "n": limit, "space": lock_space(conn, source)}).scalars().all()
+    if not mine:
+        return []
+    rows = conn.execute(sa.text(f"""
+        SELECT m.ref, t.found IS NOT NULL AS found, t.size, CASE WHEN t.size <= :max THEN t.value END AS value
+        FROM unnest(CAST(:refs AS text[])) m(ref)
         LEFT JOIN LATERAL (SELECT true AS found, octet_length(a.{column}) AS size, a.{column} AS value
                            FROM {source.table} a WHERE a.{key} = CAST(m.ref AS {source.key_type})) t ON true
-        ORDER BY m.ref"""),
-        {"s": source.id, "n": limit, "space": lock_space(conn, source), "max": max_bytes}).all()
-    return [Claimed(*row) for row in rows]
+        ORDER BY m.ref"""), {"refs": list(mine), "max": max_bytes}).all()
+    held = {ref: (image_id, sha256) for ref, image_id, sha256 in conn.execute(sa.text(
+        "SELECT r.ref, r.image_id, i.sha256 FROM refs r JOIN images i ON i.id = r.image_id"
+        " WHERE r.source_id = :s AND r.ref = ANY(:refs)"), {"s": source.id, "refs": list(mine)})}
+    return [Claimed(*row, *held.get(row.ref, (None, None))) for row in rows]
 
 
 def requeue_failures(conn: Connection, source: Source, *, all_of_them: bool = False) -> int:
@@ -328,8 +336,9 @@ def image_bytes(conn: Connection, image_id: int, max_bytes: int) -> bytes | None
 def set_refs(conn: Connection, source: Source, refs: Sequence[str], image_ids: Sequence[int]) -> None:
     if refs:
         conn.execute(sa.text(
-            "INSERT INTO refs (source_id, ref, image_id) SELECT :s, * FROM unnest(CAST(:r AS text[]), CAST(:i AS bigint[]))"
-            " ON CONFLICT (source_id, ref) DO UPDATE SET image_id = EXCLUDED.image_id, synced_at = now()"),
+            "INSERT INTO refs (source_id, ref, image_id, synced_at)"
+            " SELECT :s, r, i, now() FROM unnest(CAST(:r AS text[]), CAST(:i AS bigint[])) AS u(r, i)"
+            " ON CONFLICT (source_id, ref) DO UPDATE SET image_id = EXCLUDED.image_id, synced_at = EXCLUDED.synced_at"),
             {"s": source.id, "r": list(refs), "i": list(image_ids)})
 
 
@@ -339,15 +348,21 @@ def remove_refs(conn: Connection, source: Source, refs: Sequence[str]) -> None:
 
 
 def record_failures(conn: Connection, source: Source, failures: Sequence[tuple[str, str]]) -> None:
-    """Keep each failed row with its reason; the next try waits RETRY_BASE_S doubled per attempt."""
+    """Keep each failed row with its reason; the next try waits RETRY_BASE_S doubled per attempt.
+
+    The times are the transaction's ``now()`` as epoch seconds, and arithmetic on those: Citus runs
+    an upsert's ``DO UPDATE`` on every copy of a reference table and takes only immutable functions
+    there (``to_timestamp(double)`` is; ``now()`` and timestamp-plus-interval are not)."""
     if failures:
+        now = conn.execute(sa.text("SELECT extract(epoch FROM now())::float8")).scalar_one()
         conn.execute(sa.text(
             "INSERT INTO failures AS f (source_id, ref, error, attempts, first_failed_at, last_failed_at, retry_at)"
-            " SELECT :s, r, e, 1, now(), now(), now() + make_interval(secs => :base)"
+            " SELECT :s, r, e, 1, to_timestamp(:now), to_timestamp(:now), to_timestamp(:now + :base)"
             " FROM unnest(CAST(:r AS text[]), CAST(:e AS text[])) AS u(r, e)"
             " ON CONFLICT (source_id, ref) DO UPDATE SET error = EXCLUDED.error, attempts = f.attempts + 1,"
-            " last_failed_at = now(), retry_at = now() + make_interval(secs => least(:max, :base * 2 ^ f.attempts))"),
-            {"s": source.id, "r": [r for r, _ in failures], "e": [e for _, e in failures],
+            " last_failed_at = EXCLUDED.last_failed_at,"
+            " retry_at = to_timestamp(:now + least(:max, :base * 2 ^ f.attempts))"),
+            {"s": source.id, "r": [r for r, _ in failures], "e": [e for _, e in failures], "now": now,
              "base": RETRY_BASE_S, "max": RETRY_MAX_S})
 
 

@@ -25,6 +25,9 @@ settings with ``SET LOCAL`` in their transaction, which ``citus.propagate_set_co
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
@@ -32,8 +35,10 @@ from sqlalchemy.engine import Connection
 
 from imgdb.db.engine import DISTRIBUTED
 from imgdb.db.records import IndexRecord
-from imgdb.db.schema import quote
+from imgdb.db.schema import ITERATIVE_SCAN_IS_DEFAULT, quote
 from imgdb.errors import ImgdbError
+
+log = logging.getLogger(__name__)
 
 #: Tables every node holds whole.
 REFERENCE = ("indexes", "index_state", "networks", "sources", "refs", "failures", "grants")
@@ -49,11 +54,32 @@ def distributed(conn: Connection) -> bool:
     return bool(conn.get_execution_options().get(DISTRIBUTED))
 
 
+def has_citus(conn: Connection) -> bool:
+    """Whether Citus is installed in the database (distributed or not yet)."""
+    return bool(conn.execute(sa.text("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')")).scalar())
+
+
+@contextmanager
+def coordinator_only(conn: Connection) -> Iterator[None]:
+    """DDL that stays on the coordinator, where Citus would also run it on the workers: objects only
+    the coordinator uses (``similar()``, whose ``SET hnsw.…`` a worker takes for an unknown setting
+    that only a superuser may set, pgvector not being loaded in the sessions Citus opens there)."""
+    if not has_citus(conn):
+        yield
+        return
+    before = conn.execute(sa.text("SELECT current_setting('citus.enable_ddl_propagation')")).scalar_one()
+    conn.execute(sa.text("SELECT set_config('citus.enable_ddl_propagation', 'off', true)"))
+    try:
+        yield
+    finally:
+        conn.execute(sa.text("SELECT set_config('citus.enable_ddl_propagation', :v, true)"), {"v": before})
+
+
 def distribute(conn: Connection, shards: int | None = None) -> None:
     """Distribute imgdb's tables over the coordinator's workers, in ``conn``'s transaction; tables
     distributed already stay as they are, so running it again changes nothing. ``shards``: the
     shard count of a first distribution (default: ``citus.shard_count``)."""
-    if not conn.execute(sa.text("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')")).scalar():
+    if not has_citus(conn):
         raise ImgdbError("this database has no Citus: run imgdb db distribute against a Citus coordinator "
                          "(CREATE EXTENSION citus there, and add its workers)")
     if shards is not None and not 1 <= shards <= 4096:
@@ -62,6 +88,7 @@ def distribute(conn: Connection, shards: int | None = None) -> None:
     done = set(conn.execute(sa.text(
         "SELECT c.relname FROM pg_dist_partition p JOIN pg_class c ON c.oid = p.logicalrelid"
         " WHERE c.relnamespace = current_schema()::regnamespace")).scalars())
+    _worker_defaults(conn)
     todo_reference = [t for t in REFERENCE if t not in done]
     todo_distributed = [t for t in ["images", *vectors, *COLOCATED] if t not in done]
     if todo_reference or todo_distributed:
@@ -90,6 +117,8 @@ def distribute(conn: Connection, shards: int | None = None) -> None:
                              + (", shard_count := :shard_count)" if shards else ")")), count)
         conn.exec_driver_sql(f"INSERT INTO {HASHES} (sha256, image_id) SELECT sha256, id FROM images"
                              " ON CONFLICT DO NOTHING")
+    for role in conn.execute(sa.text("SELECT role FROM grants ORDER BY role")).scalars().all():
+        grant_tables(conn, role)  # (roles given the views before the tables under them were distributed)
 
 
 def distribute_table(conn: Connection, table: str) -> None:
@@ -108,6 +137,41 @@ def _drop_foreign_keys(conn: Connection) -> list[tuple[str, str, str]]:
     for table, name, _ in keys:
         conn.exec_driver_sql(f"ALTER TABLE {table} DROP CONSTRAINT {quote(name)}")
     return [(table.strip('"'), name, definition) for table, name, definition in keys]
+
+
+def _worker_defaults(conn: Connection) -> None:
+    """Make pgvector's iterative HNSW scan the default of imgdb's database on every worker too, as
+    migration 0001 does on the coordinator: an application's filtered SQL on the views runs on the
+    workers' shards. Citus passes ``ALTER DATABASE`` on only for databases it created itself, so it
+    is sent to each worker; as on one node it needs the database's owner, and without one a warning
+    says so (``run_command_on_workers`` reports only a command's first statement, so the setting
+    is looked up afterwards)."""
+    database = conn.execute(sa.text("SELECT current_database()")).scalar_one()
+    conn.execute(sa.text("SELECT run_command_on_workers(:c)"), {"c": "SET citus.enable_ddl_propagation TO off; "
+                 f"ALTER DATABASE {quote(database)} SET hnsw.iterative_scan = strict_order"})
+    without = conn.execute(sa.text("SELECT nodename || ':' || nodeport FROM run_command_on_workers(:c)"
+                                   " WHERE result IS DISTINCT FROM 't'"), {"c": ITERATIVE_SCAN_IS_DEFAULT}).scalars().all()
+    if without:
+        log.warning("this role cannot ALTER DATABASE on the workers (%s), so filtered vector queries of your own need "
+                    "SET LOCAL hnsw.iterative_scan = strict_order with citus.propagate_set_commands = local",
+                    ", ".join(without))
+
+
+def grant_tables(conn: Connection, role: str, *, revoke: bool = False) -> None:
+    """On Citus, give ``role`` (or take back) SELECT on the distributed and reference tables behind
+    imgdb's views: a view reads its tables with its owner's rights only on the coordinator, while
+    the shards' queries run on the workers as the querying role (Citus passes the grant on to the
+    shards). Nothing without Citus, where :func:`imgdb.db.derived.grant`'s views are enough."""
+    if not has_citus(conn):
+        return
+    tables = conn.execute(sa.text(
+        "SELECT DISTINCT c.relname FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class"
+        " JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_class'::regclass"
+        " JOIN pg_class c ON c.oid = d.refobjid JOIN pg_dist_partition p ON p.logicalrelid = c.oid"
+        " WHERE v.relnamespace = current_schema()::regnamespace AND v.relkind = 'v' ORDER BY 1")).scalars().all()
+    for table in tables:
+        conn.exec_driver_sql(f"REVOKE SELECT ON {quote(table)} FROM {quote(role)}" if revoke
+                             else f"GRANT SELECT ON {quote(table)} TO {quote(role)}")
 
 
 def touch(conn: Connection, index: IndexRecord | None = None) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from imgdb.db.cluster import distributed
+from imgdb.db.cluster import coordinator_only, distributed, grant_tables
 from imgdb.db.models import Image
 from imgdb.db.records import IndexRecord
 from imgdb.db.schema import EXTENSION_SCHEMA, quote
@@ -116,6 +116,7 @@ def create_view(conn: Connection, index: IndexRecord) -> None:
     conn.execute(sa.text(f"CREATE OR REPLACE VIEW {view} AS {body}"))
     for role in conn.execute(sa.text("SELECT role FROM grants")).scalars().all():
         conn.execute(sa.text(f"GRANT SELECT ON {view} TO {quote(role)}"))
+        grant_tables(conn, role)
 
 
 # ---------------------------------------------------------------- attached tables
@@ -202,6 +203,11 @@ def create_similar(conn: Connection) -> None:
     # The function's SET names a setting of pgvector's: load the library first, or PostgreSQL
     # takes it for an unknown placeholder that only a superuser may set.
     conn.execute(sa.text("SELECT CAST('[0]' AS vector)"))
+    with coordinator_only(conn):
+        _create_similar(conn, schema, path)
+
+
+def _create_similar(conn: Connection, schema: str, path: str) -> None:
     conn.execute(sa.text(f"""
         CREATE OR REPLACE FUNCTION {quote(schema)}.similar(index_name text, key anyelement, k integer DEFAULT 10,
                                                          source regclass DEFAULT NULL)
@@ -249,7 +255,8 @@ def create_similar(conn: Connection) -> None:
 def grant(conn: Connection, role: str) -> None:
     """What ``imgdb db grant ROLE`` gives: USAGE on the schema, SELECT on every view (per index and
     sync status), EXECUTE on ``similar()``; nothing on the tables behind them (a view reads them
-    with its owner's rights). The role is remembered, so views made later are granted too."""
+    with its owner's rights), except on Citus (:func:`imgdb.db.cluster.grant_tables`). The role is
+    remembered, so views made later are granted too."""
     _check_role(conn, role)
     conn.execute(sa.text("INSERT INTO grants (role) VALUES (:r) ON CONFLICT DO NOTHING"), {"r": role})
     _grant_read(conn, role)
@@ -264,6 +271,7 @@ def revoke(conn: Connection, role: str) -> None:
         conn.execute(sa.text(f"REVOKE SELECT ON {schema}.{quote(view)} FROM {who}"))
     conn.execute(sa.text(f"REVOKE EXECUTE ON FUNCTION {schema}.{SIMILAR} FROM {who}"))
     conn.execute(sa.text(f"REVOKE USAGE ON SCHEMA {schema} FROM {who}"))
+    grant_tables(conn, role, revoke=True)
 
 
 def _check_role(conn: Connection, role: str) -> None:
@@ -277,6 +285,7 @@ def _grant_read(conn: Connection, role: str) -> None:
     for view in _views(conn):
         conn.execute(sa.text(f"GRANT SELECT ON {schema}.{quote(view)} TO {who}"))
     conn.execute(sa.text(f"GRANT EXECUTE ON FUNCTION {schema}.{SIMILAR} TO {who}"))
+    grant_tables(conn, role)
 
 
 def _views(conn: Connection) -> list[str]:

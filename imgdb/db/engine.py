@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from pgvector.psycopg import register_vector
@@ -26,7 +26,7 @@ from imgdb import lazy
 from imgdb.config import Settings
 from imgdb.db.embedded import EmbeddedServer
 from imgdb.db.pool import ConnectionPool
-from imgdb.db.schema import DEFAULT_SCHEMA, check_schema, place
+from imgdb.db.schema import DEFAULT_SCHEMA, ITERATIVE_SCAN_IS_DEFAULT, check_schema, place
 from imgdb.errors import DatabaseError, first_line
 
 if TYPE_CHECKING:
@@ -91,15 +91,19 @@ class Database:
     """
 
     def __init__(self, url: str, *, schema: str = DEFAULT_SCHEMA, migrate: bool = True,
-                 create: bool | None = None) -> None:
+                 create: bool | None = None, read_url: str | None = None) -> None:
         self.url = url
+        #: A read replica of ``url`` that searches read from (None: they read ``url``).
+        self.read_url = read_url
         self.schema = check_schema(schema)
         self.placement = place(url, self.schema, create=migrate if create is None else create)
-        self._options = self._connect_options()
+        self._options = self._connect_options(url)
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
-        #: The search path's connections (:meth:`searching`).
-        self.search_pool = ConnectionPool(self._search_connection)
+        #: The search path's connections (:meth:`searching`), on the replica where there is one.
+        self.search_pool = ConnectionPool(lambda: self._search_connection(read_url or url))
+        #: Plain connections on the primary, for reads that must see the latest writes.
+        self.primary_pool = ConnectionPool(lambda: self._search_connection(url)) if read_url else self.search_pool
         if migrate:
             self.upgrade(only_if_needed=True)
 
@@ -109,13 +113,13 @@ class Database:
         """The configured database: ``IMGDB_DATABASE_URL``, else the embedded server (started on demand)."""
         settings = settings or Settings.from_env()
         url = settings.database_url or EmbeddedServer(settings.home).start()
-        return cls(url, schema=settings.schema, migrate=migrate, create=create)
+        return cls(url, schema=settings.schema, migrate=migrate, create=create, read_url=settings.read_database_url)
 
-    def _connect_options(self) -> str:
-        """libpq ``options`` of every connection: the URL's own, then imgdb's schema and settings
-        (:mod:`imgdb.db.schema`)."""
+    def _connect_options(self, url: str) -> str:
+        """libpq ``options`` of connections to ``url``: the URL's own, then imgdb's schema and
+        settings (:mod:`imgdb.db.schema`)."""
         try:
-            existing = conninfo_to_dict(self.url).get("options", "")
+            existing = conninfo_to_dict(url).get("options", "")
         except psycopg.ProgrammingError as exc:
             raise DatabaseError(f"not a valid PostgreSQL URL: {first_line(exc)}") from exc
         return self.placement.connect_options(existing)
@@ -150,7 +154,7 @@ class Database:
         """Read where imgdb lives again (its tables were distributed meanwhile), and start every
         connection afresh with what that changes."""
         self.placement = place(self.url, self.schema, create=False)
-        self._options = self._connect_options()
+        self._options = self._connect_options(self.url)
         self.dispose()
         self._engine = None
         self.__dict__.pop("sessions", None)  # (made on the old engine)
@@ -161,10 +165,11 @@ class Database:
 
         return sessionmaker(self.engine, expire_on_commit=False)
 
-    def _search_connection(self) -> psycopg.Connection:
+    def _search_connection(self, url: str) -> psycopg.Connection:
         """A new search connection: autocommit (no transaction round trips), pgvector's types
         registered once pgvector is installed (a schema not migrated yet may lack it)."""
-        conn = psycopg.connect(libpq_url(self.url), autocommit=True, options=self._options)
+        options = self._options if url == self.url else self._connect_options(url)
+        conn = psycopg.connect(libpq_url(url), autocommit=True, options=options)
         if self.placement.extension_schema is not None:
             register_vector(conn)
         return conn
@@ -185,7 +190,14 @@ class Database:
             row = conn.execute(f"SELECT version_num FROM {table}").fetchone()
             return None if row is None else row[0]
 
-        return self.searching(read)
+        return self.searching(read, primary=True)
+
+    def replica_status(self) -> dict[str, Any]:
+        """What ``imgdb db status`` says of the read replica: whether it is one (a standby), and how
+        far behind the primary its replay is (seconds since the last transaction it replayed)."""
+        standby, behind = self.searching(lambda conn: conn.execute(
+            "SELECT pg_is_in_recovery(), extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8").fetchone())
+        return {"standby": standby, "replay_lag_s": None if behind is None else round(behind, 3)}
 
     def upgrade(self, *, only_if_needed: bool = False) -> bool:
         """Apply pending migrations; returns whether any ran here.
@@ -204,8 +216,7 @@ class Database:
                     self._say_where_settings_hold(conn)
             # Pooled connections, of both kinds, predate database-level settings a migration made
             # (ALTER DATABASE).
-            self.engine.dispose()
-            self.search_pool.close()
+            self.dispose()
         except sa.exc.OperationalError as exc:
             raise DatabaseError(f"cannot migrate the database: {first_line(exc.orig)}") from exc
         except (sa.exc.ProgrammingError, sa.exc.InternalError, sa.exc.IntegrityError) as exc:
@@ -216,11 +227,7 @@ class Database:
     def _say_where_settings_hold(conn: Connection) -> None:
         """Once, when the schema is made: whether pgvector's iterative scans are the database's
         default (``ALTER DATABASE``, which needs its owner) or only set on imgdb's own sessions."""
-        database_wide = conn.execute(sa.text(
-            "SELECT EXISTS (SELECT 1 FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase"
-            " WHERE d.datname = current_database() AND s.setrole = 0"
-            " AND 'hnsw.iterative_scan=strict_order' = ANY (s.setconfig))")).scalar()
-        if not database_wide:
+        if not conn.execute(sa.text(ITERATIVE_SCAN_IS_DEFAULT)).scalar():
             log.warning("this role cannot ALTER DATABASE, so imgdb sets hnsw.iterative_scan = strict_order on its own "
                         "sessions only: run SET hnsw.iterative_scan = strict_order in your own filtered vector queries")
 
@@ -234,11 +241,12 @@ class Database:
         with conn:
             yield conn
 
-    def searching(self, work: Callable[[psycopg.Connection], T]) -> T:
-        """Run ``work`` on a pooled search connection. A connection the server dropped (a restart)
-        is discarded and the work runs once more on a fresh one; any other failure is final."""
+    def searching(self, work: Callable[[psycopg.Connection], T], *, primary: bool = False) -> T:
+        """Run ``work`` on a pooled search connection: on the read replica where there is one, unless
+        ``primary`` (a read that must see what was just written). A connection the server dropped (a
+        restart) is discarded and the work runs once more on a fresh one; any other failure is final."""
         for attempt in (1, 2):
-            with self.search_pool.connection() as conn:
+            with (self.primary_pool if primary else self.search_pool).connection() as conn:
                 try:
                     return work(conn)
                 except psycopg.OperationalError as exc:
@@ -269,5 +277,6 @@ class Database:
 
     def dispose(self) -> None:
         self.search_pool.close()
+        self.primary_pool.close()
         if self._engine is not None:
             self._engine.dispose()

@@ -39,6 +39,11 @@ _NOT_OURS = ("public", "information_schema")
 #: pgvector's settings on every imgdb session (filtered ``LIMIT k`` queries return k rows: strict
 #: order for HNSW; IVFFlat can only do relaxed order, and imgdb re-sorts its results).
 SESSION_SETTINGS = {"hnsw.iterative_scan": "strict_order", "ivfflat.iterative_scan": "relaxed_order"}
+#: Whether migration 0001 could make the iterative HNSW scan the database's default (its owner can).
+ITERATIVE_SCAN_IS_DEFAULT = (
+    "SELECT EXISTS (SELECT 1 FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase"
+    " WHERE d.datname = current_database() AND s.setrole = 0"
+    " AND 'hnsw.iterative_scan=strict_order' = ANY (s.setconfig))")
 #: The schema pgvector is installed in (no row while it is not).
 EXTENSION_SCHEMA = ("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
                     " WHERE e.extname = 'vector'")

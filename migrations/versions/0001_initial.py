@@ -16,7 +16,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    # Only where it is missing: on Citus, even CREATE EXTENSION IF NOT EXISTS goes to the workers,
+    # where it needs the extension's owner.
+    op.execute("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector') THEN"
+               " CREATE EXTENSION vector; END IF; END $$")
     # Filtered vector queries from plain SQL (`WHERE ... ORDER BY embedding <-> q LIMIT k`) should
     # return k rows, not whatever survives the filter out of the first ef_search candidates: make
     # pgvector 0.8's iterative index scan the database's default. Needs ownership of the database;
