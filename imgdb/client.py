@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from imgdb.jobs.evaluate import EvalReport
     from imgdb.jobs.explain import Explanation
     from imgdb.jobs.ingest import IngestReport, ProgressCallback, StatusCallback
+    from imgdb.jobs.ray_ingest import RayOptions
     from imgdb.jobs.originals import Original
     from imgdb.jobs.sync import AttachReport, SyncReport
     from imgdb.jobs.train import TrainReport
@@ -125,9 +126,15 @@ class Imgdb:
 
     def ingest(self, paths: Iterable[str | Path], *, index: str = DEFAULT_INDEX,
                meta: dict[str, Any] | None = None, metadata_file: str | Path | None = None,
-               on_progress: ProgressCallback | None = None,
-               on_status: StatusCallback | None = None) -> IngestReport:
-        """Add files, folders (recursively) and URLs to ``index``; see :class:`~imgdb.jobs.ingest.Ingester`."""
+               on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None,
+               ray: RayOptions | None = None) -> IngestReport:
+        """Add files, folders (recursively) and URLs to ``index``; see :class:`~imgdb.jobs.ingest.Ingester`.
+        With ``ray``, the work runs on a Ray cluster's actors (:mod:`imgdb.jobs.ray_ingest`)."""
+        if ray is not None:
+            from imgdb.jobs import ray_ingest
+
+            return ray_ingest.ingest(self.catalog, paths, index=index, options=ray, meta=meta,
+                                     metadata_file=metadata_file, on_progress=on_progress, on_status=on_status)
         from imgdb.jobs.ingest import ingest
 
         return ingest(self.catalog, paths, index=index, meta=meta, metadata_file=metadata_file,

@@ -62,18 +62,29 @@ def ingest(
     index: IndexName = "default",
     meta: Annotated[Optional[list[str]], typer.Option("--meta", help="KEY=VALUE metadata for every image.")] = None,
     metadata: Annotated[Optional[Path], typer.Option("--metadata", help="JSON file: image path -> metadata object.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Extract and write on a Ray cluster's actors (pip install "
+                                      "'imgdb[ray]'): the one at --ray-address, else $RAY_ADDRESS, else the one "
+                                      "this machine runs, else a new one here.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="With --ray: the cluster, "
+                                                       "HOST:PORT of its head or ray://HOST:10001.")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="With --ray: actors (default: "
+                                                      "one per node with all its cores, or one per --ray-gpus).")] = None,
+    ray_gpus: Annotated[float, typer.Option("--ray-gpus", min=0, help="With --ray: GPUs per actor.")] = 0.0,
     as_json: Json = False, debug: Debug = False,
 ) -> None:
     """Add images to an index (duplicates by content are skipped)."""
 
     def run() -> None:
+        if not ray and (ray_address or ray_actors or ray_gpus):
+            raise imgdb.ImgdbError("--ray-address, --ray-actors and --ray-gpus go with --ray")
+        on_ray = imgdb.RayOptions(address=ray_address, actors=ray_actors, gpus=ray_gpus) if ray else None
         meta_values = _parse_meta(meta or [])
         # A path the user named that is not there is an error of the command (bad files found
         # inside a folder are only entries of `failed`): the rest goes in, then exit 1.
         missing = [p for p in paths if not imgdb.is_url(p) and not os.path.lexists(p)]
         with progress_bar("ingesting") as on_progress:
             report = _client().ingest(paths, index=index, meta=meta_values, metadata_file=metadata,
-                                      on_progress=on_progress, on_status=say)
+                                      on_progress=on_progress, on_status=say, ray=on_ray)
         if as_json:
             emit_json(report.to_json())
         else:

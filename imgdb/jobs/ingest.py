@@ -184,51 +184,77 @@ class Ingester:
         paths to per-image metadata, which wins over ``meta`` key by key. An extractor that has not
         learned its codebook yet learns it first, from a sample of these images."""
         started = time.perf_counter()
-        report = IngestReport()
-        meta, metadata = values.check_metadata(meta or {}, "--meta"), metadata or {}
+        meta = values.check_metadata(meta or {}, "--meta")
         todo = list(sources.expand(paths))
+        self.begin(todo, on_status)
+        try:
+            report = self.add(todo, self.known_content(len(todo)), meta=meta, metadata=metadata or {},
+                              on_progress=on_progress)
+        finally:
+            self.finish()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def begin(self, todo: Sequence[Item], on_status: StatusCallback | None = None) -> None:
+        """Before a load of ``todo``: the extractor learns, if it has not yet, from a sample of it;
+        a load of BULK_LOAD images or more that may double the index drops its ANN index, for
+        :meth:`finish` to build once."""
         if not self.extractor.trained:
             self.train(todo, on_status)
-        known: Container[str] = ContentInIndex(self.database, self.index)
-        with self.database.engine.begin() as conn:
-            if len(todo) >= BULK_LOAD:
-                # Many images: every hash of the index at once beats a look-up per image.
-                known = images.hashes_in_index(conn, self.index)
-                if len(todo) > len(known):
+        if len(todo) >= BULK_LOAD:
+            with self.database.engine.begin() as conn:
+                if len(todo) > vectors.count(conn, self.index):
                     pgvector.drop_ann(conn, self.index)
+
+    def known_content(self, load: int) -> Container[str]:
+        """What a load of ``load`` images skips: the content hashes of the index, all read at once for
+        a load of BULK_LOAD or more, else asked per image."""
+        if load < BULK_LOAD:
+            return ContentInIndex(self.database, self.index)
+        with self.database.connect() as conn:
+            return images.hashes_in_index(conn, self.index)
+
+    def finish(self) -> None:
+        """After a load (even a failed one): the first stage brought up to date with what was written."""
+        self.catalog.layer.sync(self.index)
+
+    def add(self, todo: Iterable[Item], known: Container[str], *, meta: dict[str, Any],
+            metadata: dict[str, dict[str, Any]], on_progress: ProgressCallback | None = None) -> IngestReport:
+        """Read, embed and write ``todo`` batch by batch, each batch in its own transaction; content in
+        ``known`` or seen earlier in ``todo`` counts as a duplicate (and takes the metadata given now).
+        The part of a load that a Ray actor runs on its share (:mod:`imgdb.jobs.ray_ingest`)."""
+        todo = list(todo)
+        report = IngestReport()
+        with self.database.connect() as conn:
             follows_tables = attached.has_sources(conn, self.index)
         seen: set[str] = set()
         batch: list[Prepared] = []
         relabel: dict[str, dict[str, Any]] = {}  # known content given metadata now: sha256 -> metadata
         given: list[str] = []  # known content given again: it is now in the index by direct ingest too
-        try:
-            for done, item in enumerate(self.load(todo, known, local=True), start=1):
-                if not isinstance(item, Failure) and (refused := self._unstorable(item, meta, metadata)):
-                    item = refused
-                if isinstance(item, Failure):
-                    report.failed.append(item)
-                elif isinstance(item, Known) or item.facts.sha256 in seen:
-                    report.duplicates += 1
-                    if isinstance(item, Known) and (labels := {**meta, **metadata.get(item.uri, {})}):
-                        relabel[item.sha256] = labels
-                    if isinstance(item, Known) and follows_tables:
-                        given.append(item.sha256)
-                else:
-                    seen.add(item.facts.sha256)
-                    batch.append(item)
-                    if len(batch) >= self.extractor.batch_size:
-                        self._write(batch, meta, metadata, report)
-                        batch = []
-                if on_progress:
-                    on_progress(done, len(todo))
-            self._write(batch, meta, metadata, report)
-            if relabel or given:
-                with self.database.engine.begin() as conn:
-                    images.merge_metadata(conn, relabel)
-                    vectors.mark_direct(conn, self.index, given)
-        finally:
-            self.catalog.layer.sync(self.index)
-        report.seconds = time.perf_counter() - started
+        for done, item in enumerate(self.load(todo, known, local=True), start=1):
+            if not isinstance(item, Failure) and (refused := self._unstorable(item, meta, metadata)):
+                item = refused
+            if isinstance(item, Failure):
+                report.failed.append(item)
+            elif isinstance(item, Known) or item.facts.sha256 in seen:
+                report.duplicates += 1
+                if isinstance(item, Known) and (labels := {**meta, **metadata.get(item.uri, {})}):
+                    relabel[item.sha256] = labels
+                if isinstance(item, Known) and follows_tables:
+                    given.append(item.sha256)
+            else:
+                seen.add(item.facts.sha256)
+                batch.append(item)
+                if len(batch) >= self.extractor.batch_size:
+                    self._write(batch, meta, metadata, report)
+                    batch = []
+            if on_progress:
+                on_progress(done, len(todo))
+        self._write(batch, meta, metadata, report)
+        if relabel or given:
+            with self.database.engine.begin() as conn:
+                images.merge_metadata(conn, relabel)
+                vectors.mark_direct(conn, self.index, given)
         return report
 
     @staticmethod

@@ -1,0 +1,142 @@
+"""Ingest on a Ray cluster (``imgdb ingest --ray``): a local Ray of two CPUs, real images, the session's
+embedded PostgreSQL. What goes in through Ray's actors is what a local ingest writes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from tests.conftest import copy_image, tool_env
+from tests.images import write
+
+#: Gallery images of the test folder, besides a duplicate and two bad files.
+GOOD = 12
+IMGDB = str(Path(sys.executable).parent / "imgdb")
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """A local Ray cluster of two CPUs for this module: its GCS address, which other processes join."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(museum: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """GOOD paintings with metadata for two, a copy of one under another name, a truncated JPEG and
+    a text file named like a JPEG."""
+    root = tmp_path_factory.mktemp("ray-folder")
+    gallery = sorted((museum / "images").glob("*.jpg"))[:GOOD]
+    for path in gallery:
+        copy_image(path, root / "images" / path.name)
+    copy_image(gallery[3], root / "images" / "again" / "copy.jpg")
+    photo = gallery[0].read_bytes()
+    write(root / "images" / "truncated.jpg", photo[: len(photo) // 3])
+    write(root / "images" / "text.jpg", b"not an image\n" * 20)
+    (root / "metadata.json").write_text(json.dumps({f"images/{gallery[0].name}": {"author": "A"},
+                                                    f"images/{gallery[1].name}": {"author": "B", "year": 1900}}))
+    return root
+
+
+def stored(db) -> dict[str, tuple]:  # noqa: ANN001
+    """Every image of the default index by uri: its facts, metadata and vector."""
+    index = db.index("default")
+    with db.database.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT i.uri, i.sha256, i.width, i.height, i.format, i.file_size, i.taken_at, i.camera, i.metadata,"
+            f' v.embedding::text FROM images i JOIN "{index.vectors_table}" v ON v.image_id = i.id').all()
+    return {row[0]: (*row[1:-1], np.array(json.loads(row[-1]), dtype=np.float32)) for row in rows}
+
+
+def failures(report) -> list[tuple[str, str]]:  # noqa: ANN001
+    return sorted((f.path, f.error) for f in report.failed)
+
+
+def test_an_ingest_through_ray_writes_what_a_local_one_does(new_database, folder: Path, ray_address: str) -> None:  # noqa: ANN001
+    import imgdb
+
+    paths, metadata = [folder / "images"], folder / "metadata.json"
+    with imgdb.connect(new_database("ray_local")) as local, imgdb.connect(new_database("ray_actors")) as on_ray:
+        expected = local.ingest(paths, metadata_file=metadata)
+        seen: list[tuple[int, int]] = []
+        report = on_ray.ingest(paths, metadata_file=metadata, ray=imgdb.RayOptions(actors=2),
+                               on_progress=lambda done, total: seen.append((done, total)))
+        assert (report.added, report.duplicates) == (expected.added, expected.duplicates) == (GOOD, 1)
+        assert failures(report) == failures(expected) and len(report.failed) == 2
+        assert seen[-1] == (GOOD + 3, GOOD + 3)
+        mine, theirs = stored(on_ray), stored(local)
+        assert sorted(mine) == sorted(theirs)
+        for uri, (*facts, vector) in mine.items():
+            assert facts == list(theirs[uri][:-1]), uri
+            np.testing.assert_allclose(vector, theirs[uri][-1], rtol=0, atol=1e-6, err_msg=uri)
+        assert on_ray.search(folder / "images" / "again" / "copy.jpg", k=1)[0].uri in mine
+
+        again = on_ray.ingest(paths, metadata_file=metadata, ray=imgdb.RayOptions(actors=2))
+        assert (again.added, again.duplicates, failures(again)) == (0, GOOD + 1, failures(expected))
+        assert stored(on_ray).keys() == mine.keys()
+
+
+def test_the_command_ingests_on_a_running_cluster(new_database, folder: Path, ray_address: str) -> None:  # noqa: ANN001
+    url = new_database("ray_cli")
+    env = tool_env(IMGDB_DATABASE_URL=url)
+    done = subprocess.run([IMGDB, "ingest", str(folder / "images"), "--ray",
+                           "--ray-address", ray_address, "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["added"], report["duplicates"], len(report["failed"])) == (GOOD, 1, 2)
+    assert all(f["error"] and "\n" not in f["error"] for f in report["failed"])
+
+    refused = subprocess.run([IMGDB, "ingest", str(folder / "images"),
+                              "--ray-actors", "2"], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "go with --ray" in refused.stderr
+
+
+def test_a_worker_killed_mid_share_loses_nothing(new_database, museum: Path, ray_address: str) -> None:  # noqa: ANN001
+    """The actor's process is killed once its first batch is committed: Ray starts another and hands
+    it the share again, whose committed part then counts as duplicates. Every image is in the index
+    once, none failed, and a rerun adds nothing."""
+    import imgdb
+
+    gallery = sorted((museum / "images").glob("*.jpg"))[20:120]
+    with imgdb.connect(new_database("ray_killed")) as db:
+        index = db.index("default")
+        killed: list[int] = []
+
+        def kill_after_the_first_commit() -> None:
+            deadline = time.monotonic() + 300
+            while not killed and time.monotonic() < deadline:
+                if 0 < count(db, index.vectors_table) < len(gallery):
+                    for process in psutil.process_iter(["pid", "cmdline"]):
+                        if any("MapWorker(MapBatches(_Actor))" in part for part in process.info["cmdline"] or ()):
+                            process.send_signal(signal.SIGKILL)
+                            killed.append(process.info["pid"])
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_after_the_first_commit)
+        killer.start()
+        report = db.ingest(gallery, ray=imgdb.RayOptions(actors=1))
+        killer.join()
+        assert killed, "no actor process was found to kill"
+        assert not report.failed
+        assert report.added + report.duplicates == len(gallery) and report.duplicates > 0
+        assert count(db, index.vectors_table) == len(gallery)
+        again = db.ingest(gallery, ray=imgdb.RayOptions(actors=1))
+        assert (again.added, again.duplicates) == (0, len(gallery))
+
+
+def count(db, table: str) -> int:  # noqa: ANN001
+    with db.database.connect() as conn:
+        return int(conn.exec_driver_sql(f'SELECT count(*) FROM "{table}"').scalar_one())
