@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from imgdb.jobs.evaluate import EvalReport
     from imgdb.jobs.explain import Explanation
     from imgdb.jobs.ingest import IngestReport, ProgressCallback, StatusCallback
-    from imgdb.jobs.ray_ingest import RayOptions
     from imgdb.jobs.originals import Original
+    from imgdb.jobs.ray_ingest import RayOptions
     from imgdb.jobs.sync import AttachReport, SyncReport
     from imgdb.jobs.train import TrainReport
     from imgdb.jobs.verification import VerifyReport

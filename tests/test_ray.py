@@ -140,3 +140,19 @@ def test_a_worker_killed_mid_share_loses_nothing(new_database, museum: Path, ray
 def count(db, table: str) -> int:  # noqa: ANN001
     with db.database.connect() as conn:
         return int(conn.exec_driver_sql(f'SELECT count(*) FROM "{table}"').scalar_one())
+
+
+def test_a_write_every_actor_fails_stops_the_load_with_its_reason(new_database, folder: Path,  # noqa: ANN001
+                                                                   ray_address: str) -> None:
+    """An error no retry cures (here every vector refused by a constraint) ends the load with one
+    line saying why, instead of failing share after share; nothing half-written stays."""
+    import imgdb
+
+    with imgdb.connect(new_database("ray_refused")) as db:
+        table = db.index("default").vectors_table
+        with db.database.engine.begin() as conn:
+            conn.exec_driver_sql(f'ALTER TABLE "{table}" ADD CONSTRAINT no_vectors CHECK (false) NOT VALID')
+        with pytest.raises(imgdb.ImgdbError, match="the ingest on Ray stopped: .*no_vectors") as stopped:
+            db.ingest([folder / "images"], ray=imgdb.RayOptions(actors=1))
+        assert "\n" not in str(stopped.value)
+        assert count(db, table) == 0

@@ -56,6 +56,12 @@ class RayOptions:
     actors: int | None = None
     gpus: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.actors is not None and self.actors < 1:
+            raise ImgdbError(f"Ray actors must be at least 1, not {self.actors}")
+        if not self.gpus >= 0:  # (NaN too)
+            raise ImgdbError(f"GPUs per Ray actor must be 0 or more, not {self.gpus}")
+
 
 def ingest(catalog: Catalog, paths: Iterable[str | Path], *, index: str, options: RayOptions,
            meta: dict[str, Any] | None = None, metadata_file: str | Path | None = None,
@@ -192,22 +198,37 @@ def _pool_size(ray: Any, options: RayOptions) -> tuple[int, float]:
 
 class _Actor:
     """One Ray actor: a database connection and one model session, ingesting the shares it is given
-    with the local path's loop."""
+    with the local path's loop. What goes wrong outside an image (a database this node cannot reach,
+    a write refused) is not worth retrying share after share: the share's report carries it, and the
+    driver stops with it."""
 
     def __init__(self, settings: Settings, index: str, meta: dict[str, Any]) -> None:
-        catalog = Catalog(Database.from_settings(settings, migrate=False), settings)
-        self.ingester = Ingester(catalog, catalog.index(index))
         self.meta = meta
+        self.ingester: Ingester | None = None
+        self.error = ""
+        try:
+            catalog = Catalog(Database.from_settings(settings, migrate=False), settings)
+            self.ingester = Ingester(catalog, catalog.index(index))
+        except Exception as exc:  # noqa: BLE001 - reported with the first share
+            self.error = _reason(exc)
 
     def __call__(self, share: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        """The share's report, one row: its counts and failures, or the error that stopped it (for
-        the driver to stop with: a database gone is not worth retrying share after share)."""
+        """The share's report, one row: its counts and failures, or the error that stopped it."""
         uris = [str(uri) for uri in share["uri"]]
         metadata = {uri: json.loads(text) for uri, text in zip(uris, share["meta"]) if text}
-        try:
-            found = self.ingester.add(uris, self.ingester.known_content(len(uris)), meta=self.meta, metadata=metadata)
-        except Exception as exc:  # noqa: BLE001 - reported to the driver, which stops with it
-            reason = str(exc).splitlines()[0] if isinstance(exc, ImgdbError) else f"{type(exc).__name__}: {exc}"
-            return {"uris": ["[]"], "added": [0], "duplicates": [0], "failed": ["[]"], "error": [values.printable(reason)]}
-        return {"uris": [json.dumps(uris)], "added": [found.added], "duplicates": [found.duplicates],
-                "failed": [json.dumps([(f.path, f.error) for f in found.failed])], "error": [""]}
+        error = self.error
+        if self.ingester is not None:
+            try:
+                found = self.ingester.add(uris, self.ingester.known_content(len(uris)), meta=self.meta,
+                                          metadata=metadata)
+                return {"uris": [json.dumps(uris)], "added": [found.added], "duplicates": [found.duplicates],
+                        "failed": [json.dumps([(f.path, f.error) for f in found.failed])], "error": [""]}
+            except Exception as exc:  # noqa: BLE001 - reported to the driver, which stops with it
+                error = _reason(exc)
+        return {"uris": ["[]"], "added": [0], "duplicates": [0], "failed": ["[]"], "error": [error]}
+
+
+def _reason(exc: Exception) -> str:
+    """One line on an error: imgdb's own message, or the exception's type and first line."""
+    first = (str(exc).splitlines() or [""])[0]
+    return values.printable(first if isinstance(exc, ImgdbError) else f"{type(exc).__name__}: {first}")
