@@ -92,12 +92,17 @@ def test_an_ingest_through_ray_writes_what_a_local_one_does(new_database, folder
 def test_the_command_ingests_on_a_running_cluster(new_database, folder: Path, ray_address: str) -> None:  # noqa: ANN001
     url = new_database("ray_cli")
     env = tool_env(IMGDB_DATABASE_URL=url)
-    done = subprocess.run([IMGDB, "ingest", str(folder / "images"), "--ray",
-                           "--ray-address", ray_address, "--json"], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([IMGDB, "ingest", str(folder / "images"), "--ray", ray_address, "--json"],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert (report["added"], report["duplicates"], len(report["failed"])) == (GOOD, 1, 2)
     assert all(f["error"] and "\n" not in f["error"] for f in report["failed"])
+
+    again = subprocess.run([IMGDB, "ingest", str(folder / "images"), f"--ray={ray_address}", "--ray-actors", "1",
+                            "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert (json.loads(again.stdout)["added"], json.loads(again.stdout)["duplicates"]) == (0, GOOD + 1)
 
     refused = subprocess.run([IMGDB, "ingest", str(folder / "images"),
                               "--ray-actors", "2"], env=env, capture_output=True, text=True, timeout=120)

@@ -10,13 +10,14 @@ its reach (``gc.freeze``); objects the command itself makes are collected as usu
 from __future__ import annotations
 
 import gc
+import sys
 
 
 def main() -> None:
     gc.disable()
     try:
-        from imgdb_cli.main import app
+        from imgdb_cli.main import app, spell_out_ray_address
     finally:
         gc.freeze()
         gc.enable()
-    app()
+    app(args=spell_out_ray_address(sys.argv[1:]))

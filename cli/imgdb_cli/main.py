@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -56,17 +57,41 @@ def _parse_meta(pairs: list[str]) -> dict[str, Any]:
     return meta
 
 
+#: A cluster's address after ``--ray``: ``HOST:PORT``, ``ray://HOST:PORT``, ``auto`` or ``local``.
+RAY_ADDRESS = re.compile(r"(ray://\S+|auto|local|[\w.\-\[\]:]+:\d+)")
+
+
+def spell_out_ray_address(argv: list[str]) -> list[str]:
+    """``--ray ADDRESS`` and ``--ray=ADDRESS`` (../shared/CONVENTIONS.md spells the option
+    ``--ray [ADDRESS]``) as ``--ray --ray-address=ADDRESS``: Typer has no option whose value may
+    be left out. A word after ``--ray`` that is an existing path stays one of the paths."""
+    spelled: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word.startswith("--ray="):
+            spelled += ["--ray", f"--ray-address={word.removeprefix('--ray=')}"]
+            continue
+        spelled.append(word)
+        if word == "--ray":
+            following = next(words, None)
+            if following is not None and RAY_ADDRESS.fullmatch(following) and not os.path.exists(following):
+                spelled.append(f"--ray-address={following}")
+            elif following is not None:
+                spelled.append(following)
+    return spelled
+
+
 @app.command()
 def ingest(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (walked recursively) or http(s) URLs.")],
     index: IndexName = "default",
     meta: Annotated[Optional[list[str]], typer.Option("--meta", help="KEY=VALUE metadata for every image.")] = None,
     metadata: Annotated[Optional[Path], typer.Option("--metadata", help="JSON file: image path -> metadata object.")] = None,
-    ray: Annotated[bool, typer.Option("--ray", help="Extract and write on a Ray cluster's actors (pip install "
-                                      "'imgdb[ray]'): the one at --ray-address, else $RAY_ADDRESS, else the one "
+    ray: Annotated[bool, typer.Option("--ray", help="[ADDRESS] Extract and write on a Ray cluster's actors (pip "
+                                      "install 'imgdb[ray]'): the one at ADDRESS, else $RAY_ADDRESS, else the one "
                                       "this machine runs, else a new one here.")] = False,
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="With --ray: the cluster, "
-                                                       "HOST:PORT of its head or ray://HOST:10001.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="With --ray, the same as --ray ADDRESS: "
+                                                       "HOST:PORT of the head, ray://HOST:10001, auto or local.")] = None,
     ray_actors: Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="With --ray: actors (default: "
                                                       "one per node with all its cores, or one per --ray-gpus).")] = None,
     ray_gpus: Annotated[float, typer.Option("--ray-gpus", min=0, help="With --ray: GPUs per actor.")] = 0.0,
