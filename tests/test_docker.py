@@ -54,12 +54,21 @@ def _compose() -> list[str]:
     pytest.skip("no docker compose client on this machine (`apt-get install docker-compose` brings one)")
 
 
-def test_compose_file_is_valid_and_wires_imgdb_to_postgres(tmp_path: Path) -> None:
-    env = tool_env(IMGDB_IMAGES=str(tmp_path), POSTGRES_PASSWORD="s3cret", IMGDB_API_TOKEN="t0ken")
-    done = subprocess.run([*_compose(), "-f", str(COMPOSE), "config"], env=env, capture_output=True, text=True,
-                          timeout=60)
+def _services(compose_file: Path, **env: str) -> dict:
+    """The services of ``compose_file`` as `docker compose config` resolves them with ``env``."""
+    done = subprocess.run([*_compose(), "-f", str(compose_file), "config"], env=tool_env(**env), capture_output=True,
+                          text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    services = yaml.safe_load(done.stdout)["services"]
+    return yaml.safe_load(done.stdout)["services"]
+
+
+def _copied(dockerfile: str) -> list[list[str]]:
+    """The sources of each ``COPY`` line of a Dockerfile (relative to its build context)."""
+    return [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+
+
+def test_compose_file_is_valid_and_wires_imgdb_to_postgres(tmp_path: Path) -> None:
+    services = _services(COMPOSE, IMGDB_IMAGES=str(tmp_path), POSTGRES_PASSWORD="s3cret", IMGDB_API_TOKEN="t0ken")
     assert services["db"]["image"] == "pgvector/pgvector:pg18"
     app = services["imgdb"]
     assert app["depends_on"]["db"]["condition"] == "service_healthy"
@@ -78,10 +87,8 @@ def test_compose_file_is_valid_and_wires_imgdb_to_postgres(tmp_path: Path) -> No
     assert f"{tmp_path}:/images:ro" in mounts
     # What the Dockerfile copies must exist, and its start-up is the script the test above runs.
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
-    for line in dockerfile.splitlines():
-        if line.startswith("COPY "):
-            *sources, _ = line.split()[1:]
-            assert all((ROOT / source).exists() for source in sources), line
+    for sources in _copied(dockerfile):
+        assert all((ROOT / source).exists() for source in sources), sources
     assert 'ENTRYPOINT ["imgdb-start"]' in dockerfile and "docker/start.sh /usr/local/bin/imgdb-start" in dockerfile
 
 
@@ -89,11 +96,7 @@ COMPOSE_CITUS = ROOT / "docker" / "compose.citus.yaml"
 
 
 def test_citus_compose_file_builds_three_nodes_joins_them_and_distributes(tmp_path: Path) -> None:
-    env = tool_env(IMGDB_IMAGES=str(tmp_path), POSTGRES_PASSWORD="s3cret", IMGDB_SHARDS="16")
-    done = subprocess.run([*_compose(), "-f", str(COMPOSE_CITUS), "config"], env=env, capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    services = yaml.safe_load(done.stdout)["services"]
+    services = _services(COMPOSE_CITUS, IMGDB_IMAGES=str(tmp_path), POSTGRES_PASSWORD="s3cret", IMGDB_SHARDS="16")
     nodes = ("coordinator", "worker1", "worker2")
     for name in nodes:
         assert Path(services[name]["build"]["context"]) == ROOT / "docker" / "citus"
@@ -101,9 +104,8 @@ def test_citus_compose_file_builds_three_nodes_joins_them_and_distributes(tmp_pa
     node_image = (ROOT / "docker" / "citus" / "Dockerfile").read_text()
     assert node_image.startswith("# ") and "FROM pgvector/pgvector:pg18" in node_image
     assert "shared_preload_libraries = 'citus'" in node_image and "postgresql-18-citus-" in node_image
-    for line in node_image.splitlines():
-        if line.startswith("COPY "):
-            assert (ROOT / "docker" / "citus" / line.split()[1]).is_file(), line
+    for sources in _copied(node_image):
+        assert all((ROOT / "docker" / "citus" / source).is_file() for source in sources), sources
     # The workers join the coordinator once all three answer; imgdb starts after that, and distributes.
     joining = services["cluster"]
     assert {name: joining["depends_on"][name]["condition"] for name in nodes} == dict.fromkeys(nodes, "service_healthy")
