@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from imgdb.features.registry import DEFAULT_SPEC as DEFAULT_EXTRACTOR
     from imgdb.io.fetch import is_url
     from imgdb.io.reader import return_memory
-    from imgdb.jobs.ray_ingest import RayOptions
+    from imgdb.io.sources import is_remote
+    from imgdb.jobs.on_ray import RayOptions
     from imgdb.jobs.search import MAX_CANDIDATES, MAX_K
     from imgdb.training.trainer import TrainOptions
 
@@ -52,16 +53,17 @@ _NAMES: dict[str, tuple[str, str]] = {
     "parse_json": ("imgdb.db.values", "loads"),
     "is_url": ("imgdb.io.fetch", "is_url"),
     "return_memory": ("imgdb.io.reader", "return_memory"),
+    "is_remote": ("imgdb.io.sources", "is_remote"),
     "MAX_K": ("imgdb.jobs.search", "MAX_K"),
     "MAX_CANDIDATES": ("imgdb.jobs.search", "MAX_CANDIDATES"),
     "TrainOptions": ("imgdb.training.trainer", "TrainOptions"),
-    "RayOptions": ("imgdb.jobs.ray_ingest", "RayOptions"),
+    "RayOptions": ("imgdb.jobs.on_ray", "RayOptions"),
 }
 __all__ = [
     "DEFAULT_EXTRACTOR", "DEFAULT_INDEX", "MAX_CANDIDATES", "MAX_ID", "MAX_K", "DatabaseError", "ExtractorSpecError",
     "FetchError", "FilterError", "Hit", "ImageNotFound", "ImageReadError", "Imgdb", "ImgdbError", "IndexExists",
     "IndexNotFound", "IndexRecord", "RayOptions", "Settings", "TrainOptions", "__version__", "ann_help", "check_metadata", "connect",
-    "database_status", "database_url", "driver_failure", "extractors", "is_url", "parse_json", "rerank_help",
+    "database_status", "database_url", "driver_failure", "extractors", "is_remote", "is_url", "parse_json", "rerank_help",
     "return_memory", "stop_embedded", "upgrade_database",
 ]
 

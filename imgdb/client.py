@@ -30,6 +30,7 @@ from imgdb.config import Settings
 from imgdb.db.engine import Database
 from imgdb.db.records import IndexRecord
 from imgdb.db.search import Hit
+from imgdb.errors import ImgdbError
 from imgdb.jobs.search import Query, encode, search
 from imgdb.query.parts import EncodedQuery
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from imgdb.jobs.explain import Explanation
     from imgdb.jobs.ingest import IngestReport, ProgressCallback, StatusCallback
     from imgdb.jobs.originals import Original
-    from imgdb.jobs.ray_ingest import RayOptions
+    from imgdb.jobs.on_ray import RayOptions
     from imgdb.jobs.sync import AttachReport, SyncReport
     from imgdb.jobs.train import TrainReport
     from imgdb.jobs.verification import VerifyReport
@@ -129,12 +130,12 @@ class Imgdb:
                on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None,
                ray: RayOptions | None = None) -> IngestReport:
         """Add files, folders (recursively) and URLs to ``index``; see :class:`~imgdb.jobs.ingest.Ingester`.
-        With ``ray``, the work runs on a Ray cluster's actors (:mod:`imgdb.jobs.ray_ingest`)."""
+        With ``ray``, the work runs on a Ray cluster's actors (:mod:`imgdb.jobs.on_ray`)."""
         if ray is not None:
-            from imgdb.jobs import ray_ingest
+            from imgdb.jobs import on_ray
 
-            return ray_ingest.ingest(self.catalog, paths, index=index, options=ray, meta=meta,
-                                     metadata_file=metadata_file, on_progress=on_progress, on_status=on_status)
+            return on_ray.ingest(self.catalog, paths, index=index, options=ray, meta=meta,
+                                 metadata_file=metadata_file, on_progress=on_progress, on_status=on_status)
         from imgdb.jobs.ingest import ingest
 
         return ingest(self.catalog, paths, index=index, meta=meta, metadata_file=metadata_file,
@@ -218,11 +219,19 @@ class Imgdb:
     def sync(self, index: str | None = None, *, watch: bool = False, retry_failed: bool = False,
              stop: threading.Event | None = None, on_progress: ProgressCallback | None = None,
              on_status: StatusCallback | None = None,
-             on_round: Callable[[SyncReport], None] | None = None) -> SyncReport:
+             on_round: Callable[[SyncReport], None] | None = None, ray: RayOptions | None = None) -> SyncReport:
         """Embed what attached tables queued (those of ``index``, or every one); with ``watch``, keep
-        doing it as changes come, until ``stop`` is set. See :mod:`imgdb.jobs.sync`."""
+        doing it as changes come, until ``stop`` is set. See :mod:`imgdb.jobs.sync`. With ``ray``,
+        the work runs on a Ray cluster (:mod:`imgdb.jobs.on_ray`): a large table's first fill."""
         from imgdb.jobs.sync import Syncer
 
+        if ray is not None:
+            if watch:
+                raise ImgdbError("a sync on Ray drains the queue once; --watch runs here")
+            from imgdb.jobs import on_ray
+
+            return on_ray.sync(self.catalog, index, options=ray, retry_failed=retry_failed, on_progress=on_progress,
+                               on_status=on_status)
         syncer = Syncer(self.catalog)
         if watch:
             return syncer.watch(index, stop=stop, on_round=on_round, on_status=on_status)

@@ -177,6 +177,61 @@ def http_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
     server.shutdown()
 
 
+@dataclasses.dataclass
+class ObjectStore:
+    """An S3-compatible server on loopback and the environment that reaches it (credentials and
+    endpoint as a user sets them); ``bucket`` exists, ``put`` writes an object."""
+
+    env: dict[str, str]
+    bucket: str
+
+    def put(self, key: str, data: bytes) -> str:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name=self.env["AWS_REGION"],
+                     aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"]).put_object(
+            Bucket=self.bucket, Key=key, Body=data)
+        return f"s3://{self.bucket}/{key}"
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStore]:
+    """moto's standalone S3 server (a separate process speaking the S3 protocol over HTTP) on a free
+    loopback port, with one bucket; its credentials and endpoint are in this process's environment
+    for the session, as a user's would be (a local Ray started afterwards hands them to its workers)."""
+    import boto3
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    env = {"AWS_ACCESS_KEY_ID": "imgdb-test", "AWS_SECRET_ACCESS_KEY": "imgdb-test-secret",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1"}
+    store = ObjectStore(env, "gallery")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                         aws_access_key_id="x", aws_secret_access_key="y").create_bucket(Bucket=store.bucket)
+            break
+        except Exception:  # noqa: BLE001 - not listening yet
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto_server did not start: {log.read_text(errors='replace')[-2000:]}") from None
+            time.sleep(0.2)
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    yield store
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    server.terminate()
+    server.wait(10)
+
+
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass

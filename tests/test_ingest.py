@@ -130,6 +130,41 @@ def test_ingest_from_url_and_meta_for_every_image(client, http_root, museum: Pat
     assert hit.uri == url and hit.metadata == {"source": "web"} and hit.distance < 1e-6
 
 
+def fresh(museum: Path, number: int) -> bytes:
+    """A museum painting as content no other test ingests (cropped by a pixel, PNG)."""
+    with Image.open(museum / "images" / f"bbdd_{number:05d}.jpg") as image:
+        return encoded(image.crop((1, 1, image.width, image.height)), "PNG")
+
+
+def test_objects_in_s3_go_in_like_files_from_a_prefix_or_a_list(client, object_store, museum: Path,  # noqa: ANN001
+                                                                 tmp_path: Path) -> None:
+    client.create_index("objects", "color:hsv")
+    first = object_store.put("museum/first.png", fresh(museum, 251))
+    second = object_store.put("museum/room/second.png", fresh(museum, 252))
+    object_store.put("museum/.trash/hidden.png", fresh(museum, 253))
+    object_store.put("museum/notes.md", b"# not an image")
+    broken = object_store.put("museum/broken.png", b"not an image\n" * 20)
+    report = client.ingest(["s3://gallery/museum/"], index="objects")  # a prefix is walked like a folder
+    assert report.added == 2 and [(f.path, f.error) for f in report.failed] == [
+        (broken, "not an image in a supported format (JPEG, PNG, WebP, TIFF, BMP, GIF)")]
+    with client.database.connect() as conn:
+        rows = dict(conn.exec_driver_sql("SELECT uri, format FROM images_objects").all())
+    assert rows == {first: "PNG", second: "PNG"}
+    # A list file: one entry per line, local paths relative to the list; what cannot be read, or
+    # names credentials or options of its own, fails alone, with its reason.
+    write(tmp_path / "local.png", fresh(museum, 254))
+    (tmp_path / "todo.txt").write_text("\n".join([
+        "# gallery, second batch", "", first, "local.png", "s3://gallery/museum/gone.png",
+        "s3://key:secret@gallery/museum/first.png", "s3://gallery/museum/first.png?endpoint_override=127.0.0.1:9"]))
+    listed = client.ingest([tmp_path / "todo.txt"], index="objects")
+    assert (listed.added, listed.duplicates) == (1, 1)
+    assert sorted(f.error for f in listed.failed) == [
+        "no such object", "s3:// URIs carry no credentials: imgdb takes them from the environment",
+        "s3:// URIs take no options (?...): the endpoint and credentials come from the environment"]
+    hit = client.search(fresh(museum, 252), index="objects", k=1)[0]
+    assert hit.uri == second and hit.distance < 1e-6
+
+
 def test_delete_removes_images_and_vectors_from_every_index(client, tmp_path: Path, museum: Path) -> None:  # noqa: ANN001
     client.create_index("deletes", "color:hsv")
     path = copy_image(museum / "images" / "bbdd_00030.jpg", tmp_path / "x.jpg")

@@ -25,8 +25,9 @@ IMGDB = str(Path(sys.executable).parent / "imgdb")
 
 
 @pytest.fixture(scope="module")
-def ray_address() -> Iterator[str]:
-    """A local Ray cluster of two CPUs for this module: its GCS address, which other processes join."""
+def ray_address(object_store) -> Iterator[str]:  # noqa: ANN001
+    """A local Ray cluster of two CPUs for this module: its GCS address, which other processes join.
+    Its workers have the environment of this process, the object store's endpoint and credentials."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -89,6 +90,26 @@ def test_an_ingest_through_ray_writes_what_a_local_one_does(new_database, folder
         assert stored(on_ray).keys() == mine.keys()
 
 
+def test_objects_in_s3_go_in_through_ray_as_they_do_locally(new_database, folder: Path, object_store,  # noqa: ANN001
+                                                             ray_address: str) -> None:
+    """The driver lists the prefix; the actors read the objects with the credentials of their own
+    environment."""
+    import imgdb
+
+    for path in sorted((folder / "images").rglob("*.jpg")):
+        object_store.put(f"ray/{path.relative_to(folder / 'images')}", path.read_bytes())
+    prefix = [f"s3://{object_store.bucket}/ray"]
+    with imgdb.connect(new_database("ray_s3_local")) as local, imgdb.connect(new_database("ray_s3")) as on_ray:
+        expected = local.ingest(prefix)
+        report = on_ray.ingest(prefix, ray=imgdb.RayOptions(actors=2))
+        assert (report.added, report.duplicates, failures(report)) == (GOOD, 1, failures(expected))
+        mine, theirs = stored(on_ray), stored(local)
+        assert sorted(mine) == sorted(theirs) and all(uri.startswith("s3://") for uri in mine)
+        for uri, (*facts, vector) in mine.items():
+            assert facts == list(theirs[uri][:-1]), uri
+            np.testing.assert_allclose(vector, theirs[uri][-1], rtol=0, atol=1e-6, err_msg=uri)
+
+
 def test_the_command_ingests_on_a_running_cluster(new_database, folder: Path, ray_address: str) -> None:  # noqa: ANN001
     url = new_database("ray_cli")
     env = tool_env(IMGDB_DATABASE_URL=url)
@@ -107,6 +128,42 @@ def test_the_command_ingests_on_a_running_cluster(new_database, folder: Path, ra
     refused = subprocess.run([IMGDB, "ingest", str(folder / "images"),
                               "--ray-actors", "2"], env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "go with --ray" in refused.stderr
+
+
+def test_a_sync_through_ray_embeds_what_a_local_one_does(new_database, folder: Path, ray_address: str) -> None:  # noqa: ANN001
+    """An attached table's first fill: ``imgdb sync --ray`` (Ray tasks draining the queue) against
+    a local sync of the same table in another database."""
+    import psycopg
+
+    import imgdb
+
+    paths = sorted((folder / "images").rglob("*.jpg")) + [folder / "images" / "gone.jpg"]
+    reports = {}
+    for name in ("sync_local", "sync_ray"):
+        url = new_database(name)
+        with psycopg.connect(url, autocommit=True) as app:
+            app.execute("CREATE TABLE public.photos (id int PRIMARY KEY, path text)")
+            for i, path in enumerate(paths):
+                app.execute("INSERT INTO public.photos VALUES (%s, %s)", (i, str(path)))
+        with imgdb.connect(url) as db:
+            assert db.attach("photos", "path").queued == len(paths)
+            if name == "sync_local":
+                reports[name] = db.sync().to_json()
+            else:
+                done = subprocess.run([IMGDB, "sync", "--ray", ray_address, "--ray-actors", "2", "--json"],
+                                      env=tool_env(IMGDB_DATABASE_URL=url), capture_output=True, text=True, timeout=600)
+                assert done.returncode == 0, done.stderr
+                reports[name] = json.loads(done.stdout)
+            reports[name]["stored"] = stored(db)
+            assert db.sync_status()[0]["done"] == GOOD + 1  # the copy is a row of its own
+    local, on_ray = reports["sync_local"], reports["sync_ray"]
+    assert (on_ray["embedded"], on_ray["queued"]) == (local["embedded"], 0) == (GOOD + 1, 0)
+    assert sorted((f["ref"], f["error"]) for f in on_ray["failed"]) == sorted((f["ref"], f["error"]) for f in local["failed"])
+    assert len(on_ray["failed"]) == 3
+    assert sorted(on_ray["stored"]) == sorted(local["stored"])
+    for uri, (*facts, vector) in on_ray["stored"].items():
+        assert facts == list(local["stored"][uri][:-1]), uri
+        np.testing.assert_allclose(vector, local["stored"][uri][-1], rtol=0, atol=1e-6, err_msg=uri)
 
 
 def test_a_worker_killed_mid_share_loses_nothing(new_database, museum: Path, ray_address: str) -> None:  # noqa: ANN001

@@ -61,6 +61,22 @@ def _parse_meta(pairs: list[str]) -> dict[str, Any]:
 RAY_ADDRESS = re.compile(r"(ray://\S+|auto|local|[\w.\-\[\]:]+:\d+)")
 
 
+Ray = Annotated[bool, typer.Option("--ray", help="[ADDRESS] Extract and write on a Ray cluster's workers (pip "
+                                    "install 'imgdb[ray]'): the one at ADDRESS, else $RAY_ADDRESS, else the one "
+                                    "this machine runs, else a new one here.")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="With --ray, the same as --ray ADDRESS: "
+                                                   "HOST:PORT of the head, ray://HOST:10001, auto or local.")]
+RayActors = Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="With --ray: workers (default: one "
+                                                  "per node with all its cores, or one per --ray-gpus).")]
+RayGpus = Annotated[float, typer.Option("--ray-gpus", min=0, help="With --ray: GPUs per worker.")]
+
+
+def _ray_options(ray: bool, address: str | None, actors: int | None, gpus: float) -> imgdb.RayOptions | None:
+    if not ray and (address or actors or gpus):
+        raise imgdb.ImgdbError("--ray-address, --ray-actors and --ray-gpus go with --ray")
+    return imgdb.RayOptions(address=address, actors=actors, gpus=gpus) if ray else None
+
+
 def spell_out_ray_address(argv: list[str]) -> list[str]:
     """``--ray ADDRESS`` and ``--ray=ADDRESS`` (../shared/CONVENTIONS.md spells the option
     ``--ray [ADDRESS]``) as ``--ray --ray-address=ADDRESS``: Typer has no option whose value may
@@ -83,30 +99,21 @@ def spell_out_ray_address(argv: list[str]) -> list[str]:
 
 @app.command()
 def ingest(
-    paths: Annotated[list[str], typer.Argument(help="Image files, folders (walked recursively) or http(s) URLs.")],
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (walked recursively), http(s) URLs, s3:// or gs:// objects and prefixes, or .txt lists of those (one per line).")],
     index: IndexName = "default",
     meta: Annotated[Optional[list[str]], typer.Option("--meta", help="KEY=VALUE metadata for every image.")] = None,
     metadata: Annotated[Optional[Path], typer.Option("--metadata", help="JSON file: image path -> metadata object.")] = None,
-    ray: Annotated[bool, typer.Option("--ray", help="[ADDRESS] Extract and write on a Ray cluster's actors (pip "
-                                      "install 'imgdb[ray]'): the one at ADDRESS, else $RAY_ADDRESS, else the one "
-                                      "this machine runs, else a new one here.")] = False,
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="With --ray, the same as --ray ADDRESS: "
-                                                       "HOST:PORT of the head, ray://HOST:10001, auto or local.")] = None,
-    ray_actors: Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="With --ray: actors (default: "
-                                                      "one per node with all its cores, or one per --ray-gpus).")] = None,
-    ray_gpus: Annotated[float, typer.Option("--ray-gpus", min=0, help="With --ray: GPUs per actor.")] = 0.0,
+    ray: Ray = False, ray_address: RayAddress = None, ray_actors: RayActors = None, ray_gpus: RayGpus = 0.0,
     as_json: Json = False, debug: Debug = False,
 ) -> None:
     """Add images to an index (duplicates by content are skipped)."""
 
     def run() -> None:
-        if not ray and (ray_address or ray_actors or ray_gpus):
-            raise imgdb.ImgdbError("--ray-address, --ray-actors and --ray-gpus go with --ray")
-        on_ray = imgdb.RayOptions(address=ray_address, actors=ray_actors, gpus=ray_gpus) if ray else None
+        on_ray = _ray_options(ray, ray_address, ray_actors, ray_gpus)
         meta_values = _parse_meta(meta or [])
         # A path the user named that is not there is an error of the command (bad files found
         # inside a folder are only entries of `failed`): the rest goes in, then exit 1.
-        missing = [p for p in paths if not imgdb.is_url(p) and not os.path.lexists(p)]
+        missing = [p for p in paths if not imgdb.is_remote(p) and not os.path.lexists(p)]
         with progress_bar("ingesting") as on_progress:
             report = _client().ingest(paths, index=index, meta=meta_values, metadata_file=metadata,
                                       on_progress=on_progress, on_status=say, ray=on_ray)
@@ -308,11 +315,13 @@ def sync(
                                          "change nothing.")] = False,
     failures: Annotated[bool, typer.Option("--failures", help="Print the rows that failed, with their reasons.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try every failed row again now.")] = False,
+    ray: Ray = False, ray_address: RayAddress = None, ray_actors: RayActors = None, ray_gpus: RayGpus = 0.0,
     as_json: Json = False, debug: Debug = False,
 ) -> None:
     """Embed what attached tables queued: new rows, changed images; forget deleted rows."""
 
     def run() -> None:
+        on_ray = _ray_options(ray, ray_address, ray_actors, ray_gpus)
         client = _client()
         if status or failures:
             rows = client.sync_failures(index) if failures else client.sync_status(index)
@@ -324,11 +333,12 @@ def sync(
                 table.add_row(*(str(v) for v in row.values()))
             stdout.print(table)
             return
-        if watch:
+        if watch and on_ray is None:
             report = _watch(client, index)
-        else:
+        else:  # (the API refuses --watch with --ray)
             with progress_bar("syncing") as on_progress:
-                report = client.sync(index, retry_failed=retry_failed, on_progress=on_progress, on_status=say)
+                report = client.sync(index, watch=watch, retry_failed=retry_failed, on_progress=on_progress,
+                                     on_status=say, ray=on_ray)
         if as_json:
             emit_json(report.to_json())
             return

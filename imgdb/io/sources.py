@@ -1,5 +1,6 @@
-"""Where images come from: files, folders walked recursively, and http(s) URLs; and where the
-bytes of an image already ingested can be had again, only while they are still that image."""
+"""Where images come from: files, folders walked recursively, http(s) URLs, objects in S3 or
+Google Cloud Storage, and list files of any of those; and where the bytes of an image already
+ingested can be had again, only while they are still that image."""
 
 from __future__ import annotations
 
@@ -8,21 +9,38 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from imgdb.errors import ImageReadError, ImgdbError
+from imgdb.io import objects
 from imgdb.io.fetch import FetchLimits, fetch_url, is_url
 from imgdb.io.reader import SUFFIXES, read_file, sha256_hex
 
+#: A file named with this suffix is a list of what to ingest, one path or URL per line.
+LIST_SUFFIX = ".txt"
 
-def expand(paths: Iterable[str | Path]) -> Iterator[str]:
-    """Yield files and URLs to ingest: folders are walked recursively (image suffixes only, sorted,
-    hidden entries skipped); files and URLs named explicitly are yielded as given, even missing
-    ones, so that the reader reports them as failures instead of their silently disappearing."""
+
+def is_remote(text: str) -> bool:
+    """True when ``text`` names an image elsewhere (an http(s) URL, an ``s3://`` or ``gs://``
+    object), not a path on this machine."""
+    return is_url(text) or objects.is_object_uri(text)
+
+
+def expand(paths: Iterable[str | Path], *, lists: bool = True) -> Iterator[str]:
+    """Yield files, URLs and objects to ingest: folders (and object prefixes) are walked recursively
+    (image suffixes only, sorted, hidden entries skipped); a ``.txt`` file is a list, one path, URL
+    or object per line (blank lines and ``#`` comments skipped, relative paths taken from the list's
+    folder; a list names no further lists); what is named explicitly is yielded as given, even
+    when missing, so that the reader reports it as a failure instead of its silently disappearing."""
     for item in paths:
         text = str(item)
         if is_url(text):
             yield text
             continue
+        if objects.is_object_uri(text):
+            yield from objects.walk(text)
+            continue
         path = Path(text).expanduser()
-        if path.is_dir():
+        if lists and path.suffix.lower() == LIST_SUFFIX and path.is_file():
+            yield from expand(_listed(path), lists=False)
+        elif path.is_dir():
             for child in sorted(path.rglob("*")):
                 relative = child.relative_to(path)
                 if any(part.startswith(".") for part in relative.parts):
@@ -33,6 +51,19 @@ def expand(paths: Iterable[str | Path]) -> Iterator[str]:
             yield absolute(path)
 
 
+def _listed(path: Path) -> Iterator[str]:
+    """The entries of a list file, relative paths made absolute from its folder."""
+    base = Path(absolute(path)).parent
+    try:
+        with path.open(encoding="utf-8", errors="surrogateescape") as lines:
+            for line in lines:
+                entry = line.strip()
+                if entry and not entry.startswith("#"):
+                    yield entry if is_remote(entry) else absolute(base / Path(entry).expanduser())
+    except OSError as exc:
+        raise ImgdbError(f"cannot read the list {path}: {exc.strerror or exc}") from None
+
+
 def absolute(path: str | Path) -> str:
     """The absolute, ``..``-free form of a path, symlinks kept: what imgdb stores as an image's uri
     and matches ``--metadata`` entries against."""
@@ -40,12 +71,12 @@ def absolute(path: str | Path) -> str:
 
 
 def load(source: str | Path, limits: FetchLimits) -> bytes:
-    """The bytes of a file or URL; failures raise an :class:`ImgdbError` naming the source."""
+    """The bytes of a file, URL or object; failures raise an :class:`ImgdbError` naming the source."""
     text = str(source)
     if is_url(text):
         return fetch_url(text, limits)  # FetchError messages name the URL already
     try:
-        return read_file(Path(text))
+        return objects.read(text) if objects.is_object_uri(text) else read_file(Path(text))
     except ImgdbError as exc:
         raise ImageReadError(f"{text}: {exc}") from None
 

@@ -222,7 +222,7 @@ class Ingester:
             metadata: dict[str, dict[str, Any]], on_progress: ProgressCallback | None = None) -> IngestReport:
         """Read, embed and write ``todo`` batch by batch, each batch in its own transaction; content in
         ``known`` or seen earlier in ``todo`` counts as a duplicate (and takes the metadata given now).
-        The part of a load that a Ray actor runs on its share (:mod:`imgdb.jobs.ray_ingest`)."""
+        The part of a load that a Ray actor runs on its share (:mod:`imgdb.jobs.on_ray`)."""
         todo = list(todo)
         report = IngestReport()
         with self.database.connect() as conn:

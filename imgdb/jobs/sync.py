@@ -32,8 +32,7 @@ from imgdb.db.attached import Claimed
 from imgdb.db.engine import lost_to_a_conflict
 from imgdb.db.records import IndexRecord, Source
 from imgdb.errors import ImgdbError, first_line
-from imgdb.io.sources import absolute
-from imgdb.io.fetch import is_url
+from imgdb.io.sources import absolute, is_remote
 from imgdb.jobs.ingest import (Blob, ContentInIndex, Failure, Ingester, Item, Known, Prepared, ProgressCallback,
                                StatusCallback)
 
@@ -95,16 +94,17 @@ class AttachReport:
 
 
 def locate(value: str, root: str | None) -> str:
-    """Where a text column's value points: an http(s) URL as it is, or an absolute file path. A
+    """Where a text column's value points: an http(s) URL or an object (``s3://``, ``gs://``) as it
+    is, or an absolute file path. A
     relative path resolves under ``root`` (and is refused without one); with a root, anything whose
     real path falls outside it is refused, symlinks included."""
     text = value.strip()
-    if is_url(text):
+    if is_remote(text):
         return text
     if "\x00" in text or not text:
         raise ImgdbError("not a file path or an http(s) URL")
     if "://" in text:
-        raise ImgdbError(f"{text[:200]!r} is not an http(s) URL")
+        raise ImgdbError(f"{text[:200]!r} is not an http(s) URL or an s3:// or gs:// object")
     if not os.path.isabs(text):
         if root is None:
             raise ImgdbError(f"relative path {text[:200]!r}: attach the table with --root DIR to resolve it")
@@ -163,18 +163,44 @@ def detach(catalog: Catalog, table: str, *, index: str | None = None) -> AttachR
 
 
 class Syncer:
-    """One sync worker over a catalog's database (any number may run at once)."""
+    """One sync worker over a catalog's database (any number may run at once, in this process or
+    others: :mod:`imgdb.jobs.on_ray` runs them as Ray tasks)."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self.database = catalog.database
+        #: The ingest pipeline of each index worked on, by index id: one model session per index.
+        self.ingesters: dict[int, Ingester] = {}
 
     def run(self, index: str | None = None, *, retry_failed: bool = False,
             on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None) -> SyncReport:
         """Work through the queue of every attached table (of ``index``) until it is empty.
         ``retry_failed``: queue every failed row again now, whatever its back-off."""
         started = time.perf_counter()
+        todo, total = self.begin(index, retry_failed=retry_failed, on_status=on_status)
         report = SyncReport()
+        done = 0
+
+        def claimed(keys: int) -> None:
+            nonlocal done
+            done += keys
+            if on_progress:
+                on_progress(done, max(total, done))
+
+        try:
+            self.drain(todo, report, on_claimed=claimed, on_status=on_status)
+        finally:
+            self.finish(todo)
+        with self.database.connect() as conn:
+            report.queued = attached.queued(conn, todo)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def begin(self, index: str | None = None, *, retry_failed: bool = False,
+              on_status: StatusCallback | None = None) -> tuple[list[Source], int]:
+        """The attached tables to work through (of ``index``, or all) and the keys they queued, once
+        failed rows are queued again where due (all of them with ``retry_failed``) and every index
+        whose extractor learns from the collection has learnt: here, once, before any worker starts."""
         with self.database.connect() as conn:
             todo = attached.sources(conn, indexes.require(conn, index) if index else None)
         if index is not None and not todo:
@@ -183,34 +209,41 @@ class Syncer:
             for source in todo:
                 attached.requeue_failures(conn, source, all_of_them=retry_failed)
             total = attached.queued(conn, todo)
-        done = 0
         for index_id in dict.fromkeys(s.index_id for s in todo):
             sources = [s for s in todo if s.index_id == index_id]
-            target = self.catalog.index(sources[0].index_name)
-            ingester = Ingester(self.catalog, target)
-            known = ContentInIndex(self.database, target)
+            ingester = self._ingester(sources[0])
+            if not ingester.extractor.trained:
+                self._train(ingester, sources, on_status)
+        return todo, total
+
+    def drain(self, todo: Sequence[Source], report: SyncReport, *, on_claimed: Callable[[int], None] | None = None,
+              on_status: StatusCallback | None = None) -> None:
+        """Claim, embed and commit batches of ``todo``'s queues until they are empty (or hold only
+        rows whose retry is not due); ``on_claimed(keys)`` after each batch."""
+        for source in todo:
+            ingester = self._ingester(source)
+            known = ContentInIndex(self.database, ingester.index)
             try:
-                if not ingester.extractor.trained:
-                    self._train(ingester, sources, on_status)
-                for source in sources:
-                    try:
-                        while claimed := self._batch(ingester, source, known, report):
-                            done += max(claimed, 0)
-                            if on_progress:
-                                on_progress(done, max(total, done))
-                    except sa.exc.ProgrammingError as exc:
-                        # The table itself is in the way (dropped, a column renamed): say so, go on
-                        # with the other tables. Its rows stay queued.
-                        reason = f"cannot read {source.table}: {first_line(exc.orig)} (detach it, then attach it again)"
-                        report.failed.append(SyncFailure(source.table, None, reason))
-                        if on_status:
-                            on_status(reason)
-            finally:
-                self.catalog.layer.sync(target)
-        with self.database.connect() as conn:
-            report.queued = attached.queued(conn, todo)
-        report.seconds = time.perf_counter() - started
-        return report
+                while claimed := self._batch(ingester, source, known, report):
+                    if on_claimed:
+                        on_claimed(max(claimed, 0))
+            except sa.exc.ProgrammingError as exc:
+                # The table itself is in the way (dropped, a column renamed): say so, go on with the
+                # other tables. Its rows stay queued.
+                reason = f"cannot read {source.table}: {first_line(exc.orig)} (detach it, then attach it again)"
+                report.failed.append(SyncFailure(source.table, None, reason))
+                if on_status:
+                    on_status(reason)
+
+    def finish(self, todo: Sequence[Source]) -> None:
+        """Bring the first stage of every index worked on up to date (:meth:`imgdb.ann.layer.Layer.sync`)."""
+        for name in dict.fromkeys(s.index_name for s in todo):
+            self.catalog.layer.sync(self.catalog.index(name))
+
+    def _ingester(self, source: Source) -> Ingester:
+        if source.index_id not in self.ingesters:
+            self.ingesters[source.index_id] = Ingester(self.catalog, self.catalog.index(source.index_name))
+        return self.ingesters[source.index_id]
 
     def watch(self, index: str | None = None, *, stop: threading.Event | None = None,
               on_round: Callable[[SyncReport], None] | None = None,

@@ -1,5 +1,6 @@
-"""Ingest on a Ray cluster (``imgdb ingest --ray``): the same load as :mod:`imgdb.jobs.ingest`, its
-reading, hashing, decoding, extraction and writing spread over Ray actors.
+"""Ingest and sync on a Ray cluster (``imgdb ingest --ray``, ``imgdb sync --ray``): the same work
+as :mod:`imgdb.jobs.ingest` and :mod:`imgdb.jobs.sync`, its reading, hashing, decoding, extraction
+and writing spread over Ray's workers.
 
 The driver lists the work (folders walked), lets a trainable extractor learn once from a sample and
 stores what it learned, and drops the ANN index of a load that may double the index, exactly as a
@@ -12,6 +13,12 @@ written with binary COPY in a transaction of its own, so a worker that dies lose
 in flight, and what Ray retries or a rerun does again counts as duplicates. The driver merges the
 actors' reports into one, and at the end brings the first stage up to date (a quantizer learns
 from the vectors written, the ANN index is built once) as a local load does.
+
+A sync needs no list: its queue is in the database, and its workers already claim keys so that no
+two hold one (:class:`~imgdb.jobs.sync.Syncer`). The driver lets the indexes learn, then runs one
+sync worker per actor's place as a Ray task, each draining the queues with the local loop, and
+follows the queue's length for its progress; a worker killed mid-claim rolls its claim back, and
+the others (or its retry) take the keys.
 
 Ray is an optional extra (``pip install 'imgdb[ray]'``), imported only here.
 """
@@ -36,8 +43,10 @@ from imgdb.db import values
 from imgdb.db.engine import Database
 from imgdb.errors import ImgdbError
 from imgdb.io import sources
+from imgdb.db import attached
 from imgdb.jobs.ingest import (Failure, Ingester, IngestReport, ProgressCallback, StatusCallback,
                                load_metadata_file)
+from imgdb.jobs.sync import Syncer, SyncReport
 
 #: Images handed to an actor at a time (at most): several of the extractor's batches, so that
 #: reading and decoding run ahead of the model within a share as they do locally.
@@ -110,6 +119,67 @@ def ingest(catalog: Catalog, paths: Iterable[str | Path], *, index: str, options
     return report
 
 
+def sync(catalog: Catalog, index: str | None, *, options: RayOptions, retry_failed: bool = False,
+         on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None) -> SyncReport:
+    """Embed what attached tables queued (of ``index``, or all) through Ray: the report of a local
+    sync (:meth:`imgdb.jobs.sync.Syncer.run`)."""
+    started = time.perf_counter()
+    syncer = Syncer(catalog)
+    todo, total = syncer.begin(index, retry_failed=retry_failed, on_status=on_status)
+    report = SyncReport()
+    try:
+        if total:
+            with _cluster(options.address) as ray:
+                actors, cpus = _pool_size(ray, options)
+                _announce(on_status, "syncing", actors, cpus, options)
+                worker = ray.remote(_drain).options(num_cpus=cpus, num_gpus=options.gpus or None,
+                                                    max_retries=TRIES - 1, retry_exceptions=False)
+                settings = _reachable(catalog)
+                pending = [worker.remote(settings, [source.id for source in todo]) for _ in range(actors)]
+                while pending:
+                    ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                    for done in ready:
+                        try:
+                            report.add(ray.get(done))
+                        except ray.exceptions.RayError as exc:
+                            cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+                            raise ImgdbError(f"the sync on Ray stopped: {_reason(cause)} (what was written stays; "
+                                             "run it again to go on)") from None
+                    if on_progress:
+                        with catalog.database.connect() as conn:
+                            left = attached.queued(conn, todo)
+                        on_progress(max(total - left, 0), total)
+    finally:
+        syncer.finish(todo)
+    with catalog.database.connect() as conn:
+        report.queued = attached.queued(conn, todo)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _drain(settings: Settings, source_ids: list[int]) -> SyncReport:
+    """One Ray task: a sync worker of its own (a database connection, a model session per index)
+    draining the queues of the attached tables ``source_ids``."""
+    catalog = Catalog(Database.from_settings(settings, migrate=False), settings)
+    with catalog.database.connect() as conn:
+        todo = [source for source in attached.sources(conn) if source.id in source_ids]
+    report = SyncReport()
+    Syncer(catalog).drain(todo, report)
+    return report
+
+
+def _reachable(catalog: Catalog) -> Settings:
+    """The settings workers start from: the database as this process reached it (the embedded
+    server's address too), which they must reach."""
+    return replace(catalog.settings, database_url=catalog.database.url)
+
+
+def _announce(on_status: StatusCallback | None, what: str, actors: int, cpus: float, options: RayOptions) -> None:
+    if on_status:
+        on_status(f"{what} on Ray: {actors} actor{'s' * (actors != 1)} of {cpus:g} CPU"
+                  + (f" and {options.gpus:g} GPU" if options.gpus else ""))
+
+
 class _cluster:
     """Ray for one load, left as found: a process that was not connected to a cluster joins one
     (or starts one, which goes again) and leaves it when the load ends."""
@@ -157,15 +227,12 @@ def _run(ray: Any, catalog: Catalog, index: str, todo: list[str], meta: dict[str
          on_status: StatusCallback | None) -> Iterator[dict[str, Any]]:
     """Stream ``todo`` through the actor pool; yields one report per share, as shares finish."""
     actors, cpus = _pool_size(ray, options)
-    if on_status:
-        on_status(f"ingesting on Ray: {actors} actor{'s' * (actors != 1)} of {cpus:g} CPU"
-                  + (f" and {options.gpus:g} GPU" if options.gpus else ""))
+    _announce(on_status, "ingesting", actors, cpus, options)
     # Shares of SHARE images, smaller where that keeps every actor busy on a small load.
     share = max(1, min(SHARE, math.ceil(len(todo) / actors)))
     items = ray.data.from_items([{"uri": uri, "meta": json.dumps(metadata[uri]) if uri in metadata else ""}
                                  for uri in todo], override_num_blocks=math.ceil(len(todo) / share))
-    # The database as this process reached it (the embedded server's address too): workers must reach it.
-    settings = replace(catalog.settings, database_url=catalog.database.url)
+    settings = _reachable(catalog)
     with warnings.catch_warnings():
         # Ray Data has no named parameter for an actor task's retries (its default is forever, which
         # a share that crashes its worker would take), and warns about the remote args that set them.
