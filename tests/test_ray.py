@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import psycopg
 import pytest
 
 from tests.conftest import copy_image, tool_env
@@ -133,8 +134,6 @@ def test_the_command_ingests_on_a_running_cluster(new_database, folder: Path, ra
 def test_a_sync_through_ray_embeds_what_a_local_one_does(new_database, folder: Path, ray_address: str) -> None:  # noqa: ANN001
     """An attached table's first fill: ``imgdb sync --ray`` (Ray tasks draining the queue) against
     a local sync of the same table in another database."""
-    import psycopg
-
     import imgdb
 
     paths = sorted((folder / "images").rglob("*.jpg")) + [folder / "images" / "gone.jpg"]
@@ -204,8 +203,8 @@ def count(db, table: str) -> int:  # noqa: ANN001
         return int(conn.exec_driver_sql(f'SELECT count(*) FROM "{table}"').scalar_one())
 
 
-def test_a_write_every_actor_fails_stops_the_load_with_its_reason(new_database, folder: Path,  # noqa: ANN001
-                                                                   ray_address: str) -> None:
+def test_a_write_every_worker_fails_stops_the_load_and_the_sync_with_its_reason(new_database, folder: Path,  # noqa: ANN001
+                                                                                  ray_address: str) -> None:
     """An error no retry cures (here every vector refused by a constraint) ends the load with one
     line saying why, instead of failing share after share; nothing half-written stays."""
     import imgdb
@@ -218,3 +217,12 @@ def test_a_write_every_actor_fails_stops_the_load_with_its_reason(new_database, 
             db.ingest([folder / "images"], ray=imgdb.RayOptions(actors=1))
         assert "\n" not in str(stopped.value)
         assert count(db, table) == 0
+        # The same for a sync: its Ray tasks stop, the claim rolls back, the rows stay queued.
+        url = db.database.url
+        with psycopg.connect(url, autocommit=True) as app:
+            app.execute("CREATE TABLE public.refused (id int PRIMARY KEY, path text)")
+            app.execute("INSERT INTO public.refused VALUES (1, %s)", (str(folder / "images" / "again" / "copy.jpg"),))
+        db.attach("refused", "path")
+        with pytest.raises(imgdb.ImgdbError, match="the sync on Ray stopped: .*no_vectors"):
+            db.sync(ray=imgdb.RayOptions(actors=1))
+        assert count(db, table) == 0 and db.sync_status()[0]["queued"] == 1

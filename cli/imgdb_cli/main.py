@@ -99,7 +99,9 @@ def spell_out_ray_address(argv: list[str]) -> list[str]:
 
 @app.command()
 def ingest(
-    paths: Annotated[list[str], typer.Argument(help="Image files, folders (walked recursively), http(s) URLs, s3:// or gs:// objects and prefixes, or .txt lists of those (one per line).")],
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (walked recursively), http(s) URLs, "
+                                               "s3:// or gs:// objects and prefixes, or .txt lists of those "
+                                               "(one per line).")],
     index: IndexName = "default",
     meta: Annotated[Optional[list[str]], typer.Option("--meta", help="KEY=VALUE metadata for every image.")] = None,
     metadata: Annotated[Optional[Path], typer.Option("--metadata", help="JSON file: image path -> metadata object.")] = None,

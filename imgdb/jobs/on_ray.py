@@ -142,6 +142,8 @@ def sync(catalog: Catalog, index: str | None, *, options: RayOptions, retry_fail
                         try:
                             report.add(ray.get(done))
                         except ray.exceptions.RayError as exc:
+                            for other in pending:  # (a claim interrupted rolls back: its keys stay queued)
+                                ray.cancel(other)
                             cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
                             raise ImgdbError(f"the sync on Ray stopped: {_reason(cause)} (what was written stays; "
                                              "run it again to go on)") from None

@@ -95,9 +95,8 @@ class AttachReport:
 
 def locate(value: str, root: str | None) -> str:
     """Where a text column's value points: an http(s) URL or an object (``s3://``, ``gs://``) as it
-    is, or an absolute file path. A
-    relative path resolves under ``root`` (and is refused without one); with a root, anything whose
-    real path falls outside it is refused, symlinks included."""
+    is, or an absolute file path. A relative path resolves under ``root`` (and is refused without
+    one); with a root, anything whose real path falls outside it is refused, symlinks included."""
     text = value.strip()
     if is_remote(text):
         return text
