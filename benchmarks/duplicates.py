@@ -18,10 +18,13 @@ Methods, each predicting which pairs are ``near`` (pairs, before any grouping):
   near when its cosine distance is under a threshold chosen to maximise F1 on the first half of the
   sources and applied to the other half (held apart: the figures are the second half's);
 - imgdb with spatial verification (``imgdb index verify``, ``--rerank verify``): a pair is near when the
-  hit is verified.
+  hit is verified; and, a prototype, when it is verified and its inliers span at least a share of one
+  of the two images (:func:`coverage`; the share chosen on the first half).
 
 Figures: pairwise precision, recall and F1 over the held-apart half, recall per edit kind (pairs of a
-source and its edit), and how many burst pairs each method took for ``near``. Writes ``duplicates.md``.
+source and its edit), and how many burst pairs each method took for ``near``; and two prototypes of a
+calibrated score (:func:`calibrated`), with their reliability on the held-apart half. Writes
+``duplicates.md``.
 """
 
 from __future__ import annotations
@@ -141,14 +144,17 @@ def source_of(name: str) -> str:
     return name.split("__")[0].removesuffix(".jpg").removesuffix(".png")
 
 
+def in_half(labels: dict[Pair, str], half: set[str]) -> Callable[[Pair], bool]:
+    """Whether both images of a pair belong to ``half``'s sources or to the distractors."""
+    others = {source_of(a) for a, _ in labels} - half
+    return lambda p: all(source_of(name) in half or "__" not in name and source_of(name) not in others for name in p)
+
+
 def scores(predicted: set[Pair], labels: dict[Pair, str], half: set[str]) -> dict[str, float]:
     """Pairwise precision, recall, F1 over pairs whose images both belong to ``half``'s sources or to
     the distractors (a pair with an image of the other half is left out), recall per edit kind, and
     burst pairs taken for near."""
-    def kept(p: Pair) -> bool:
-        return all(source_of(name) in half or "__" not in name and source_of(name) not in others for name in p)
-
-    others = {source_of(a) for a, _ in labels} - half
+    kept = in_half(labels, half)
     predicted = {p for p in predicted if kept(p)}
     truth = {p for p, label in labels.items() if label.startswith("near") and kept(p)}
     hits = predicted & truth
@@ -184,23 +190,93 @@ def hash_pairs(files: list[Path], method: str) -> set[Pair]:
     return {pair(a, b) for i, (a, ha) in enumerate(hashes) for b, hb in hashes[i + 1:] if ha - hb <= HASH_THRESHOLD}
 
 
-def neighbours(db, index: str, k: int, rerank: str) -> dict[Pair, tuple[float, bool]]:  # noqa: ANN001
-    """Every image's k nearest (itself left out): the pair's distance and whether it verified."""
+Found = dict[Pair, tuple[float, bool, int]]
+
+
+def neighbours(db, index: str, k: int, rerank: str) -> Found:  # noqa: ANN001
+    """Every image's k nearest (itself left out): the pair's distance, whether it verified and its
+    inliers (of the direction with more, where both images found the other)."""
     with db.database.connect() as conn:
         ids = dict(conn.exec_driver_sql(f"SELECT id, uri FROM images_{index}").all())
-    found: dict[Pair, tuple[float, bool]] = {}
+    found: Found = {}
     for image_id, uri in ids.items():
         for hit in db.search(f"id:{image_id}", k=k + 1, index=index, rerank=rerank, candidates=k + 1):
             if hit.id != image_id:
                 key = pair(Path(uri).name, Path(hit.uri).name)
-                found[key] = min((hit.distance, bool(hit.notes.get("verified"))), found.get(key, (2.0, False)))
+                mine = (hit.distance, bool(hit.notes.get("verified")), int(hit.notes.get("inliers", 0)))
+                found[key] = max(mine, found.get(key, mine), key=lambda evidence: (evidence[2], -evidence[0]))
     return found
 
 
-def best_threshold(distances: dict[Pair, tuple[float, bool]], labels: dict[Pair, str], half: set[str]) -> float:
+def coverage(found: Found, root: Path, local: str) -> dict[Pair, float]:
+    """Of each verified pair, how much of the more covered image the inliers span (the convex hull of
+    its inlier keypoints over its detection frame): near 1 when one image shows the whole of the other
+    (a crop, an inset, a caption), lower for two shots that each show a part the other lacks. A
+    prototype of a test the duplicates job could make, on the features extracted from the files."""
+    import cv2
+
+    from imgdb.config import Settings
+    from imgdb.features import keypoints
+    from imgdb.features.local import grey
+    from imgdb.io.reader import decode
+    from imgdb.query.verify import verify
+
+    spec, limits = keypoints.parse_keypoints(local), Settings().decoding
+    cache: dict[str, tuple[object, tuple[int, int]]] = {}
+
+    def features(name: str) -> tuple[object, tuple[int, int]]:
+        if name not in cache:
+            pixels = decode((root / name).read_bytes(), limits=limits, scale_hint=spec.scale_hint).pixels
+            cache[name] = (spec.extract(pixels), grey(pixels, spec.side).shape)
+        return cache[name]
+
+    def spanned(xy: np.ndarray, shape: tuple[int, int]) -> float:
+        return float(cv2.contourArea(cv2.convexHull(xy.astype(np.float32)))) / (shape[0] * shape[1])
+
+    shares = {}
+    for key, (_, verified, _) in found.items():
+        if verified:
+            (mine, my_shape), (theirs, their_shape) = features(key[0]), features(key[1])
+            verdict = verify(mine.xy, mine.descriptors, theirs.xy, theirs.descriptors)
+            shares[key] = 0.0 if len(verdict.pairs) < 3 else max(spanned(mine.xy[verdict.pairs[:, 0]], my_shape),
+                                                                  spanned(theirs.xy[verdict.pairs[:, 1]], their_shape))
+    return shares
+
+
+def calibrated(found: Found, spans: dict[Pair, float], labels: dict[Pair, str], tuning: set[str],
+               held: set[str]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """A score in [0, 1], the estimated probability that a pair is the same picture: a logistic
+    regression learned on the tuning half's nearest-neighbour pairs, of their distance alone, and of
+    their distance, log(1 + inliers) and inlier span. On the held half: the figures of the pairs it
+    scores 0.5 or more, and its reliability (pairs binned by score: the share that are the same picture)."""
+    from sklearn.linear_model import LogisticRegression
+
+    models = {"distance": lambda p: [found[p][0]],
+              "distance, inliers, span": lambda p: [found[p][0], np.log1p(found[p][2]), spans.get(p, 0.0)]}
+    rows, bins = {}, np.linspace(0, 1, 11)
+    header = ["| score | " + " | ".join(f"pairs ({name}) | same picture ({name})" for name in models) + " |",
+              "|---" * (1 + 2 * len(models)) + "|"]
+    table: list[list[str]] = [[f"{low:.1f}–{high:.1f}"] for low, high in zip(bins, bins[1:])]
+    for name, evidence in models.items():
+        split = {half_name: list(filter(in_half(labels, half), found)) for half_name, half in
+                 (("tuning", tuning), ("held", held))}
+        truth = {half_name: np.array([labels.get(p, "").startswith("near") for p in pairs])
+                 for half_name, pairs in split.items()}
+        model = LogisticRegression().fit(np.array([evidence(p) for p in split["tuning"]]), truth["tuning"])
+        score = model.predict_proba(np.array([evidence(p) for p in split["held"]]))[:, 1]
+        rows[f"imgdb, score ≥ 0.5 from {name} (learned on the other half)"] = scores(
+            {p for p, probability in zip(split["held"], score) if probability >= 0.5}, labels, held)
+        which = np.clip(np.digitize(score, bins) - 1, 0, len(bins) - 2)
+        for b, cells in enumerate(table):
+            inside = which == b
+            cells += [str(int(inside.sum())), f"{truth['held'][inside].mean():.2f}" if inside.any() else "-"]
+    return rows, header + ["| " + " | ".join(cells) + " |" for cells in table]
+
+
+def best_threshold(distances: Found, labels: dict[Pair, str], half: set[str]) -> float:
     """The distance cut that maximises F1 on ``half``."""
-    candidates = sorted(set(np.quantile([d for d, _ in distances.values()], np.linspace(0, 1, 201)).round(4)))
-    return max(candidates, key=lambda t: scores({p for p, (d, _) in distances.items() if d <= t}, labels, half)["f1"])
+    candidates = sorted(set(np.quantile([d for d, _, _ in distances.values()], np.linspace(0, 1, 201)).round(4)))
+    return max(candidates, key=lambda t: scores({p for p, (d, _, _) in distances.items() if d <= t}, labels, half)["f1"])
 
 
 def main() -> None:
@@ -223,10 +299,18 @@ def main() -> None:
         distances = neighbours(db, "dups", args.k, "exact")
         cut = best_threshold(distances, labels, tuning_half)
         rows[f"imgdb, distance ≤ {cut:.3f} (chosen on the other half)"] = scores(
-            {p for p, (d, _) in distances.items() if d <= cut}, labels, held_half)
+            {p for p, (d, _, _) in distances.items() if d <= cut}, labels, held_half)
         db.verify_index("dups")
         verified = neighbours(db, "dups", args.k, "verify")
-        rows["imgdb, verified (--rerank verify)"] = scores({p for p, (_, ok) in verified.items() if ok}, labels, held_half)
+        rows["imgdb, verified (--rerank verify)"] = scores({p for p, (_, ok, _) in verified.items() if ok}, labels,
+                                                           held_half)
+        spans = coverage(verified, Path(root), db.index("dups").local)
+        least = max(np.linspace(0, 1, 101), key=lambda c: scores({p for p, share in spans.items() if share >= c},
+                                                                   labels, tuning_half)["f1"])
+        rows[f"imgdb, verified, inliers span ≥ {least:.2f} of an image (chosen on the other half)"] = scores(
+            {p for p, share in spans.items() if share >= least}, labels, held_half)
+        learned, reliability = calibrated(verified, spans, labels, tuning_half, held_half)
+        rows.update(learned)
     columns = ["precision", "recall", "f1", *EDITS, "similar as near"]
     lines = [f"Data set: {len(files)} images: {args.sources} museum paintings with {len(EDITS)} edits each, "
              f"{args.bursts} replaced by a burst of {len(BURSTS)} shots, {len(gallery) - args.sources - args.bursts} "
@@ -234,6 +318,8 @@ def main() -> None:
              "of (source, edit) pairs; last column: share of burst pairs taken for near.", "",
              "| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |" for name, row in rows.items()]
+    lines += ["", "Reliability of the learned scores on the held-apart half (its nearest-neighbour pairs binned "
+              "by score; *same picture*: the share of the bin that is):", "", *reliability]
     text = "\n".join(lines) + "\n"
     (args.out / "duplicates.md").write_text(text)
     print(text)

@@ -129,7 +129,8 @@ class Imgdb:
                meta: dict[str, Any] | None = None, metadata_file: str | Path | None = None,
                on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None,
                ray: RayOptions | None = None) -> IngestReport:
-        """Add files, folders (recursively) and URLs to ``index``; see :class:`~imgdb.jobs.ingest.Ingester`.
+        """Add files, folders (recursively), URLs, ``s3://``/``gs://`` objects and ``.txt`` lists of them
+        (:func:`imgdb.io.sources.expand`) to ``index``; see :class:`~imgdb.jobs.ingest.Ingester`.
         With ``ray``, the work runs on a Ray cluster's actors (:mod:`imgdb.jobs.on_ray`)."""
         if ray is not None:
             from imgdb.jobs import on_ray

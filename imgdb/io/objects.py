@@ -38,10 +38,11 @@ def walk(uri: str) -> Iterator[str]:
         scheme, bucket, key = _split(uri)
         filesystem, fs = _filesystem(scheme, bucket)
         path = f"{bucket}/{key}".rstrip("/")
-        if filesystem.get_file_info(path).type != fs.FileType.Directory:
-            raise ImgdbError("not a prefix")
-        found = filesystem.get_file_info(fs.FileSelector(path, recursive=True))
+        found = (filesystem.get_file_info(fs.FileSelector(path, recursive=True))
+                 if filesystem.get_file_info(path).type == fs.FileType.Directory else None)
     except (ImgdbError, OSError):
+        found = None
+    if found is None:
         yield uri
         return
     for entry in sorted(found, key=lambda entry: entry.path):
