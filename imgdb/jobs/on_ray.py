@@ -39,11 +39,10 @@ import numpy as np
 
 from imgdb.catalog import Catalog
 from imgdb.config import Settings
-from imgdb.db import values
+from imgdb.db import attached, values
 from imgdb.db.engine import Database
 from imgdb.errors import ImgdbError
 from imgdb.io import sources
-from imgdb.db import attached
 from imgdb.jobs.ingest import (Failure, Ingester, IngestReport, ProgressCallback, StatusCallback,
                                load_metadata_file)
 from imgdb.jobs.sync import Syncer, SyncReport
@@ -75,8 +74,8 @@ class RayOptions:
 def ingest(catalog: Catalog, paths: Iterable[str | Path], *, index: str, options: RayOptions,
            meta: dict[str, Any] | None = None, metadata_file: str | Path | None = None,
            on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None) -> IngestReport:
-    """Add files and folders (recursively) and URLs to ``index`` through Ray; the report of a local
-    ingest (:func:`imgdb.jobs.ingest.ingest`)."""
+    """Add what :func:`imgdb.io.sources.expand` finds in ``paths`` to ``index`` through Ray; the
+    report of a local ingest (:func:`imgdb.jobs.ingest.ingest`)."""
     started = time.perf_counter()
     meta = values.check_metadata(meta or {}, "--meta")
     metadata = load_metadata_file(Path(metadata_file)) if metadata_file else {}
@@ -101,8 +100,7 @@ def ingest(catalog: Catalog, paths: Iterable[str | Path], *, index: str, options
             with _cluster(options.address) as ray_module:
                 for share in _run(ray_module, catalog, ingester.index.name, todo, meta, metadata, options, on_status):
                     if share["error"]:
-                        raise ImgdbError(f"the ingest on Ray stopped: {share['error']} (what was written stays; "
-                                         "run it again to go on)")
+                        raise _stopped("ingest", share["error"])
                     done.update(json.loads(share["uris"]))
                     report.added += share["added"]
                     report.duplicates += share["duplicates"]
@@ -145,16 +143,12 @@ def sync(catalog: Catalog, index: str | None, *, options: RayOptions, retry_fail
                             for other in pending:  # (a claim interrupted rolls back: its keys stay queued)
                                 ray.cancel(other)
                             cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
-                            raise ImgdbError(f"the sync on Ray stopped: {_reason(cause)} (what was written stays; "
-                                             "run it again to go on)") from None
+                            raise _stopped("sync", _reason(cause)) from None
                     if on_progress:
-                        with catalog.database.connect() as conn:
-                            left = attached.queued(conn, todo)
-                        on_progress(max(total - left, 0), total)
+                        on_progress(max(total - syncer.queued(todo), 0), total)
     finally:
         syncer.finish(todo)
-    with catalog.database.connect() as conn:
-        report.queued = attached.queued(conn, todo)
+    report.queued = syncer.queued(todo)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -168,6 +162,12 @@ def _drain(settings: Settings, source_ids: list[int]) -> SyncReport:
     report = SyncReport()
     Syncer(catalog).drain(todo, report)
     return report
+
+
+def _stopped(job: str, reason: str) -> ImgdbError:
+    """The error that ends a load or sync on Ray: what no retry cures (a refused write, a database a
+    node cannot reach), in one line."""
+    return ImgdbError(f"the {job} on Ray stopped: {reason} (what was written stays; run it again to go on)")
 
 
 def _reachable(catalog: Catalog) -> Settings:

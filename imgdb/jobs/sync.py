@@ -190,8 +190,7 @@ class Syncer:
             self.drain(todo, report, on_claimed=claimed, on_status=on_status)
         finally:
             self.finish(todo)
-        with self.database.connect() as conn:
-            report.queued = attached.queued(conn, todo)
+        report.queued = self.queued(todo)
         report.seconds = time.perf_counter() - started
         return report
 
@@ -233,6 +232,11 @@ class Syncer:
                 report.failed.append(SyncFailure(source.table, None, reason))
                 if on_status:
                     on_status(reason)
+
+    def queued(self, todo: Sequence[Source]) -> int:
+        """Keys still queued in ``todo``'s tables (claimed ones too, until their claim commits)."""
+        with self.database.connect() as conn:
+            return attached.queued(conn, todo)
 
     def finish(self, todo: Sequence[Source]) -> None:
         """Bring the first stage of every index worked on up to date (:meth:`imgdb.ann.layer.Layer.sync`)."""
