@@ -10,21 +10,23 @@ moved between shots), which are *similar*, not the same picture; the other paint
 distractors, unedited. Ground truth: every pair within one source's picture and its edits is
 ``near``; the two shots of a burst are ``similar`` and must never be taken for ``near``.
 
-Methods, each predicting which pairs are ``near`` (pairs, before any grouping):
+Methods, each predicting which pairs are ``near``:
 
 - imagededup's PHash at its default ``max_distance_threshold`` (10 of 64 bits), and imagehash's pHash
   at the same Hamming distance (imagehash documents no threshold of its own);
-- imgdb today, the default CNN descriptor, each image's ``--k`` nearest through the index: a pair is
-  near when its cosine distance is under a threshold chosen to maximise F1 on the first half of the
-  sources and applied to the other half (held apart: the figures are the second half's);
-- imgdb with spatial verification (``imgdb index verify``, ``--rerank verify``): a pair is near when the
-  hit is verified; and, a prototype, when it is verified and its inliers span at least a share of one
-  of the two images (:func:`coverage`; the share chosen on the first half).
+- imgdb, the default CNN descriptor (two indexes of the data set: ``plain``, and ``verified``, which
+  keeps local features), each calibrated (``Imgdb.calibrate``) on the images of the first half of the
+  sources and the distractors only, so that the figures, the second half's, are of images it did not
+  learn from:
+  - a raw distance cut, chosen to maximise F1 on the first half (what a user of a distance has);
+  - search hits with ``--min-score 0.5`` among each image's ``--k`` nearest (with ``--rerank verify``
+    on the second index);
+  - ``imgdb duplicates``: pairs within one ``near`` group.
 
 Figures: pairwise precision, recall and F1 over the held-apart half, recall per edit kind (pairs of a
-source and its edit), and how many burst pairs each method took for ``near``; and two prototypes of a
-calibrated score (:func:`calibrated`), with their reliability on the held-apart half. Writes
-``duplicates.md``.
+source and its edit), the share of burst pairs taken for ``near``; the reliability of the calibrated
+score on the held-apart half's nearest-neighbour pairs (a table, and ``calibration.png``); the time
+the calibration and the duplicates job took. Writes ``duplicates.md`` and ``calibration.png``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import logging
 import random
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -190,12 +193,14 @@ def hash_pairs(files: list[Path], method: str) -> set[Pair]:
     return {pair(a, b) for i, (a, ha) in enumerate(hashes) for b, hb in hashes[i + 1:] if ha - hb <= HASH_THRESHOLD}
 
 
-Found = dict[Pair, tuple[float, bool, int]]
+#: Per pair: distance, whether it verified, inliers, calibrated score.
+Found = dict[Pair, tuple[float, bool, int, float]]
+BINS = np.linspace(0, 1, 11)
 
 
 def neighbours(db, index: str, k: int, rerank: str) -> Found:  # noqa: ANN001
-    """Every image's k nearest (itself left out): the pair's distance, whether it verified and its
-    inliers (of the direction with more, where both images found the other)."""
+    """Every image's k nearest (itself left out), with the pair's evidence (of the direction with more
+    inliers, then the smaller distance, where both images found the other)."""
     with db.database.connect() as conn:
         ids = dict(conn.exec_driver_sql(f"SELECT id, uri FROM images_{index}").all())
     found: Found = {}
@@ -203,80 +208,38 @@ def neighbours(db, index: str, k: int, rerank: str) -> Found:  # noqa: ANN001
         for hit in db.search(f"id:{image_id}", k=k + 1, index=index, rerank=rerank, candidates=k + 1):
             if hit.id != image_id:
                 key = pair(Path(uri).name, Path(hit.uri).name)
-                mine = (hit.distance, bool(hit.notes.get("verified")), int(hit.notes.get("inliers", 0)))
+                mine = (hit.distance, bool(hit.notes.get("verified")), int(hit.notes.get("inliers", 0)),
+                        float(hit.notes.get("score", 0.0)))
                 found[key] = max(mine, found.get(key, mine), key=lambda evidence: (evidence[2], -evidence[0]))
     return found
 
 
-def coverage(found: Found, root: Path, local: str) -> dict[Pair, float]:
-    """Of each verified pair, how much of the more covered image the inliers span (the convex hull of
-    its inlier keypoints over its detection frame): near 1 when one image shows the whole of the other
-    (a crop, an inset, a caption), lower for two shots that each show a part the other lacks. A
-    prototype of a test the duplicates job could make, on the features extracted from the files."""
-    import cv2
-
-    from imgdb.config import Settings
-    from imgdb.features import keypoints
-    from imgdb.features.local import grey
-    from imgdb.io.reader import decode
-    from imgdb.query.verify import verify
-
-    spec, limits = keypoints.parse_keypoints(local), Settings().decoding
-    cache: dict[str, tuple[object, tuple[int, int]]] = {}
-
-    def features(name: str) -> tuple[object, tuple[int, int]]:
-        if name not in cache:
-            pixels = decode((root / name).read_bytes(), limits=limits, scale_hint=spec.scale_hint).pixels
-            cache[name] = (spec.extract(pixels), grey(pixels, spec.side).shape)
-        return cache[name]
-
-    def spanned(xy: np.ndarray, shape: tuple[int, int]) -> float:
-        return float(cv2.contourArea(cv2.convexHull(xy.astype(np.float32)))) / (shape[0] * shape[1])
-
-    shares = {}
-    for key, (_, verified, _) in found.items():
-        if verified:
-            (mine, my_shape), (theirs, their_shape) = features(key[0]), features(key[1])
-            verdict = verify(mine.xy, mine.descriptors, theirs.xy, theirs.descriptors)
-            shares[key] = 0.0 if len(verdict.pairs) < 3 else max(spanned(mine.xy[verdict.pairs[:, 0]], my_shape),
-                                                                  spanned(theirs.xy[verdict.pairs[:, 1]], their_shape))
-    return shares
+def grouped_pairs(groups: list[dict], uris: dict[int, str], level: str) -> set[Pair]:
+    """Every pair of images within one group of ``level`` (what grouping predicts)."""
+    found = set()
+    for group in groups:
+        if group["level"] == level:
+            names = [Path(uris[image["id"]]).name for image in group["images"]]
+            found |= {pair(a, b) for i, a in enumerate(names) for b in names[i + 1:]}
+    return found
 
 
-def calibrated(found: Found, spans: dict[Pair, float], labels: dict[Pair, str], tuning: set[str],
-               held: set[str]) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """A score in [0, 1], the estimated probability that a pair is the same picture: a logistic
-    regression learned on the tuning half's nearest-neighbour pairs, of their distance alone, and of
-    their distance, log(1 + inliers) and inlier span. On the held half: the figures of the pairs it
-    scores 0.5 or more, and its reliability (pairs binned by score: the share that are the same picture)."""
-    from sklearn.linear_model import LogisticRegression
-
-    models = {"distance": lambda p: [found[p][0]],
-              "distance, inliers, span": lambda p: [found[p][0], np.log1p(found[p][2]), spans.get(p, 0.0)]}
-    rows, bins = {}, np.linspace(0, 1, 11)
-    header = ["| score | " + " | ".join(f"pairs ({name}) | same picture ({name})" for name in models) + " |",
-              "|---" * (1 + 2 * len(models)) + "|"]
-    table: list[list[str]] = [[f"{low:.1f}–{high:.1f}"] for low, high in zip(bins, bins[1:])]
-    for name, evidence in models.items():
-        split = {half_name: list(filter(in_half(labels, half), found)) for half_name, half in
-                 (("tuning", tuning), ("held", held))}
-        truth = {half_name: np.array([labels.get(p, "").startswith("near") for p in pairs])
-                 for half_name, pairs in split.items()}
-        model = LogisticRegression().fit(np.array([evidence(p) for p in split["tuning"]]), truth["tuning"])
-        score = model.predict_proba(np.array([evidence(p) for p in split["held"]]))[:, 1]
-        rows[f"imgdb, score ≥ 0.5 from {name} (learned on the other half)"] = scores(
-            {p for p, probability in zip(split["held"], score) if probability >= 0.5}, labels, held)
-        which = np.clip(np.digitize(score, bins) - 1, 0, len(bins) - 2)
-        for b, cells in enumerate(table):
-            inside = which == b
-            cells += [str(int(inside.sum())), f"{truth['held'][inside].mean():.2f}" if inside.any() else "-"]
-    return rows, header + ["| " + " | ".join(cells) + " |" for cells in table]
+def reliability(found: Found, labels: dict[Pair, str], held: set[str]) -> tuple[list[float], list[float], list[int]]:
+    """The held half's nearest-neighbour pairs binned by score: per bin the mean score, the share that
+    are the same picture, and the count."""
+    kept = [p for p in filter(in_half(labels, held), found)]
+    score = np.array([found[p][3] for p in kept])
+    same = np.array([labels.get(p, "").startswith("near") for p in kept])
+    which = np.clip(np.digitize(score, BINS) - 1, 0, len(BINS) - 2)
+    inside = [which == b for b in range(len(BINS) - 1)]
+    return ([float(score[m].mean()) if m.any() else float("nan") for m in inside],
+            [float(same[m].mean()) if m.any() else float("nan") for m in inside], [int(m.sum()) for m in inside])
 
 
 def best_threshold(distances: Found, labels: dict[Pair, str], half: set[str]) -> float:
     """The distance cut that maximises F1 on ``half``."""
-    candidates = sorted(set(np.quantile([d for d, _, _ in distances.values()], np.linspace(0, 1, 201)).round(4)))
-    return max(candidates, key=lambda t: scores({p for p, (d, _, _) in distances.items() if d <= t}, labels, half)["f1"])
+    candidates = sorted(set(np.quantile([e[0] for e in distances.values()], np.linspace(0, 1, 201)).round(4)))
+    return max(candidates, key=lambda t: scores({p for p, e in distances.items() if e[0] <= t}, labels, half)["f1"])
 
 
 def main() -> None:
@@ -289,40 +252,81 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     gallery = sorted((museum_or_exit() / "images").glob("*.jpg"))
     rows: dict[str, dict[str, float]] = {}
+    curves: dict[str, tuple[list[float], list[float], list[int]]] = {}
+    timings: list[str] = []
     with tempfile.TemporaryDirectory(prefix="imgdb-dups-") as root, private_imgdb() as db:
         files, labels, (tuning, held) = build(gallery, args.sources, args.bursts, Path(root))
         tuning_half, held_half = set(tuning), set(held)
         for method in ("imagededup", "imagehash"):
             rows[f"{method} pHash (≤ {HASH_THRESHOLD} bits)"] = scores(hash_pairs(files, method), labels, held_half)
-        db.create_index("dups", "cnn:tf_efficientnet_lite2/gem")
-        db.ingest([Path(root)], index="dups")
-        distances = neighbours(db, "dups", args.k, "exact")
-        cut = best_threshold(distances, labels, tuning_half)
-        rows[f"imgdb, distance ≤ {cut:.3f} (chosen on the other half)"] = scores(
-            {p for p, (d, _, _) in distances.items() if d <= cut}, labels, held_half)
-        db.verify_index("dups")
-        verified = neighbours(db, "dups", args.k, "verify")
-        rows["imgdb, verified (--rerank verify)"] = scores({p for p, (_, ok, _) in verified.items() if ok}, labels,
-                                                           held_half)
-        spans = coverage(verified, Path(root), db.index("dups").local)
-        least = max(np.linspace(0, 1, 101), key=lambda c: scores({p for p, share in spans.items() if share >= c},
-                                                                   labels, tuning_half)["f1"])
-        rows[f"imgdb, verified, inliers span ≥ {least:.2f} of an image (chosen on the other half)"] = scores(
-            {p for p, share in spans.items() if share >= least}, labels, held_half)
-        learned, reliability = calibrated(verified, spans, labels, tuning_half, held_half)
-        rows.update(learned)
+        for name, verified in (("plain", False), ("verified", True)):
+            db.create_index(name, "cnn:tf_efficientnet_lite2/gem")
+            db.ingest([Path(root)], index=name)
+            if verified:
+                db.verify_index(name)
+            with db.database.connect() as conn:
+                uris = dict(conn.exec_driver_sql(f"SELECT id, uri FROM images_{name}").all())
+            # Learned from the tuning half's images and the distractors only: the figures are the other half's.
+            learn_from = [i for i, uri in uris.items() if source_of(Path(uri).name) in tuning_half or "__" not in uri
+                          and source_of(Path(uri).name) not in held_half]
+            started = time.perf_counter()
+            db.calibrate(name, among=learn_from)
+            calibrated_in = time.perf_counter() - started
+            found = neighbours(db, name, args.k, "verify" if verified else "exact")
+            if not verified:
+                cut = best_threshold(found, labels, tuning_half)
+                rows[f"imgdb, distance ≤ {cut:.3f} (chosen on the other half)"] = scores(
+                    {p for p, e in found.items() if e[0] <= cut}, labels, held_half)
+            rows[f"imgdb search --min-score 0.5{' --rerank verify' if verified else ''}, hits in the {args.k} nearest"] = \
+                scores({p for p, e in found.items() if e[3] >= 0.5}, labels, held_half)
+            curves[name] = reliability(found, labels, held_half)
+            started = time.perf_counter()
+            report = db.duplicates(name, k=args.k)
+            job = time.perf_counter() - started
+            rows[f"imgdb duplicates, near groups{' (verified)' if verified else ' (no local features)'}"] = scores(
+                grouped_pairs(report.groups, uris, "near"), labels, held_half)
+            timings.append(f"{name}: calibration {calibrated_in:.1f} s, duplicates job {job:.1f} s "
+                           f"({len(uris) / job:.1f} images/s, k = {args.k})")
     columns = ["precision", "recall", "f1", *EDITS, "similar as near"]
     lines = [f"Data set: {len(files)} images: {args.sources} museum paintings with {len(EDITS)} edits each, "
              f"{args.bursts} replaced by a burst of {len(BURSTS)} shots, {len(gallery) - args.sources - args.bursts} "
-             f"distractors. Figures on the held-apart half ({len(held)} sources and bursts); per edit kind: recall "
-             "of (source, edit) pairs; last column: share of burst pairs taken for near.", "",
+             f"distractors. Figures on the held-apart half ({len(held)} sources and bursts; the indexes learned "
+             "their scores from the other half's images and the distractors); per edit kind: recall of (source, "
+             "edit) pairs; last column: share of burst pairs taken for near.", "",
              "| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |" for name, row in rows.items()]
-    lines += ["", "Reliability of the learned scores on the held-apart half (its nearest-neighbour pairs binned "
-              "by score; *same picture*: the share of the bin that is):", "", *reliability]
+    lines += ["", "Reliability of the calibrated score on the held-apart half (its nearest-neighbour pairs binned by "
+              "score: mean score, share that are the same picture, pairs):", "",
+              "| score | " + " | ".join(f"mean ({n}) | same picture ({n}) | pairs ({n})" for n in curves) + " |",
+              "|---" * (1 + 3 * len(curves)) + "|"]
+    for b, (low, high) in enumerate(zip(BINS, BINS[1:])):
+        lines.append(f"| {low:.1f}–{high:.1f} | " + " | ".join(
+            f"{mean[b]:.2f} | {same[b]:.2f} | {count[b]}" for mean, same, count in curves.values()) + " |")
+    lines += ["", *(f"- {t}" for t in timings)]
     text = "\n".join(lines) + "\n"
     (args.out / "duplicates.md").write_text(text)
+    plot(curves, args.out / "calibration.png")
     print(text)
+
+
+def plot(curves: dict[str, tuple[list[float], list[float], list[int]]], path: Path) -> None:
+    """The reliability diagram: share of the same picture against the mean score, per bin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(4.5, 4.5))
+    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for name, (mean, same, count) in curves.items():
+        kept = [i for i, n in enumerate(count) if n >= 5]
+        axes.plot([mean[i] for i in kept], [same[i] for i in kept], marker="o", label=f"{name} (bins of ≥ 5 pairs)")
+    axes.set_xlabel("score (mean of the bin)")
+    axes.set_ylabel("share that are the same picture")
+    axes.set_title("imgdb's calibrated score, held-apart half")
+    axes.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from imgdb.query.parts import EncodedQuery
 
 if TYPE_CHECKING:
     from imgdb.db import attached, cluster, derived, images
+    from imgdb.jobs.calibrate import CalibrationReport
+    from imgdb.jobs.duplicates import DuplicatesReport, Resolution
     from imgdb.jobs.evaluate import EvalReport
     from imgdb.jobs.explain import Explanation
     from imgdb.jobs.ingest import IngestReport, ProgressCallback, StatusCallback
@@ -107,6 +109,45 @@ class Imgdb:
             return verification.disable(self.catalog, index)
         return verification.enable(self.catalog, index, local, on_progress)
 
+    def calibrate(self, name: str, *, sample: int | None = None, among: Iterable[int] | None = None,
+                  on_progress: ProgressCallback | None = None,
+                  on_status: StatusCallback | None = None) -> CalibrationReport:
+        """Have index ``name`` learn what its distances mean, from edited copies of ``sample`` of its
+        images (of ``among``, where given), so that hits carry a ``score`` and searches take a
+        ``min_score`` (:mod:`imgdb.jobs.calibrate`)."""
+        from imgdb.jobs.calibrate import SAMPLE, calibrate
+
+        return calibrate(self.catalog, self.index(name), sample=SAMPLE if sample is None else sample,
+                         among=None if among is None else set(among), on_progress=on_progress, on_status=on_status)
+
+    def calibrated(self, name: str = DEFAULT_INDEX) -> bool:
+        """Whether index ``name`` has learned its scores (:meth:`calibrate`)."""
+        found = self.catalog.layer.record(name) or self.index(name)
+        return bool(found.score_state)
+
+    def duplicates(self, index: str = DEFAULT_INDEX, *, level: str | None = None, k: int | None = None,
+                   update: bool = True, on_progress: ProgressCallback | None = None,
+                   on_status: StatusCallback | None = None) -> DuplicatesReport:
+        """The index's groups of duplicate images (of ``level``: ``exact``, ``near`` or ``similar``;
+        default every level), each with its representative and every member's evidence; with
+        ``update`` (the default), after comparing the images added since the last run with their
+        ``k`` nearest (:mod:`imgdb.jobs.duplicates`). The groups are kept in SQL (the index's
+        ``duplicates_<name>`` view)."""
+        from imgdb.jobs.duplicates import K, find
+
+        return find(self.catalog, index, level=level, k=K if k is None else k, update=update,
+                    on_progress=on_progress, on_status=on_status)
+
+    def resolve_duplicates(self, group: int, *, keep: int, index: str = DEFAULT_INDEX, level: str = "near",
+                           delete_others: bool = False, merge_metadata: bool = False) -> Resolution:
+        """Settle one group of :meth:`duplicates`: keep image ``keep``, optionally give it the others'
+        metadata and delete the others; the group's images never group together again. Nothing is
+        deleted but by ``delete_others``."""
+        from imgdb.jobs.duplicates import resolve
+
+        return resolve(self.catalog, index, group, keep=keep, level=level, delete_others=delete_others,
+                       merge_metadata=merge_metadata)
+
     def export_index(self, name: str, path: str | Path) -> dict[str, Any]:
         """Write an index, with its learned state and network, to one file (:mod:`imgdb.jobs.transfer`)."""
         from imgdb.jobs.transfer import export_index
@@ -128,19 +169,28 @@ class Imgdb:
     def ingest(self, paths: Iterable[str | Path], *, index: str = DEFAULT_INDEX,
                meta: dict[str, Any] | None = None, metadata_file: str | Path | None = None,
                on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None,
-               ray: RayOptions | None = None) -> IngestReport:
+               ray: RayOptions | None = None, near_duplicates: str | None = None) -> IngestReport:
         """Add files, folders (recursively), URLs, ``s3://``/``gs://`` objects and ``.txt`` lists of them
         (:func:`imgdb.io.sources.expand`) to ``index``; see :class:`~imgdb.jobs.ingest.Ingester`.
-        With ``ray``, the work runs on a Ray cluster's actors (:mod:`imgdb.jobs.on_ray`)."""
+        With ``ray``, the work runs on a Ray cluster's actors (:mod:`imgdb.jobs.on_ray`).
+        ``near_duplicates``: ``skip`` leaves out an image that is the same picture as one the index
+        holds (or one before it in the load), ``link`` writes it and records the pair; either is
+        reported per image (the index learns its scores first where it has not)."""
         if ray is not None:
             from imgdb.jobs import on_ray
 
             return on_ray.ingest(self.catalog, paths, index=index, options=ray, meta=meta,
-                                 metadata_file=metadata_file, on_progress=on_progress, on_status=on_status)
+                                 metadata_file=metadata_file, on_progress=on_progress, on_status=on_status,
+                                 near_duplicates=near_duplicates)
         from imgdb.jobs.ingest import ingest
 
+        screen = None
+        if near_duplicates is not None:
+            from imgdb.jobs.duplicates import screen_for
+
+            screen = screen_for(self.catalog, index, near_duplicates, on_status)
         return ingest(self.catalog, paths, index=index, meta=meta, metadata_file=metadata_file,
-                      on_progress=on_progress, on_status=on_status)
+                      on_progress=on_progress, on_status=on_status, screen=screen)
 
     def add_image(self, data: bytes, *, meta: dict[str, Any] | None = None,
                   index: str = DEFAULT_INDEX) -> dict[str, Any]:
@@ -157,10 +207,18 @@ class Imgdb:
         re-encode its images with it; returns the report of that re-encoding. Nothing changes
         until it is complete, and images that cannot be read again keep their old vectors
         (:mod:`imgdb.jobs.reencode`)."""
+        from imgdb.db import duplicates as judged
         from imgdb.jobs.reencode import retrain
 
-        return retrain(self.catalog, self.index(index), [str(p) for p in paths],
-                       on_progress=on_progress, on_status=on_status)
+        calibrated = self.calibrated(index)
+        report = retrain(self.catalog, self.index(index), [str(p) for p in paths],
+                         on_progress=on_progress, on_status=on_status)
+        # Its distances changed: what they mean is learned again, and its pairs judged again.
+        with self.database.engine.begin() as conn:
+            judged.forget(conn, self.index(index))
+        if calibrated:
+            self.calibrate(index, on_status=on_status)
+        return report
 
     def train_network(self, name: str, source: str, *, method: str = "triplet", label_keys: Sequence[str] = (),
                       student: str | None = None, options: TrainOptions | None = None,
@@ -276,7 +334,8 @@ class Imgdb:
     # ------------------------------------------------------------ online stage
 
     def search(self, query: Query, *, k: int = 10, filters: Sequence[str] = (), index: str = DEFAULT_INDEX,
-               rerank: str = "exact", candidates: int | None = None, fusion: str = "rrf") -> list[Hit]:
+               rerank: str = "exact", candidates: int | None = None, fusion: str = "rrf",
+               min_score: float | None = None) -> list[Hit]:
         """The ``k`` images most similar to ``query`` that pass ``filters`` (CLI ``--filter`` syntax).
 
         ``rerank``: ``exact`` re-ranks the first stage's ``candidates`` by their exact distance to
@@ -285,9 +344,13 @@ class Imgdb:
         several (see :mod:`imgdb.query`). ``index`` may name several indexes of the same images
         (``"a,b"``): each is searched, and their rankings fused by ``fusion`` (``rrf`` or ``mean``,
         :mod:`imgdb.query.fusion`).
+
+        Where the index has learned its scores (:meth:`calibrate`), each hit carries ``score``, the
+        probability that it is the query's picture; ``min_score`` keeps only hits scored that or
+        more, however few.
         """
         return search(self.catalog, query, k=k, filters=filters, index=index, rerank=rerank,
-                      candidates=candidates, fusion=fusion)
+                      candidates=candidates, fusion=fusion, min_score=min_score)
 
     def embed(self, query: Query, *, index: str = DEFAULT_INDEX) -> np.ndarray:
         """The descriptor ``index`` would store for ``query`` (unit length, float32)."""

@@ -10,8 +10,8 @@ SQL uses them too)::
                            .order_by(V.embedding.l2_distance(query_vector)).limit(10))
 """
 
-from imgdb.db.models import (VIEW_PREFIX, Base, FailedRow, Image, IndexState, LocalFeatures, Network, Ref,
-                             SearchIndex, Source, index_model, vectors_model)
+from imgdb.db.models import (VIEW_PREFIX, Base, DuplicateChecked, DuplicateMember, DuplicatePair, FailedRow, Image,
+                             ImagePath, IndexState, LocalFeatures, Network, Ref, SearchIndex, Source, index_model, vectors_model)
 
-__all__ = ["VIEW_PREFIX", "Base", "FailedRow", "Image", "IndexState", "LocalFeatures", "Network", "Ref",
-           "SearchIndex", "Source", "index_model", "vectors_model"]
+__all__ = ["VIEW_PREFIX", "Base", "DuplicateChecked", "DuplicateMember", "DuplicatePair", "FailedRow", "Image",
+           "ImagePath", "IndexState", "LocalFeatures", "Network", "Ref", "SearchIndex", "Source", "index_model", "vectors_model"]

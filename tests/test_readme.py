@@ -36,7 +36,8 @@ RUN_ELSEWHERE = {"orm-join": "tests/test_application.py"}
 CITUS_ONLY = {"cluster-distribute"}
 #: Where each SQL example runs: the shop's database as its administrator or as the application's
 #: role, or the database of the README's first part (the embedded one it stands for) as its owner.
-SQL_RUNS_AS = {"admin-setup": "shop administrator", "sql-view": "owner", "shop-sql": "shop_app"}
+SQL_RUNS_AS = {"admin-setup": "shop administrator", "sql-view": "owner", "shop-sql": "shop_app",
+               "duplicates-sql": "owner"}
 
 
 @dataclass(frozen=True)
@@ -215,13 +216,17 @@ def _check(block: Block, out: str, sandbox: Sandbox) -> None:
     if block.label == "main-command":
         assert "bbdd_" in out  # (a table of hits: the museum's paintings)
     if block.label == "cluster-distribute":
-        assert "distributed: image_hashes, images" in out and "shards" in out
+        distributed = re.search(r"distributed: ([^\n(]*)", out)
+        assert distributed and {"image_hashes", "images"} <= {t.strip() for t in distributed.group(1).split(",")}
+        assert "shards" in out
     if block.label == "shop-search":
         hits = json.loads(out)
         assert hits[0]["table"] == "photos" and hits[0]["ref"] == 42 and hits[0]["distance"] < 1e-5
     if block.label == "python-api":
         assert (sandbox.work / "why.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (sandbox.work / "tuned.zip").is_file()
+    if block.label == "duplicates":
+        assert '"groups": [' in out and '"level": "exact"' not in out  # (--level near: near groups only)
     if block.label == "sql-view":
         [rows] = json.loads(out)
         assert rows and len(rows) <= 10  # (the sample has paintings of the author it names)

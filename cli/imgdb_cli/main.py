@@ -20,6 +20,8 @@ index_app = typer.Typer(help="Create and list indexes.", no_args_is_help=True)
 db_app = typer.Typer(help="The database imgdb uses (embedded or IMGDB_DATABASE_URL).", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 app.add_typer(db_app, name="db")
+duplicates_app = typer.Typer(help="Groups of duplicate images, and settling them.")
+app.add_typer(duplicates_app, name="duplicates")
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on failure.")]
@@ -106,6 +108,9 @@ def ingest(
     meta: Annotated[Optional[list[str]], typer.Option("--meta", help="KEY=VALUE metadata for every image.")] = None,
     metadata: Annotated[Optional[Path], typer.Option("--metadata", help="JSON file: image path -> metadata object.")] = None,
     ray: Ray = False, ray_address: RayAddress = None, ray_actors: RayActors = None, ray_gpus: RayGpus = 0.0,
+    near_duplicates: Annotated[Optional[str], typer.Option(
+        "--near-duplicates", help="skip: leave out an image that is the same picture as one the index holds (edited, "
+        "cropped, resized...); link: add it and record the pair for `imgdb duplicates`. Reported per image.")] = None,
     as_json: Json = False, debug: Debug = False,
 ) -> None:
     """Add images to an index (duplicates by content are skipped)."""
@@ -118,14 +123,21 @@ def ingest(
         missing = [p for p in paths if not imgdb.is_remote(p) and not os.path.lexists(p)]
         with progress_bar("ingesting") as on_progress:
             report = _client().ingest(paths, index=index, meta=meta_values, metadata_file=metadata,
-                                      on_progress=on_progress, on_status=say, ray=on_ray)
+                                      on_progress=on_progress, on_status=say, ray=on_ray,
+                                      near_duplicates=near_duplicates)
         if as_json:
             emit_json(report.to_json())
         else:
             for failure in report.failed:
                 say(f"failed: {failure.path}: {failure.error}")
-            stdout.print(f"added {report.added}, duplicates {report.duplicates}, failed {len(report.failed)} "
-                         f"in {report.seconds:.1f} s")
+            for near in report.near_duplicates or []:
+                say(f"{near.action}: {near.path}: the same picture as "
+                    f"{near.match_uri if near.match is None else f'image {near.match} ({near.match_uri})'}, "
+                    f"score {near.score:.2f}")
+            skipped = sum(1 for near in report.near_duplicates or [] if near.action == "skipped")
+            stdout.print(f"added {report.added}, duplicates {report.duplicates}, "
+                         + (f"near duplicates skipped {skipped}, " if skipped else "")
+                         + f"failed {len(report.failed)} in {report.seconds:.1f} s")
         if missing:
             raise imgdb.ImgdbError(f"no such file or folder: {', '.join(missing[:3])}"
                                    + (" ..." if len(missing) > 3 else ""))
@@ -140,13 +152,20 @@ def search(
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results.")] = 10,
     filters: Annotated[Optional[list[str]], typer.Option("--filter", "-f", help="FIELD OP VALUE, e.g. meta.author=Joan Miró, width>=800.")] = None,
     rerank: Rerank = "exact", candidates: Candidates = None, fusion: Fusion = "rrf", multi: Multi = False,
+    min_score: Annotated[Optional[float], typer.Option(
+        "--min-score", min=0.0, max=1.0, help="Only hits whose score (the estimated probability that the hit is "
+        "the query's picture) is at least this, however few; the index learns its scores first if it has not.")] = None,
     as_json: Json = False, debug: Debug = False,
 ) -> None:
     """Find the images most similar to QUERY (--index a,b: in several indexes, fused)."""
 
     def run() -> None:
-        hits = _client().search(query, k=k, filters=filters or [], index=index, rerank=_chain(rerank, multi),
-                                candidates=candidates, fusion=fusion)
+        client = _client()
+        if min_score is not None and "," not in index and not client.calibrated(index):
+            with progress_bar("calibrating") as on_progress:
+                client.calibrate(index, on_progress=on_progress, on_status=say)
+        hits = client.search(query, k=k, filters=filters or [], index=index, rerank=_chain(rerank, multi),
+                             candidates=candidates, fusion=fusion, min_score=min_score)
         if as_json:
             emit_json([hit.to_json() for hit in hits])
             return
@@ -154,12 +173,15 @@ def search(
         # the metadata wraps in what is left.
         uris = [shorten(hit.uri, max(24, stdout.width - 40)) for hit in hits]
         verified = any("verified" in hit.notes for hit in hits)
-        table = Table("id", "distance", *(["inliers"] if verified else []))
+        scored = any("score" in hit.notes for hit in hits)
+        table = Table("id", "distance", *(["score"] if scored else []), *(["inliers"] if verified else []))
         table.add_column("uri", no_wrap=True, min_width=max(map(len, uris), default=3))
         table.add_column("metadata", overflow="fold")
         for hit, uri in zip(hits, uris):
             inliers = [f"{hit.notes['inliers']}{' verified' if hit.notes['verified'] else ''}"] if verified else []
-            table.add_row(str(hit.id), f"{hit.distance:.4f}", *inliers, uri, json.dumps(hit.metadata, ensure_ascii=False))
+            score = [f"{hit.notes['score']:.2f}"] if scored else []
+            table.add_row(str(hit.id), f"{hit.distance:.4f}", *score, *inliers, uri,
+                          json.dumps(hit.metadata, ensure_ascii=False))
         stdout.print(table)
         if verified:
             good = ", ".join(f"id {h.id} ({h.notes['inliers']} inliers)" for h in hits if h.notes["verified"])
@@ -247,6 +269,68 @@ def evaluate(
         stdout.print(f"{report.index} ({report.extractor}) on {report.queries} queries: mAP {report.mAP:.3f}, "
                      f"recall@1 {report.recall_at_1:.3f}, recall@10 {report.recall_at_10:.3f}, "
                      f"all@1 {report.all_at_1:.3f}, all@10 {report.all_at_10:.3f}")
+
+    guarded(debug, run)
+
+
+@duplicates_app.callback(invoke_without_command=True)
+def duplicates(
+    ctx: typer.Context,
+    index: IndexName = "default",
+    level: Annotated[Optional[str], typer.Option("--level", help="exact (the same bytes at several paths or rows), "
+                                                 "near (the same picture, edited) or similar (the same scene); "
+                                                 "default: every level.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Nearest images each image is compared with.")] = 20,
+    no_update: Annotated[bool, typer.Option("--no-update", help="List the groups as the last run left them.")] = False,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Groups of duplicate images, each with its evidence (compares the images added since the last run)."""
+    if ctx.invoked_subcommand is not None:
+        return
+
+    def run() -> None:
+        with progress_bar("comparing") as on_progress:
+            report = _client().duplicates(index, level=level, k=k, update=not no_update, on_progress=on_progress,
+                                          on_status=say)
+        if as_json:
+            emit_json(report.to_json())
+            return
+        for group in report.groups:
+            stdout.print(f"{group['level']} group {group['group']} ({len(group['images'])} images)", markup=False)
+            for image in group["images"]:
+                where = f" {image['table']}:{image['ref']}" if "table" in image else ""
+                evidence = "representative" if image is group["images"][0] else (
+                    f"score {image['score']:.2f}" + (f", {image['inliers']} inliers" if "inliers" in image else ""))
+                stdout.print(f"  {image['id']:>8}  {shorten(image['uri'], max(24, stdout.width - 50))}{where}  {evidence}",
+                             markup=False)
+        counts = {name: sum(1 for g in report.groups if g["level"] == name) for name in ("exact", "near", "similar")}
+        stdout.print(f"{index}: " + ", ".join(f"{n} {name} groups" for name, n in counts.items() if level in (None, name))
+                     + f" ({report.checked} images compared now)", markup=False)
+
+    guarded(debug, run)
+
+
+@duplicates_app.command("resolve")
+def duplicates_resolve(
+    group: Annotated[int, typer.Argument(help="The group (its number in `imgdb duplicates`).")],
+    keep: Annotated[int, typer.Option("--keep", help="The image to keep.")],
+    index: IndexName = "default",
+    level: Annotated[str, typer.Option("--level", help="The group's level: near or similar.")] = "near",
+    delete_others: Annotated[bool, typer.Option("--delete-others", help="Delete the group's other images.")] = False,
+    merge_metadata: Annotated[bool, typer.Option("--merge-metadata", help="Give the kept image the metadata keys "
+                                                 "the others have and it lacks.")] = False,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Settle a group: keep one image (the group never forms again); nothing is deleted without --delete-others."""
+
+    def run() -> None:
+        done = _client().resolve_duplicates(group, keep=keep, index=index, level=level, delete_others=delete_others,
+                                            merge_metadata=merge_metadata)
+        if as_json:
+            emit_json(done.to_json())
+            return
+        stdout.print(f"{level} group {group}: kept {keep}" + (", merged the others' metadata" if done.merged else "")
+                     + (f", deleted {', '.join(map(str, done.deleted))}" if done.deleted else ""), markup=False)
 
     guarded(debug, run)
 
@@ -481,6 +565,29 @@ def index_verify(
         else:
             stdout.print(f"{name} verifies with {report.local}: {report.images} images, "
                          f"{report.bytes_per_image / 1024:.1f} KiB each ({report.added} added)", markup=False)
+
+    guarded(debug, run)
+
+
+@index_app.command("calibrate")
+def index_calibrate(
+    name: Annotated[str, typer.Argument(help="The index whose distances to learn the meaning of.")],
+    sample: Annotated[int, typer.Option("--sample", min=1, help="Images to learn from (each edited 7 ways).")] = 100,
+    as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Learn what the index's distances mean: hits then carry a score, and search takes --min-score."""
+
+    def run() -> None:
+        with progress_bar("calibrating") as on_progress:
+            report = _client().calibrate(name, sample=sample, on_progress=on_progress, on_status=say)
+        if as_json:
+            emit_json(report.to_json())
+            return
+        for failure in report.failed:
+            say(f"{failure.path}: {failure.error}")
+        stdout.print(f"{name} learned its scores from {report.images} images ({report.same} edited copies, "
+                     f"{report.different} different pictures{', verified' if report.verified else ''}): "
+                     f"a distance of {report.distance_at_half:.3f} scores 0.5", markup=False)
 
     guarded(debug, run)
 

@@ -30,6 +30,7 @@ from imgdb.ann.registry import STATE_OWNER, method, query_state_keys
 from imgdb.ann.spec import AnnSpec
 from imgdb.db import search as sql
 from imgdb.db.records import IndexRecord
+from imgdb.query import scores
 
 if TYPE_CHECKING:
     from imgdb.ann.method import CodeIndex, Searcher
@@ -125,7 +126,7 @@ class AnnLayer:
         cached = self._records.get(name)
         if cached is not None and time.monotonic() - cached[0] < RECORD_TTL:
             return cached[1]
-        keys = query_state_keys()
+        keys = query_state_keys() + scores.KEYS
         found = self.database.searching(lambda conn: sql.lookup(conn, name, keys, self.database.distributed))
         if found is not None:
             self._records[name] = (time.monotonic(), found)

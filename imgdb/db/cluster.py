@@ -3,8 +3,8 @@
 The layout, chosen so that a search is one distributed statement whose every shard runs its own
 index scan and joins its own image rows:
 
-* ``images`` and every index's ``vectors_N`` (and ``local_features``) are hash-distributed by image
-  id and co-located: an image's row, its vectors and its local features live in the same shard, so
+* ``images`` and every index's ``vectors_N`` (and ``local_features``, and the duplicates job's
+  tables) are hash-distributed by image id and co-located: an image's row, its vectors and its local features live in the same shard, so
   a hit's join with its image row never leaves its shard, and each shard keeps its own HNSW (or
   IVFFlat, or bit) index;
 * ``image_hashes`` (content hash → image id), distributed by the hash, keeps deduplication exact
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 #: Tables every node holds whole.
 REFERENCE = ("indexes", "index_state", "networks", "sources", "refs", "failures", "grants")
 #: Tables distributed by image id, co-located with ``images`` (besides the indexes' vectors).
-COLOCATED = ("local_features",)
+COLOCATED = ("local_features", "image_paths", "duplicate_pairs", "duplicate_members", "duplicate_checked")
 #: The content-hash arbiter of a distributed database.
 HASHES = "image_hashes"
 

@@ -84,33 +84,70 @@ def create_index_trigger(conn: Connection, index: IndexRecord) -> None:
 
 
 def create_view(conn: Connection, index: IndexRecord) -> None:
-    """The view plain SQL queries for ``index``: every ``images`` column, ``embedding``, and for
-    images that rows of attached tables hold, ``ref`` (the row's key, typed as the key is; ``text``
-    when the index's tables have keys of different types) and ``source`` (the table, a
-    ``regclass``). An image held by two rows appears once per row, so that a join with the
-    application's table finds both.
+    """The views plain SQL queries for ``index``.
+
+    ``images_<name>``: every ``images`` column, ``embedding``, and for images that rows of attached
+    tables hold, ``ref`` (the row's key, typed as the key is; ``text`` when the index's tables have
+    keys of different types) and ``source`` (the table, a ``regclass``). An image held by two rows
+    appears once per row, so that a join with the application's table finds both.
+
+    ``duplicates_<name>``: its groups of duplicates (``imgdb duplicates``), a row per member (per
+    attached row where tables hold the image; an ``exact`` group, a row per copy: each path at which
+    ingest found the bytes, each attached row): ``group`` (the representative's image id; with
+    ``level``, the group's name), ``level``, ``image_id``, ``uri``, ``ref``, ``source``, ``score``,
+    ``distance`` and ``inliers`` (its evidence against the representative), ``representative``.
 
     Remade when tables are attached or detached, keeping the grants of :func:`grant`. Where
-    the type of ``ref`` changes, CREATE OR REPLACE cannot keep the view: it is dropped first (and
+    the type of ``ref`` changes, CREATE OR REPLACE cannot keep a view: it is dropped first (and
     a user's view built on it makes that fail, with PostgreSQL's reason).
     """
     columns = ", ".join(f"i.{c.name}" for c in Image.__table__.columns)
     key_types = set(conn.execute(sa.text("SELECT key_type FROM sources WHERE index_id = :i"), {"i": index.id}).scalars())
     attached = bool(key_types)
     ref_type = key_types.pop() if len(key_types) == 1 else "text"
+    refs = ("LEFT JOIN (refs r JOIN sources s ON s.id = r.source_id AND s.index_id = {index.id})"
+            " ON r.image_id = {id}").replace("{index.id}", str(index.id))
+    ref_columns = f"r.ref::{ref_type} AS ref, s.relid::regclass AS source"
     body = f'SELECT {columns}, v.embedding, %s FROM "{index.vectors_table}" v JOIN images i ON i.id = v.image_id'
     if attached:
-        body = (body % f"r.ref::{ref_type} AS ref, s.relid::regclass AS source"
-                + f" LEFT JOIN (refs r JOIN sources s ON s.id = r.source_id AND s.index_id = {index.id})"
-                  " ON r.image_id = v.image_id")
+        body = body % ref_columns + " " + refs.replace("{id}", "v.image_id")
     else:
         # No attached table: no join for the planner to weigh against the vector index's order.
         body = body % "NULL::text AS ref, NULL::regclass AS source"
-    view = quote(index.relation)
+    _replace_view(conn, index.relation, body, ref_type)
+    no_ref = f"NULL::{ref_type} AS ref, NULL::regclass AS source"
+    judged = (f"SELECT m.group_id, m.level, m.image_id, i.uri, {ref_columns if attached else no_ref}, m.score,"
+              " m.distance, m.inliers, m.image_id = m.group_id, 0 FROM duplicate_members m JOIN images i ON i.id = m.image_id"
+              f" {refs.replace('{id}', 'm.image_id') if attached else ''} WHERE m.index_id = {index.id}")
+    # Exact duplicates: the same bytes at several paths (the first, then the others ingest found),
+    # or in several rows of attached tables.
+    in_rows = (f" OR EXISTS (SELECT 1 FROM refs r JOIN sources s ON s.id = r.source_id AND s.index_id = {index.id}"
+               " WHERE r.image_id = v.image_id)") if attached else ""
+    copies = " UNION ALL ".join([
+        f'SELECT v.image_id, i.uri, {no_ref}, 0 AS rank FROM "{index.vectors_table}" v JOIN images i ON i.id = v.image_id'
+        f" WHERE v.direct AND (EXISTS (SELECT 1 FROM image_paths p WHERE p.image_id = v.image_id){in_rows})",
+        f'SELECT p.image_id, p.uri, {no_ref}, 1 FROM image_paths p WHERE p.image_id IN (SELECT v.image_id'
+        f' FROM "{index.vectors_table}" v)',
+        *([f"SELECT r.image_id, i.uri, {ref_columns}, 2 FROM refs r JOIN sources s ON s.id = r.source_id"
+           f" AND s.index_id = {index.id} JOIN images i ON i.id = r.image_id"] if attached else [])])
+    exact = ("SELECT c.image_id, 'exact', c.image_id, c.uri, c.ref, c.source, 1.0, 0.0, NULL::integer,"
+             " row_number() OVER (PARTITION BY c.image_id ORDER BY c.rank, c.uri, c.ref) = 1, c.rank"
+             f" FROM ({copies}) c WHERE c.image_id IN (SELECT x.image_id FROM ({copies}) x GROUP BY x.image_id"
+             " HAVING count(*) > 1)")
+    duplicates = ('SELECT d.group_id AS "group", d.level, d.image_id, d.uri, d.ref, d.source, d.score, d.distance,'
+                  " d.inliers, d.representative FROM (" + judged + " UNION ALL " + exact + ") AS d(group_id, level,"
+                  " image_id, uri, ref, source, score, distance, inliers, representative, rank)")
+    _replace_view(conn, index.duplicates_relation, duplicates, ref_type)
+
+
+def _replace_view(conn: Connection, name: str, body: str, ref_type: str) -> None:
+    """(Re)make view ``name`` as ``body``, dropping it first where its ``ref`` changes type, and
+    grant it to the roles given imgdb's views."""
+    view = quote(name)
     current = conn.execute(sa.text(
         "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
         " WHERE a.attrelid = to_regclass(format('%I.%I', current_schema(), CAST(:v AS text)))"
-        " AND a.attname = 'ref' AND NOT a.attisdropped"), {"v": index.relation}).scalar()
+        " AND a.attname = 'ref' AND NOT a.attisdropped"), {"v": name}).scalar()
     if current is not None and current != ref_type:
         conn.execute(sa.text(f"DROP VIEW {view}"))
     conn.execute(sa.text(f"CREATE OR REPLACE VIEW {view} AS {body}"))

@@ -87,7 +87,7 @@ def set_ann(conn: Connection, index: IndexRecord, ann: str, ann_params: dict[str
 def drop(conn: Connection, index: IndexRecord) -> None:
     """Delete an index: its view, its vectors (with their pgvector index), its registry row (and,
     by cascade, its learned state)."""
-    conn.exec_driver_sql(f'DROP VIEW IF EXISTS "{index.relation}"')
+    conn.exec_driver_sql(f'DROP VIEW IF EXISTS "{index.relation}", "{index.duplicates_relation}"')
     conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{index.vectors_table}"')
     conn.execute(sa.delete(_indexes).where(_indexes.c.id == index.id))
 

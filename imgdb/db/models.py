@@ -136,6 +136,57 @@ class LocalFeatures(Base):
     descriptors: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class _Judged:
+    """What the duplicates job keeps of a judged pair or a group member: the level, the descriptor
+    distance, the calibrated score and, where verified, the inliers."""
+
+    index_id: Mapped[int] = mapped_column(ForeignKey("indexes.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    #: ``near`` (the same picture) or ``similar`` (the same scene).
+    level: Mapped[str] = mapped_column(Text)
+    distance: Mapped[float] = mapped_column(Float)
+    score: Mapped[float] = mapped_column(Float)
+    inliers: Mapped[int | None] = mapped_column(Integer)
+
+
+class DuplicatePair(_Judged, Base):
+    """A pair of an index's images judged duplicates (``imgdb duplicates``), ``image_id < other_id``."""
+
+    __tablename__ = "duplicate_pairs"
+
+    other_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    #: Set by ``imgdb duplicates resolve``: the pair never groups again.
+    resolved: Mapped[bool] = mapped_column(Boolean, server_default="false")
+
+
+class DuplicateMember(_Judged, Base):
+    """An image in a group of duplicates, with its evidence against the group's representative."""
+
+    __tablename__ = "duplicate_members"
+
+    level: Mapped[str] = mapped_column(Text, primary_key=True)
+    #: The group's representative's image id (a group holds one level: ``(level, group_id)`` names it).
+    group_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class DuplicateChecked(Base):
+    """An image whose nearest neighbours the duplicates job has judged (later runs skip it)."""
+
+    __tablename__ = "duplicate_checked"
+
+    index_id: Mapped[int] = mapped_column(ForeignKey("indexes.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+
+
+class ImagePath(Base):
+    """Another path or URL at which a direct ingest found an image's bytes (``images.uri`` is the first)."""
+
+    __tablename__ = "image_paths"
+
+    image_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    uri: Mapped[str] = mapped_column(Text, primary_key=True)
+
+
 class Source(Base):
     """An application table attached to an index: which column holds its images, and its key."""
 

@@ -26,6 +26,8 @@ NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 MAX_ID = 2**63 - 1
 #: Prefix of the per-index view users query. No other relation of the schema starts with it.
 VIEW_PREFIX = "images_"
+#: Prefix of the per-index view of its duplicates.
+DUPLICATES_PREFIX = "duplicates_"
 
 
 def check_name(name: str) -> str:
@@ -69,6 +71,11 @@ class IndexNames:
         return view_name(self.name)
 
     @property
+    def duplicates_relation(self) -> str:
+        """The view of its groups of duplicates (``imgdb duplicates``)."""
+        return DUPLICATES_PREFIX + self.name
+
+    @property
     def ann_index(self) -> str:
         """The pgvector HNSW/IVFFlat index on :attr:`vectors_table`, when the method has one."""
         return f"{self.vectors_table}_ann"
@@ -97,6 +104,8 @@ class IndexRecord(IndexNames):
     #: What its first stage learned that its SQL reads with every query, by key (binary
     #: quantization's centre: :attr:`imgdb.ann.method.AnnMethod.query_state`).
     ann_state: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    #: Its calibrated score's models, where it learned them (:mod:`imgdb.query.scores`).
+    score_state: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
     #: The application tables attached to it.
     sources: tuple[Source, ...] = ()
     #: Whether its vectors are sharded over a Citus cluster (``imgdb db distribute``): queries are

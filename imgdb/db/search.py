@@ -62,7 +62,8 @@ def lookup(conn: psycopg.Connection, name: str, state_keys: Sequence[str] = (),
            distributed: bool = False) -> IndexRecord | None:
     """The index named ``name`` in one round trip: its row, whether its pgvector index exists, the
     learned arrays of ``state_keys`` (those its first stage's SQL reads: ``ann.center`` is
-    ``ann_state["center"]``), and its attached tables."""
+    ``ann_state["center"]``; its score models: ``score.distance`` is ``score_state["distance"]``), and
+    its attached tables."""
     row = conn.cursor(row_factory=dict_row).execute(
         "SELECT *, to_regclass(format('%%I.vectors_%%s_ann', current_schema(), id)) IS NOT NULL AS has_ann,"
         " (SELECT array_agg(s.key ORDER BY s.key) FROM index_state s WHERE s.index_id = indexes.id"
@@ -79,9 +80,12 @@ def lookup(conn: psycopg.Connection, name: str, state_keys: Sequence[str] = (),
     if row is None:
         return None
     keys, values, sources = row.pop("state_keys") or [], row.pop("state_values") or [], row.pop("sources")
-    state = {key.partition(".")[2]: np.load(io.BytesIO(value), allow_pickle=False) for key, value in zip(keys, values)}
-    return IndexRecord(**row, ann_state=state, sources=tuple(Source(**s) for s in sources or ()),
-                       distributed=distributed)
+    state: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in zip(keys, values):
+        owner, _, name = key.partition(".")
+        state.setdefault(owner, {})[name] = np.load(io.BytesIO(value), allow_pickle=False)
+    return IndexRecord(**row, ann_state=state.get("ann", {}), score_state=state.get("score", {}),
+                       sources=tuple(Source(**s) for s in sources or ()), distributed=distributed)
 
 
 #: What a hit reads of ``images``; its distance ``d`` follows, then :func:`_ref_column`.

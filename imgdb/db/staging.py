@@ -32,10 +32,10 @@ def keep_unencoded(conn: Connection, index: IndexRecord) -> int:
 
 
 def swap_in_next(conn: Connection, index: IndexRecord) -> None:
-    """Make the next table the index's, in the caller's transaction: its view, trigger and names
+    """Make the next table the index's, in the caller's transaction: its views, trigger and names
     follow; the ANN index is built afterwards by the writer (searches scan exactly meanwhile)."""
     table, staged = index.vectors_table, next_table(index)
-    conn.exec_driver_sql(f'DROP VIEW IF EXISTS "{index.relation}"')
+    conn.exec_driver_sql(f'DROP VIEW IF EXISTS "{index.relation}", "{index.duplicates_relation}"')
     conn.exec_driver_sql(f'DROP TABLE "{table}"')
     conn.exec_driver_sql(f'ALTER TABLE "{staged}" RENAME TO "{table}"')
     # (its primary key through its index: Citus renames a distributed table's indexes, not its constraints)

@@ -19,14 +19,14 @@ import time
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import numpy as np
 from PIL import Image
 from sqlalchemy.engine import Connection
 
 from imgdb.catalog import Catalog
-from imgdb.db import attached, images, local_features, pgvector, state, values, vectors
+from imgdb.db import attached, duplicates, images, local_features, pgvector, state, values, vectors
 from imgdb.db.engine import Database
 from imgdb.db.records import IndexRecord
 from imgdb.encoding import decode_scale
@@ -54,14 +54,36 @@ class Failure:
     error: str
 
 
+@dataclass(frozen=True)
+class NearDuplicate:
+    """An image given to ingest that is the same picture as one the index holds (``match``), or as
+    one given before it in the same load (``match`` None where that one was not written), and what
+    became of it (``--near-duplicates``: ``skipped`` or ``linked``)."""
+
+    path: str
+    match: int | None
+    match_uri: str
+    distance: float
+    score: float
+    inliers: int | None
+    action: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "match": self.match, "match_uri": self.match_uri, "distance": round(self.distance, 4),
+                "score": round(self.score, 4), **({"inliers": self.inliers} if self.inliers is not None else {}),
+                "action": self.action}
+
+
 @dataclass
 class IngestReport:
-    """What ``imgdb ingest --json`` prints (the contract in ``../shared/CONVENTIONS.md``)."""
+    """What ``imgdb ingest --json`` prints (the contract in ``../shared/CONVENTIONS.md``), and with
+    ``--near-duplicates``, the images it found to be the same picture as another."""
 
     added: int = 0
     duplicates: int = 0
     failed: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
+    near_duplicates: list[NearDuplicate] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,7 +91,24 @@ class IngestReport:
             "duplicates": self.duplicates,
             "failed": [{"path": f.path, "error": f.error} for f in self.failed],
             "seconds": round(self.seconds, 3),
+            **({} if self.near_duplicates is None else {"near_duplicates": [n.to_json() for n in self.near_duplicates]}),
         }
+
+
+class Screen(Protocol):
+    """What judges a batch before it is written (``--near-duplicates``:
+    :class:`imgdb.jobs.duplicates.NearDuplicateScreen`)."""
+
+    @property
+    def skip(self) -> bool:
+        """Whether an image found to be the same picture as another is left out (else it is linked)."""
+
+    def check(self, batch: Sequence[Prepared], vectors: np.ndarray) -> list[NearDuplicate | None]:
+        """Per image, the image it is the same picture as, if any."""
+
+    def link(self, conn: Connection, batch: Sequence[Prepared], ids: Sequence[int],
+             found: Sequence[NearDuplicate | None]) -> None:
+        """Keep the near pairs of a written batch, in its transaction."""
 
 
 @dataclass(frozen=True)
@@ -133,19 +172,22 @@ def load_metadata_file(path: Path) -> dict[str, dict[str, Any]]:
 
 def ingest(catalog: Catalog, paths: Iterable[str | Path], *, index: str, meta: dict[str, Any] | None = None,
            metadata_file: str | Path | None = None, on_progress: ProgressCallback | None = None,
-           on_status: StatusCallback | None = None) -> IngestReport:
+           on_status: StatusCallback | None = None, screen: Screen | None = None) -> IngestReport:
     """Add files, folders (recursively) and URLs to ``index`` (:class:`Ingester`), with ``meta`` for
-    every image and a ``--metadata`` file's per-image metadata."""
+    every image and a ``--metadata`` file's per-image metadata; ``screen`` judges each batch first."""
     metadata = load_metadata_file(Path(metadata_file)) if metadata_file else None
-    return Ingester(catalog, catalog.index(index)).run(paths, meta=meta, metadata=metadata,
-                                                       on_progress=on_progress, on_status=on_status)
+    return Ingester(catalog, catalog.index(index), screen=screen).run(
+        paths, meta=meta, metadata=metadata, on_progress=on_progress, on_status=on_status)
 
 
 class Ingester:
     """Ingest sources into one index with one extractor (default: the index's own)."""
 
-    def __init__(self, catalog: Catalog, index: IndexRecord, extractor: Extractor | None = None) -> None:
+    def __init__(self, catalog: Catalog, index: IndexRecord, extractor: Extractor | None = None,
+                 screen: Screen | None = None) -> None:
         self.catalog = catalog
+        #: What judges each batch before it is written (``--near-duplicates``), if anything.
+        self.screen = screen
         self.database = catalog.database
         self.settings = catalog.settings
         self.index = index
@@ -224,13 +266,14 @@ class Ingester:
         ``known`` or seen earlier in ``todo`` counts as a duplicate (and takes the metadata given now).
         The part of a load that a Ray actor runs on its share (:mod:`imgdb.jobs.on_ray`)."""
         todo = list(todo)
-        report = IngestReport()
+        report = IngestReport(near_duplicates=None if self.screen is None else [])
         with self.database.connect() as conn:
             follows_tables = attached.has_sources(conn, self.index)
         seen: set[str] = set()
         batch: list[Prepared] = []
         relabel: dict[str, dict[str, Any]] = {}  # known content given metadata now: sha256 -> metadata
         given: list[str] = []  # known content given again: it is now in the index by direct ingest too
+        found_again: list[tuple[str, str]] = []  # (sha256, uri): known content at another path (exact duplicates)
         for done, item in enumerate(self.load(todo, known, local=True), start=1):
             if not isinstance(item, Failure) and (refused := self._unstorable(item, meta, metadata)):
                 item = refused
@@ -238,6 +281,7 @@ class Ingester:
                 report.failed.append(item)
             elif isinstance(item, Known) or item.facts.sha256 in seen:
                 report.duplicates += 1
+                found_again.append((item.sha256 if isinstance(item, Known) else item.facts.sha256, item.uri))
                 if isinstance(item, Known) and (labels := {**meta, **metadata.get(item.uri, {})}):
                     relabel[item.sha256] = labels
                 if isinstance(item, Known) and follows_tables:
@@ -251,10 +295,11 @@ class Ingester:
             if on_progress:
                 on_progress(done, len(todo))
         self._write(batch, meta, metadata, report)
-        if relabel or given:
+        if relabel or given or found_again:
             with self.database.engine.begin() as conn:
                 images.merge_metadata(conn, relabel)
                 vectors.mark_direct(conn, self.index, given)
+                duplicates.record_paths(conn, found_again)
         return report
 
     @staticmethod
@@ -304,7 +349,24 @@ class Ingester:
             return
         found, codes = self.embed(batch)
         metas = [{**meta, **metadata.get(item.uri, {})} for item in batch]
-        ids, added = self.database.writing(lambda conn: self.write(conn, batch, found, codes, metas))
+        near: list[NearDuplicate | None] = []
+        if self.screen is not None:
+            near = self.screen.check(batch, found)
+            report.near_duplicates = [*(report.near_duplicates or []), *(n for n in near if n is not None)]
+            if self.screen.skip:
+                keep = [i for i, n in enumerate(near) if n is None]
+                batch, metas, near = [batch[i] for i in keep], [metas[i] for i in keep], []
+                found, codes = found[keep], None if codes is None else codes[keep]
+                if not batch:
+                    return
+
+        def write(conn: Connection) -> tuple[list[int], int]:
+            ids, added = self.write(conn, batch, found, codes, metas)
+            if self.screen is not None and any(n is not None for n in near):
+                self.screen.link(conn, batch, ids, near)
+            return ids, added
+
+        ids, added = self.database.writing(write)
         report.added += added
         report.duplicates += len(ids) - added
 

@@ -31,7 +31,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,8 @@ from imgdb.db import attached, values
 from imgdb.db.engine import Database
 from imgdb.errors import ImgdbError
 from imgdb.io import sources
-from imgdb.jobs.ingest import (Failure, Ingester, IngestReport, ProgressCallback, StatusCallback,
+from imgdb.jobs import duplicates
+from imgdb.jobs.ingest import (Failure, Ingester, IngestReport, NearDuplicate, ProgressCallback, StatusCallback,
                                load_metadata_file)
 from imgdb.jobs.sync import Syncer, SyncReport
 
@@ -73,16 +74,20 @@ class RayOptions:
 
 def ingest(catalog: Catalog, paths: Iterable[str | Path], *, index: str, options: RayOptions,
            meta: dict[str, Any] | None = None, metadata_file: str | Path | None = None,
-           on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None) -> IngestReport:
+           on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None,
+           near_duplicates: str | None = None) -> IngestReport:
     """Add what :func:`imgdb.io.sources.expand` finds in ``paths`` to ``index`` through Ray; the
-    report of a local ingest (:func:`imgdb.jobs.ingest.ingest`)."""
+    report of a local ingest (:func:`imgdb.jobs.ingest.ingest`). With ``near_duplicates``, the
+    index learns its scores here first, and each actor screens its batches."""
     started = time.perf_counter()
     meta = values.check_metadata(meta or {}, "--meta")
     metadata = load_metadata_file(Path(metadata_file)) if metadata_file else {}
+    if near_duplicates is not None:
+        duplicates.screen_for(catalog, index, near_duplicates, on_status)
     ingester = Ingester(catalog, catalog.index(index))
     todo = list(sources.expand(paths))
     ingester.begin(todo, on_status)
-    report = IngestReport()
+    report = IngestReport(near_duplicates=None if near_duplicates is None else [])
     # Names PostgreSQL cannot store are refused here, as the local path refuses them (Ray Data's
     # Arrow tables cannot carry them to the actors either).
     total, kept = len(todo), []
@@ -98,13 +103,16 @@ def ingest(catalog: Catalog, paths: Iterable[str | Path], *, index: str, options
                 on_progress(total - len(todo), total)
             done: set[str] = set()
             with _cluster(options.address) as ray_module:
-                for share in _run(ray_module, catalog, ingester.index.name, todo, meta, metadata, options, on_status):
+                for share in _run(ray_module, catalog, ingester.index.name, todo, meta, metadata, options, on_status,
+                                  near_duplicates):
                     if share["error"]:
                         raise _stopped("ingest", share["error"])
                     done.update(json.loads(share["uris"]))
                     report.added += share["added"]
                     report.duplicates += share["duplicates"]
                     report.failed += [Failure(path, error) for path, error in json.loads(share["failed"])]
+                    if report.near_duplicates is not None:
+                        report.near_duplicates += [NearDuplicate(**found) for found in json.loads(share["near"])]
                     if on_progress:
                         on_progress(total - len(todo) + len(done), total)
             # A share whose worker died at every try (a process crash on one of its images) is given up
@@ -225,8 +233,8 @@ class _cluster:
 
 
 def _run(ray: Any, catalog: Catalog, index: str, todo: list[str], meta: dict[str, Any],
-         metadata: dict[str, dict[str, Any]], options: RayOptions,
-         on_status: StatusCallback | None) -> Iterator[dict[str, Any]]:
+         metadata: dict[str, dict[str, Any]], options: RayOptions, on_status: StatusCallback | None,
+         near_duplicates: str | None) -> Iterator[dict[str, Any]]:
     """Stream ``todo`` through the actor pool; yields one report per share, as shares finish."""
     actors, cpus = _pool_size(ray, options)
     _announce(on_status, "ingesting", actors, cpus, options)
@@ -240,7 +248,8 @@ def _run(ray: Any, catalog: Catalog, index: str, todo: list[str], meta: dict[str
         # a share that crashes its worker would take), and warns about the remote args that set them.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
         shares = items.map_batches(
-            _Actor, fn_constructor_kwargs={"settings": settings, "index": index, "meta": meta},
+            _Actor, fn_constructor_kwargs={"settings": settings, "index": index, "meta": meta,
+                                           "near_duplicates": near_duplicates},
             batch_size=share, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cpus, num_gpus=options.gpus or None, max_restarts=-1, max_task_retries=TRIES - 1)
     yield from shares.iter_rows()
@@ -271,13 +280,15 @@ class _Actor:
     a write refused) is not worth retrying share after share: the share's report carries it, and the
     driver stops with it."""
 
-    def __init__(self, settings: Settings, index: str, meta: dict[str, Any]) -> None:
+    def __init__(self, settings: Settings, index: str, meta: dict[str, Any], near_duplicates: str | None) -> None:
         self.meta = meta
         self.ingester: Ingester | None = None
         self.error = ""
         try:
             catalog = Catalog(Database.from_settings(settings, migrate=False), settings)
-            self.ingester = Ingester(catalog, catalog.index(index))
+            target = catalog.index(index)
+            screen = None if near_duplicates is None else duplicates.NearDuplicateScreen(catalog, target, near_duplicates)
+            self.ingester = Ingester(catalog, target, screen=screen)
         except Exception as exc:  # noqa: BLE001 - reported with the first share
             self.error = _reason(exc)
 
@@ -291,10 +302,11 @@ class _Actor:
                 found = self.ingester.add(uris, self.ingester.known_content(len(uris)), meta=self.meta,
                                           metadata=metadata)
                 return {"uris": [json.dumps(uris)], "added": [found.added], "duplicates": [found.duplicates],
-                        "failed": [json.dumps([(f.path, f.error) for f in found.failed])], "error": [""]}
+                        "failed": [json.dumps([(f.path, f.error) for f in found.failed])],
+                        "near": [json.dumps([asdict(n) for n in found.near_duplicates or []])], "error": [""]}
             except Exception as exc:  # noqa: BLE001 - reported to the driver, which stops with it
                 error = _reason(exc)
-        return {"uris": ["[]"], "added": [0], "duplicates": [0], "failed": ["[]"], "error": [error]}
+        return {"uris": ["[]"], "added": [0], "duplicates": [0], "failed": ["[]"], "near": ["[]"], "error": [error]}
 
 
 def _reason(exc: Exception) -> str:

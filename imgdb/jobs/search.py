@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
@@ -26,7 +27,7 @@ from imgdb.errors import ImgdbError
 from imgdb.features import keypoints
 from imgdb.io import sources
 from imgdb.query import fusion as fusion_of
-from imgdb.query import plan
+from imgdb.query import plan, scores
 from imgdb.query.parts import EncodedQuery, QueryImage
 
 if TYPE_CHECKING:
@@ -44,9 +45,13 @@ _ID_QUERY = re.compile(r"^id:([0-9]+)$")
 
 
 def search(catalog: Catalog, query: Query, *, k: int = 10, filters: Sequence[str] = (), index: str,
-           rerank: str = "exact", candidates: int | None = None, fusion: str = "rrf") -> list[sql.Hit]:
-    """The ``k`` images of ``index`` most similar to ``query`` that pass ``filters`` (see
-    :meth:`imgdb.client.Imgdb.search`)."""
+           rerank: str = "exact", candidates: int | None = None, fusion: str = "rrf",
+           min_score: float | None = None) -> list[sql.Hit]:
+    """The ``k`` images of ``index`` most similar to ``query`` that pass ``filters``, each with its
+    calibrated ``score`` where the index has learned one, and only those scored ``min_score`` or
+    more where given (see :meth:`imgdb.client.Imgdb.search`)."""
+    if min_score is not None and not 0.0 <= min_score <= 1.0:
+        raise ImgdbError(f"min_score must be between 0 and 1, not {min_score}")
     if k < 1:
         raise ImgdbError(f"k must be at least 1, not {k}")
     if k > MAX_K:
@@ -55,6 +60,8 @@ def search(catalog: Catalog, query: Query, *, k: int = 10, filters: Sequence[str
         raise ImgdbError(f"candidates must be between 1 and {MAX_CANDIDATES}, not {candidates}")
     names = [name.strip() for name in index.split(",")]
     if len(names) > 1:
+        if min_score is not None:
+            raise ImgdbError("a score cut-off works on one index: each index's scores mean what its own distances do")
         fusion_of.check(fusion, names)
         for name in names:
             records.check_name(name)
@@ -72,14 +79,28 @@ def search(catalog: Catalog, query: Query, *, k: int = 10, filters: Sequence[str
             target = catalog.layer.record(index) or catalog.index(index)
         vector, image = encode(catalog, target, query)
         try:
-            return catalog.database.searching(lambda conn: plan.search(
+            hits = catalog.database.searching(lambda conn: plan.search(
                 catalog.layer, conn, target, vector, k, clauses, image=image, rerank=rerank, candidates=candidates))
+            return scored(target, hits, min_score)
         except psycopg.errors.UndefinedTable:
             # Dropped (and maybe re-created) by another process since this one cached it: ask again.
             catalog.layer.forget(target)
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+def scored(index: IndexRecord, hits: list[sql.Hit], min_score: float | None) -> list[sql.Hit]:
+    """``hits`` with their calibrated scores (:mod:`imgdb.query.scores`), those under ``min_score``
+    left out."""
+    model = scores.Calibration.of(index.score_state)
+    if model is None:
+        if min_score is not None:
+            raise ImgdbError(f"index {index.name!r} has not learned its scores yet: "
+                             f"run `imgdb index calibrate {index.name}`")
+        return hits
+    found = [replace(hit, notes={**hit.notes, "score": model.score(hit.distance, hit.notes)}) for hit in hits]
+    return [hit for hit in found if min_score is None or hit.notes["score"] >= min_score]
 
 
 def encode(catalog: Catalog, index: IndexRecord, query: Query) -> tuple[np.ndarray, QueryImage]:

@@ -33,6 +33,7 @@ from imgdb.db.engine import lost_to_a_conflict
 from imgdb.db.records import IndexRecord, Source
 from imgdb.errors import ImgdbError, first_line
 from imgdb.io.sources import absolute, is_remote
+from imgdb.jobs import duplicates
 from imgdb.jobs.ingest import (Blob, ContentInIndex, Failure, Ingester, Item, Known, Prepared, ProgressCallback,
                                StatusCallback)
 
@@ -239,9 +240,11 @@ class Syncer:
             return attached.queued(conn, todo)
 
     def finish(self, todo: Sequence[Source]) -> None:
-        """Bring the first stage of every index worked on up to date (:meth:`imgdb.ann.layer.Layer.sync`)."""
+        """Bring the first stage of every index worked on up to date (:meth:`imgdb.ann.layer.Layer.sync`),
+        and its groups of duplicates where they were ever asked for (:func:`imgdb.jobs.duplicates.refresh`)."""
         for name in dict.fromkeys(s.index_name for s in todo):
             self.catalog.layer.sync(self.catalog.index(name))
+            duplicates.refresh(self.catalog, name)
 
     def _ingester(self, source: Source) -> Ingester:
         if source.index_id not in self.ingesters:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -234,18 +234,39 @@ def _routes(app: FastAPI) -> None:
     async def search(request: Request, k: int = Query(10, ge=1, le=MAX_K), index: str = DEFAULT_INDEX,
                      filter: list[str] = Query(default_factory=list),  # noqa: A002 - CONVENTIONS' name
                      rerank: str = Query("exact", max_length=200), fusion: str = Query("rrf", max_length=20),
-                     candidates: int | None = Query(None, ge=1, le=MAX_CANDIDATES)) -> list[dict[str, Any]]:
+                     candidates: int | None = Query(None, ge=1, le=MAX_CANDIDATES),
+                     min_score: float | None = Query(None, ge=0.0, le=1.0)) -> list[dict[str, Any]]:
         """The k images most similar to an upload (`file`), a URL or a stored image id; ``index``
-        may name several (``a,b``), fused by ``fusion``; ``rerank=verify`` marks verified hits."""
+        may name several (``a,b``), fused by ``fusion``; ``rerank=verify`` marks verified hits;
+        ``min_score`` keeps only hits scored that or more (an index that has learned its scores)."""
         db = _db(request)
         query = await _search_query(request)
         hits = await run_in_threadpool(db.search, query, k=k, filters=filter, index=index, rerank=rerank,
-                                       candidates=candidates, fusion=fusion)
-        # Relative to the server (or IMGDB_PUBLIC_URL): never built from the request's Host header,
-        # which the client chooses. One route lookup per response, not one per hit.
-        prefix, _, suffix = request.app.url_path_for("thumbnail", image_id=0).rpartition("/0/")
-        base = db.settings.public_url.rstrip("/") if db.settings.public_url else ""
-        return [{**hit.to_json(), "thumbnail": f"{base}{prefix}/{hit.id}/{suffix}"} for hit in hits]
+                                       candidates=candidates, fusion=fusion, min_score=min_score)
+        thumbnail = _thumbnails(request)
+        return [{**hit.to_json(), "thumbnail": thumbnail(hit.id)} for hit in hits]
+
+    @app.get("/duplicates")
+    async def duplicates(request: Request, index: str = Query(DEFAULT_INDEX, max_length=40),
+                         level: str | None = Query(None, max_length=20)) -> dict[str, Any]:
+        """The index's groups of duplicates as the last ``imgdb duplicates`` run left them (comparing
+        is a job for the command, not for a request), each image with its thumbnail."""
+        found = await run_in_threadpool(lambda: _db(request).duplicates(index, level=level, update=False))
+        thumbnail = _thumbnails(request)
+        for group in found.groups:
+            for image in group["images"]:
+                image["thumbnail"] = thumbnail(image["id"])
+        return {"groups": found.groups, "index": found.index}
+
+    @app.post("/duplicates/{group}/resolve", dependencies=[Depends(_require_token)])
+    async def resolve(request: Request, group: ImageId, keep: int = Query(..., ge=1, le=MAX_ID),
+                      index: str = Query(DEFAULT_INDEX, max_length=40), level: str = Query("near", max_length=20),
+                      delete_others: bool = False, merge_metadata: bool = False) -> dict[str, Any]:
+        """Settle a group: keep one image, optionally merge the others' metadata into it and delete
+        them (token required, as for DELETE)."""
+        done = await run_in_threadpool(lambda: _db(request).resolve_duplicates(
+            group, keep=keep, index=index, level=level, delete_others=delete_others, merge_metadata=merge_metadata))
+        return done.to_json()
 
     @app.post("/explain")
     async def explain(request: Request, image_id: int = Query(..., ge=1, le=MAX_ID),
@@ -302,6 +323,15 @@ def _routes(app: FastAPI) -> None:
         if not deleted:
             raise ApiError(404, f"no image {image_id}")
         return {"deleted": deleted}
+
+
+def _thumbnails(request: Request) -> Callable[[int], str]:
+    """Each image's thumbnail URL, relative to the server (or IMGDB_PUBLIC_URL): never built from the
+    request's Host header, which the client chooses. One route lookup per response, not per image."""
+    prefix, _, suffix = request.app.url_path_for("thumbnail", image_id=0).rpartition("/0/")
+    public = _db(request).settings.public_url
+    base = public.rstrip("/") if public else ""
+    return lambda image_id: f"{base}{prefix}/{image_id}/{suffix}"
 
 
 async def _search_query(request: Request) -> str | bytes:
