@@ -69,13 +69,13 @@ def collection(museum: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 @pytest.fixture(scope="module")
 def dups(client, collection: dict[str, list[Path]]) -> str:  # noqa: ANN001
     """An index of the collection that keeps local features, calibrated."""
-    client.create_index("dups")
-    client.verify_index("dups")
-    report = client.ingest(sorted(p for files in collection.values() for p in files), index="dups")
+    client.create_index("near_dups")
+    client.verify_index("near_dups")
+    report = client.ingest(sorted(p for files in collection.values() for p in files), index="near_dups")
     assert not report.failed
-    found = client.calibrate("dups", sample=20)
+    found = client.calibrate("near_dups", sample=20)
     assert found.verified and found.images == 20 and found.same == 20 * len(EDITS)
-    return "dups"
+    return "near_dups"
 
 
 def _ids(client, index: str) -> dict[str, int]:  # noqa: ANN001
