@@ -105,31 +105,32 @@ def create_view(conn: Connection, index: IndexRecord) -> None:
     key_types = set(conn.execute(sa.text("SELECT key_type FROM sources WHERE index_id = :i"), {"i": index.id}).scalars())
     attached = bool(key_types)
     ref_type = key_types.pop() if len(key_types) == 1 else "text"
-    refs = ("LEFT JOIN (refs r JOIN sources s ON s.id = r.source_id AND s.index_id = {index.id})"
-            " ON r.image_id = {id}").replace("{index.id}", str(index.id))
-    ref_columns = f"r.ref::{ref_type} AS ref, s.relid::regclass AS source"
-    body = f'SELECT {columns}, v.embedding, %s FROM "{index.vectors_table}" v JOIN images i ON i.id = v.image_id'
-    if attached:
-        body = body % ref_columns + " " + refs.replace("{id}", "v.image_id")
-    else:
-        # No attached table: no join for the planner to weigh against the vector index's order.
-        body = body % "NULL::text AS ref, NULL::regclass AS source"
-    _replace_view(conn, index.relation, body, ref_type)
     no_ref = f"NULL::{ref_type} AS ref, NULL::regclass AS source"
-    judged = (f"SELECT m.group_id, m.level, m.image_id, i.uri, {ref_columns if attached else no_ref}, m.score,"
-              " m.distance, m.inliers, m.image_id = m.group_id, 0 FROM duplicate_members m JOIN images i ON i.id = m.image_id"
-              f" {refs.replace('{id}', 'm.image_id') if attached else ''} WHERE m.index_id = {index.id}")
+    ref_columns = f"r.ref::{ref_type} AS ref, s.relid::regclass AS source"
+    held_by = ref_columns if attached else no_ref
+    #: The rows of this index's attached tables, with their tables.
+    its_rows = f"refs r JOIN sources s ON s.id = r.source_id AND s.index_id = {index.id}"
+
+    def rows_of(image_id: str) -> str:
+        """The join that brings each image's rows of attached tables; nothing without attached
+        tables: no join for the planner to weigh against the vector index's order."""
+        return f" LEFT JOIN ({its_rows}) ON r.image_id = {image_id}" if attached else ""
+
+    _replace_view(conn, index.relation, f'SELECT {columns}, v.embedding, {held_by} FROM "{index.vectors_table}" v'
+                  f" JOIN images i ON i.id = v.image_id{rows_of('v.image_id')}", ref_type)
+    judged = (f"SELECT m.group_id, m.level, m.image_id, i.uri, {held_by}, m.score, m.distance, m.inliers,"
+              " m.image_id = m.group_id, 0 FROM duplicate_members m JOIN images i ON i.id = m.image_id"
+              f"{rows_of('m.image_id')} WHERE m.index_id = {index.id}")
     # Exact duplicates: the same bytes at several paths (the first, then the others ingest found),
     # or in several rows of attached tables.
-    in_rows = (f" OR EXISTS (SELECT 1 FROM refs r JOIN sources s ON s.id = r.source_id AND s.index_id = {index.id}"
-               " WHERE r.image_id = v.image_id)") if attached else ""
+    in_rows = f" OR EXISTS (SELECT 1 FROM {its_rows} WHERE r.image_id = v.image_id)" if attached else ""
     copies = " UNION ALL ".join([
         f'SELECT v.image_id, i.uri, {no_ref}, 0 AS rank FROM "{index.vectors_table}" v JOIN images i ON i.id = v.image_id'
         f" WHERE v.direct AND (EXISTS (SELECT 1 FROM image_paths p WHERE p.image_id = v.image_id){in_rows})",
         f'SELECT p.image_id, p.uri, {no_ref}, 1 FROM image_paths p WHERE p.image_id IN (SELECT v.image_id'
         f' FROM "{index.vectors_table}" v)',
-        *([f"SELECT r.image_id, i.uri, {ref_columns}, 2 FROM refs r JOIN sources s ON s.id = r.source_id"
-           f" AND s.index_id = {index.id} JOIN images i ON i.id = r.image_id"] if attached else [])])
+        *([f"SELECT r.image_id, i.uri, {ref_columns}, 2 FROM {its_rows} JOIN images i ON i.id = r.image_id"]
+          if attached else [])])
     exact = ("SELECT c.image_id, 'exact', c.image_id, c.uri, c.ref, c.source, 1.0, 0.0, NULL::integer,"
              " row_number() OVER (PARTITION BY c.image_id ORDER BY c.rank, c.uri, c.ref) = 1, c.rank"
              f" FROM ({copies}) c WHERE c.image_id IN (SELECT x.image_id FROM ({copies}) x GROUP BY x.image_id"

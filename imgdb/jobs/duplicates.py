@@ -206,14 +206,21 @@ def find(catalog: Catalog, name: str, *, level: str | None = None, k: int = K, u
                 on_status(f"{index.name!r} holds {held} images, too few to learn its scores from "
                           f"({MIN_IMAGES}): exact duplicates only")
     if update and level != "exact":
-        if Calibration.of(index.score_state) is None:
-            calibrate(catalog, index, on_progress=on_progress, on_status=on_status)
-            index = catalog.layer.record(name) or index
+        index = _with_scores(catalog, index, on_progress, on_status)
         _update(catalog, index, k, report, on_progress, on_status)
     with catalog.database.connect() as conn:
         report.groups = dup.groups(conn, index, level)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _with_scores(catalog: Catalog, index: IndexRecord, on_progress: ProgressCallback | None,
+                 on_status: StatusCallback | None) -> IndexRecord:
+    """``index`` as queries see it, its scores learned first where it has not learned them."""
+    if Calibration.of(index.score_state) is None:
+        calibrate(catalog, index, on_progress=on_progress, on_status=on_status)
+        index = catalog.layer.record(index.name) or index
+    return index
 
 
 def refresh(catalog: Catalog, name: str, on_status: StatusCallback | None = None) -> None:
@@ -267,10 +274,8 @@ def screen_for(catalog: Catalog, name: str, mode: str, on_status: StatusCallback
     scores first where it has not."""
     if mode not in NearDuplicateScreen.MODES:
         raise ImgdbError(f"--near-duplicates takes {' or '.join(NearDuplicateScreen.MODES)}, not {mode[:20]!r}")
-    index = catalog.layer.record(name) or catalog.index(name)
-    if Calibration.of(index.score_state) is None:
-        calibrate(catalog, index, on_status=on_status)
-    return NearDuplicateScreen(catalog, catalog.index(name), mode)
+    return NearDuplicateScreen(catalog, _with_scores(catalog, catalog.layer.record(name) or catalog.index(name),
+                                                     None, on_status), mode)
 
 
 class NearDuplicateScreen:
@@ -284,7 +289,7 @@ class NearDuplicateScreen:
     NEAREST = 5
 
     def __init__(self, catalog: Catalog, index: IndexRecord, mode: str) -> None:
-        record = catalog.layer.record(index.name) or index
+        record = catalog.layer.record(index.name) or index  # (with its scores, which a writer's record lacks)
         model = Calibration.of(record.score_state)
         if model is None:
             raise ImgdbError(f"index {index.name!r} has not learned its scores yet: run `imgdb index calibrate "

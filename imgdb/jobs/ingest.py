@@ -352,7 +352,8 @@ class Ingester:
         near: list[NearDuplicate | None] = []
         if self.screen is not None:
             near = self.screen.check(batch, found)
-            report.near_duplicates = [*(report.near_duplicates or []), *(n for n in near if n is not None)]
+            assert report.near_duplicates is not None  # (a list wherever a screen runs: add())
+            report.near_duplicates += [n for n in near if n is not None]
             if self.screen.skip:
                 keep = [i for i, n in enumerate(near) if n is None]
                 batch, metas, near = [batch[i] for i in keep], [metas[i] for i in keep], []
