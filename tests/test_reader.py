@@ -111,3 +111,38 @@ def test_read_file_refuses_folders_and_missing_files(tmp_path: Path) -> None:
         read_file(tmp_path)
     with pytest.raises(ImageReadError, match="No such file"):
         read_file(tmp_path / "missing.jpg")
+
+
+def _wide_copies(grey: np.ndarray) -> dict[str, bytes]:
+    """One 8-bit grey picture in every mode wider than 8 bits that Pillow decodes, as files."""
+    return {"16-bit PNG": encoded(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"),
+            "16-bit TIFF": encoded(Image.fromarray(grey.astype(np.uint16) * 257), "TIFF"),
+            "12-bit in 16-bit PNG": encoded(Image.fromarray(grey.astype(np.uint16) * 16), "PNG"),
+            "32-bit integer TIFF": encoded(Image.fromarray(grey.astype(np.int32) * 2**23), "TIFF"),
+            "float TIFF in [0, 1]": encoded(Image.fromarray(grey.astype(np.float32) / 255), "TIFF"),
+            "float TIFF in [0, 255]": encoded(Image.fromarray(grey.astype(np.float32)), "TIFF")}
+
+
+def test_wide_samples_decode_by_their_range(photo: bytes) -> None:
+    grey = np.asarray(decode(photo, max_pixels=LIMIT).pixels.convert("L"))
+    for name, data in _wide_copies(grey).items():
+        pixels = np.asarray(decode(data, max_pixels=LIMIT).pixels, dtype=int)
+        assert np.abs(pixels - grey[:, :, None]).max() <= 1, name
+
+
+def test_a_photo_in_every_depth_finds_its_8_bit_twin_first(client, museum: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    """Ingested and queried in 16 and 32 bits, integer or float, a photo is its 8-bit grey twin."""
+    gallery = sorted((museum / "images").glob("*.jpg"))[40:48]
+    for path in gallery:
+        Image.open(path).convert("L").save(tmp_path / f"{path.stem}.png")
+    grey = np.asarray(Image.open(gallery[0]).convert("L"))
+    copies = _wide_copies(grey)
+    (tmp_path / "wide.png").write_bytes(copies["16-bit PNG"])
+    client.create_index("depths", "cnn:tf_efficientnet_lite0/gem")
+    report = client.ingest([tmp_path], index="depths")
+    assert not report.failed
+    for name, data in copies.items():
+        hits = client.search(data, k=3, index="depths")
+        assert {Path(h.uri).name for h in hits[:2]} == {f"{gallery[0].stem}.png", "wide.png"}, name
+        assert hits[1].distance < 0.1 < hits[2].distance, name
+    client.drop_index("depths")

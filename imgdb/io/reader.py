@@ -22,6 +22,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgdb.errors import ImageReadError
@@ -135,11 +136,43 @@ _DECODER_BUFFER = {"WEBP": 4}
 
 def decoded_bytes(image: Image.Image) -> int:
     """What decoding ``image`` (at its size now: after a JPEG draft) takes at its peak: Pillow's
-    image, the decoder's own buffer, the RGB conversion, and a possible EXIF rotation."""
+    image, the decoder's own buffer, the RGB conversion (and the float copy a wide mode is scaled
+    through), and a possible EXIF rotation."""
     width, height = image.size
     per_pixel = (_STORED_BYTES.get(image.mode, 4) + _DECODER_BUFFER.get(str(image.format), 0)
-                 + (0 if image.mode == "RGB" else 4) + 4)
+                 + (0 if image.mode == "RGB" else 4) + (5 if _wide(image.mode) else 0) + 4)
     return width * height * per_pixel
+
+
+def _wide(mode: str) -> bool:
+    """Whether a mode's samples go past 8 bits (16- and 32-bit integers, floats): Pillow's own RGB
+    conversion clips those at 255, which turns a 16-bit photo nearly white."""
+    return mode in ("I", "F") or mode.startswith("I;16")
+
+
+#: Bit depths a wide image's samples are taken to span: the smallest that holds its largest value
+#: (a 12-bit sensor's samples in a 16-bit file stay as bright as the sensor made them; 31: a signed
+#: 32-bit mode's largest).
+_DEPTHS = (8, 10, 12, 14, 16, 24, 31)
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB. Samples wider than 8 bits are scaled by their real range: floats
+    within [0, 1] by 255, anything else by the smallest bit depth that holds its values (offset by
+    the least, where some are negative); what is not finite counts as 0."""
+    if image.mode == "RGB":
+        return image
+    if not _wide(image.mode):
+        return image.convert("RGB")
+    samples = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    low = min(0.0, float(samples.min(initial=0.0)))
+    span = float(samples.max(initial=0.0)) - low
+    top = 1.0 if image.mode == "F" and span <= 1.0 else \
+        float(next((2**bits - 1 for bits in _DEPTHS if span <= 2**bits - 1), span))
+    samples -= low
+    samples *= 255.0 / top
+    grey = Image.fromarray(np.clip(samples + 0.5, 0, 255).astype(np.uint8), "L")
+    return grey.convert("RGB")
 
 
 class _Budget:
@@ -243,7 +276,7 @@ def decode(data: bytes, *, max_pixels: int | None = None, limits: DecodeLimits |
             try:
                 image.seek(0)  # GIF/TIFF/MPO: the first frame
                 image.load()
-                pixels = image if image.mode == "RGB" else image.convert("RGB")
+                pixels = rgb(image)
                 pixels = ImageOps.exif_transpose(pixels, in_place=False) if orientation != 1 else pixels.copy()
             except Exception as exc:  # truncated data, bad Huffman tables, zlib errors...
                 raise ImageReadError(f"corrupt or truncated image data: {exc}") from exc

@@ -26,6 +26,7 @@ from imgdb.db.records import IndexRecord
 from imgdb.errors import ImgdbError
 from imgdb.features import keypoints
 from imgdb.io import sources
+from imgdb.io.reader import rgb
 from imgdb.query import fusion as fusion_of
 from imgdb.query import plan, scores
 from imgdb.query.parts import EncodedQuery, QueryImage
@@ -124,7 +125,7 @@ def encode(catalog: Catalog, index: IndexRecord, query: Query) -> tuple[np.ndarr
 
     extractor = catalog.extractor(index)
     if isinstance(query, Image.Image):
-        pixels = query.convert("RGB")
+        pixels = rgb(query)
         return embed_pixels(extractor, pixels, catalog.model_gate), QueryImage(pixels)
     data = query if isinstance(query, bytes) else sources.load(query, catalog.settings.fetch)
     spec = None if index.local is None else keypoints.parse_keypoints(index.local)
