@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from imgdb.db.search import Hit
     from imgdb.db.values import check_metadata
     from imgdb.db.values import loads as parse_json
-    from imgdb.errors import (DatabaseError, ExtractorSpecError, FetchError, FilterError, ImageNotFound,
+    from imgdb.errors import (ConcurrentChange, DatabaseError, ExtractorSpecError, FetchError, FilterError, ImageNotFound,
                               ImageReadError, ImgdbError, IndexExists, IndexNotFound, driver_failure)
     from imgdb.features.registry import DEFAULT_SPEC as DEFAULT_EXTRACTOR
     from imgdb.io.fetch import is_url
@@ -40,8 +40,8 @@ __version__ = "0.1.0"
 _NAMES: dict[str, tuple[str, str]] = {
     **{name: ("imgdb.client", name) for name in ("Imgdb", "connect")},
     **{name: ("imgdb.errors", name) for name in (
-        "DatabaseError", "ExtractorSpecError", "FetchError", "FilterError", "ImageNotFound", "ImageReadError",
-        "ImgdbError", "IndexExists", "IndexNotFound", "driver_failure")},
+        "ConcurrentChange", "DatabaseError", "ExtractorSpecError", "FetchError", "FilterError", "ImageNotFound",
+        "ImageReadError", "ImgdbError", "IndexExists", "IndexNotFound", "driver_failure")},
     **{name: ("imgdb.admin", name) for name in ("database_status", "database_url", "stop_embedded", "upgrade_database")},
     "DEFAULT_INDEX": ("imgdb.catalog", "DEFAULT_INDEX"),
     "DEFAULT_EXTRACTOR": ("imgdb.features.registry", "DEFAULT_SPEC"),
@@ -60,7 +60,7 @@ _NAMES: dict[str, tuple[str, str]] = {
     "RayOptions": ("imgdb.jobs.on_ray", "RayOptions"),
 }
 __all__ = [
-    "DEFAULT_EXTRACTOR", "DEFAULT_INDEX", "MAX_CANDIDATES", "MAX_ID", "MAX_K", "DatabaseError", "ExtractorSpecError",
+    "DEFAULT_EXTRACTOR", "DEFAULT_INDEX", "MAX_CANDIDATES", "MAX_ID", "MAX_K", "ConcurrentChange", "DatabaseError", "ExtractorSpecError",
     "FetchError", "FilterError", "Hit", "ImageNotFound", "ImageReadError", "Imgdb", "ImgdbError", "IndexExists",
     "IndexNotFound", "IndexRecord", "RayOptions", "Settings", "TrainOptions", "__version__", "ann_help", "check_metadata", "connect",
     "database_status", "database_url", "driver_failure", "extractors", "is_remote", "is_url", "parse_json", "rerank_help",

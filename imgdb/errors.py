@@ -38,6 +38,11 @@ class ExtractorSpecError(ImgdbError):
     """An extractor spec string does not parse or names an unknown extractor or option."""
 
 
+class ConcurrentChange(ImgdbError):
+    """What a statement read changed under it (an index dropped or rebuilt while it was searched):
+    the same request, made again, sees the new state."""
+
+
 class DatabaseError(ImgdbError):
     """The database cannot be reached, started or upgraded."""
 

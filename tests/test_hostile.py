@@ -226,7 +226,17 @@ def truncated_png() -> bytes:
 HUGE = "99999999999999999999"
 #: (method, path, request options, status, words of the reason): every input a client controls.
 REQUESTS = [
-    ("post", "/search", {"json": {"id": int(HUGE)}}, 400, "not in index"),
+    ("post", "/search", {"json": {"id": int(HUGE)}}, 422, "positive integer"),
+    ("post", "/search", {"json": {"id": 2**40}}, 404, "not in index"),
+    # A JSON field is its declared type, never a file name (`id:-5` in the working directory).
+    ("post", "/search", {"json": {"id": -5}}, 422, "id must be a positive integer image id, not -5"),
+    ("post", "/search", {"json": {"id": True}}, 422, "not true"),
+    ("post", "/search", {"json": {"id": "7"}}, 422, "positive integer"),
+    ("post", "/search", {"json": {"id": 1.5}}, 422, "positive integer"),
+    ("post", "/search", {"json": {"url": ["http://example.com/a.jpg"]}}, 422, "http(s) URL"),
+    ("post", "/search", {"json": {"url": "http://example.com/a.jpg", "id": 1}}, 400, "or"),
+    ("post", "/search", {"json": {"id": 1}, "params": {"filter": ["width>1"] * 65}}, 400, "at most 64"),
+    ("post", "/search", {"json": {"id": 1}, "params": {"filter": ["meta.k=" + "v" * 9000] * 2}}, 400, "16,384"),
     ("get", f"/images/{HUGE}", {}, 422, "less than or equal"),
     ("get", f"/images/{HUGE}/thumbnail", {}, 422, "less than or equal"),
     ("get", "/images/0", {}, 422, "greater than or equal"),
@@ -262,6 +272,8 @@ def test_every_bad_request_is_a_4xx_with_a_one_line_reason(client, sample_index:
 
 @pytest.mark.parametrize("args, words", [
     (["search", f"id:{HUGE}"], "not in index"),
+    (["search", "id:-5"], "positive integer"),
+    (["search", "id:1", *["--filter=width>1"] * 65], "at most 64"),
     (["search", "id:1", "--filter", f"height<{HUGE}"], "out of range"),
     (["search", "id:1", "--index", "Bad\x00"], "bad index name"),
     (["search", "id:1", "--filter", "sha256=\x00"], "NUL"),
@@ -576,3 +588,73 @@ def test_broken_files_of_every_format_are_refused_and_cost_nothing_else(client, 
                                files={"file": (f"{case}{suffix}", data, "application/octet-stream")})
             assert answer.status_code == 400 and "\n" not in answer.json()["error"], (case, answer.text)
         assert client.search(good, index=f"corpus_{fmt.lower()}", k=1)[0].distance < 1e-6
+
+
+def test_no_json_field_is_ever_a_file_name(client, sample_index: str, museum: Path, tmp_path: Path,  # noqa: ANN001
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files named as a JSON id of the wrong type would be in the server's working directory: they are
+    never read, the request is a 422."""
+    monkeypatch.chdir(tmp_path)
+    photo = next((museum / "images").glob("*.jpg")).read_bytes()
+    for name in ("id:-5", "id:True", "x.jpg"):
+        (tmp_path / name).write_bytes(photo)
+    with TestClient(create_app(Imgdb(client.database, client.settings)), raise_server_exceptions=False) as http:
+        for body in ({"id": -5}, {"id": True}, {"url": "x.jpg"}):
+            answer = http.post("/search", json=body)
+            assert answer.status_code == 422 and "\n" not in answer.json()["error"], answer.text
+
+
+def test_a_search_while_its_index_is_dropped_is_a_404_or_409(client, museum: Path) -> None:  # noqa: ANN001
+    """Searches racing drops and re-creations of their index: each answers 200, 404 (no such index,
+    or the image not in it yet) or 409 (dropped while searched), never a 500."""
+    import threading
+    from collections import Counter
+
+    paths = sorted((museum / "images").glob("*.jpg"))[:4]
+    statuses: Counter[int] = Counter()
+    stop = threading.Event()
+    db = Imgdb(client.database, client.settings)
+    with TestClient(create_app(db), raise_server_exceptions=False) as http:
+        def searching() -> None:
+            while not stop.is_set():
+                statuses[http.post("/search", params={"index": "dropping"}, files={
+                    "file": ("q.jpg", paths[0].read_bytes(), "image/jpeg")}).status_code] += 1
+
+        worker = threading.Thread(target=searching)
+        worker.start()
+        try:
+            for _ in range(6):
+                client.create_index("dropping", "color:hsv")
+                client.ingest(paths, index="dropping")
+                client.drop_index("dropping")
+        finally:
+            stop.set()
+            worker.join()
+    assert statuses and set(statuses) <= {200, 404, 409}, statuses
+
+
+@pytest.mark.parametrize("pieces", [1, 20])
+def test_an_oversized_request_head_is_a_431_with_a_json_reason(live_server, pieces: int) -> None:  # noqa: ANN001
+    """Whole in one read, or trickled in pieces past the HTTP parser's limit."""
+    import socket
+    import time
+    import urllib.parse
+
+    from imgdb.web.app import MAX_HEAD_BYTES
+
+    address = urllib.parse.urlsplit(live_server.url)
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * (MAX_HEAD_BYTES + 100) + b"\r\n\r\n"
+    answer = b""
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        try:
+            for start in range(0, len(head), -(-len(head) // pieces)):
+                sock.sendall(head[start:start - (-len(head) // pieces)])
+                time.sleep(0.01 if pieces > 1 else 0)
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (BrokenPipeError, ConnectionResetError):  # (refused before the rest was sent)
+            answer += sock.recv(65536) if not answer else b""
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 431"), status
+    assert b"content-type: application/json" in status.lower()
+    assert "request head" in json.loads(body)["error"]

@@ -688,7 +688,7 @@ def serve(
     def run() -> None:
         import uvicorn
 
-        from imgdb.web.app import create_app
+        from imgdb.web.app import MAX_HEAD_BYTES, create_app
 
         # uvicorn closes a connection idle for 5 s by default. Under load its timer can fire before
         # the busy event loop has read a request already sent on that connection, and the client
@@ -698,7 +698,7 @@ def serve(
         from imgdb.web.protocol import guarded_protocol
 
         uvicorn.run(create_app(), host=host, port=port, log_level="info", timeout_keep_alive=keep_alive,
-                    http=guarded_protocol(header_timeout))
+                    http=guarded_protocol(header_timeout), h11_max_incomplete_event_size=MAX_HEAD_BYTES)
 
     guarded(debug, run)
 

@@ -27,7 +27,7 @@ from imgdb.config import Settings
 from imgdb.db.embedded import EmbeddedServer
 from imgdb.db.pool import ConnectionPool
 from imgdb.db.schema import DEFAULT_SCHEMA, ITERATIVE_SCAN_IS_DEFAULT, check_schema, place
-from imgdb.errors import DatabaseError, first_line
+from imgdb.errors import ConcurrentChange, DatabaseError, first_line
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -249,6 +249,10 @@ class Database:
             with (self.primary_pool if primary else self.search_pool).connection() as conn:
                 try:
                     return work(conn)
+                except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedObject) as exc:
+                    # (The registry named an index whose tables a drop removed before the search read them.)
+                    raise ConcurrentChange(f"the index changed while it was searched ({first_line(exc)}): "
+                                           "ask again") from exc
                 except psycopg.OperationalError as exc:
                     # Only a lost connection (a server restart) is worth a second try on a fresh one; a
                     # statement that was cancelled (statement_timeout) or refused would fail again.

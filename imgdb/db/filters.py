@@ -9,6 +9,7 @@ reaches PostgreSQL as a bound parameter, never as SQL text.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import math
 import re
@@ -23,6 +24,9 @@ from imgdb.db.values import check_text, printable
 from imgdb.errors import FilterError
 from imgdb.db.models import Image
 
+#: Most filters one search takes, and their total length.
+MAX_FILTERS = 64
+MAX_FILTER_CHARS = 16 * 1024
 _EXPR = re.compile(r"^\s*((?i:meta)\.[^=<>!]+?|[A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|!=|=|<|>)\s*(.*?)\s*$", re.DOTALL)
 
 _COLUMNS: dict[str, type] = {
@@ -111,4 +115,12 @@ def parse_filter(expr: str) -> ColumnElement[bool]:
 
 
 def parse_filters(exprs: Iterable[str]) -> list[ColumnElement[bool]]:
-    return [parse_filter(e) for e in exprs]
+    """Compile a search's filters, refused past :data:`MAX_FILTERS` of them or :data:`MAX_FILTER_CHARS`
+    in all: each is a clause PostgreSQL plans and tests on every candidate, and a request must not
+    buy seconds of server time with thousands of them."""
+    found = list(itertools.islice(exprs, MAX_FILTERS + 1))
+    if len(found) > MAX_FILTERS:
+        raise FilterError(f"more than {MAX_FILTERS} filters: a search takes at most {MAX_FILTERS}")
+    if sum(len(e) for e in found if isinstance(e, str)) > MAX_FILTER_CHARS:
+        raise FilterError(f"the filters are longer than {MAX_FILTER_CHARS:,} characters in all")
+    return [parse_filter(e) for e in found]

@@ -23,7 +23,7 @@ from imgdb.catalog import Catalog
 from imgdb.db import records
 from imgdb.db import search as sql
 from imgdb.db.records import IndexRecord
-from imgdb.errors import ImgdbError
+from imgdb.errors import ImageNotFound, ImgdbError
 from imgdb.features import keypoints
 from imgdb.io import sources
 from imgdb.io.reader import rgb
@@ -42,7 +42,8 @@ Query = Union[str, Path, bytes, Image.Image, np.ndarray, EncodedQuery]
 #: Largest k and first-stage candidate count a search takes (pgvector's HNSW stops at 1,000 anyway).
 MAX_K = 1000
 MAX_CANDIDATES = 100_000
-_ID_QUERY = re.compile(r"^id:([0-9]+)$")
+#: ``id:N`` names a stored image; anything else after ``id:`` is refused, never read as a file name.
+_ID_QUERY = re.compile(r"^id:(.*)$", re.DOTALL)
 
 
 def search(catalog: Catalog, query: Query, *, k: int = 10, filters: Sequence[str] = (), index: str,
@@ -115,11 +116,13 @@ def encode(catalog: Catalog, index: IndexRecord, query: Query) -> tuple[np.ndarr
         return query.astype(np.float32), QueryImage()
     if isinstance(query, str) and (match := _ID_QUERY.match(query.strip())):
         digits = match.group(1)
+        if not (digits.isascii() and digits.isdigit()):
+            raise ImgdbError(f"an image id is a positive integer, not {digits[:30]!r}")
         image_id = int(digits) if len(digits) <= 19 else records.MAX_ID + 1  # (longer: no such image)
         found = catalog.database.searching(lambda conn: sql.stored_vectors(conn, index, [image_id])) \
             if 0 < image_id <= records.MAX_ID else {}
         if image_id not in found:
-            raise ImgdbError(f"image {digits[:30]} is not in index {index.name!r}")
+            raise ImageNotFound(f"image {digits[:30]} is not in index {index.name!r}")
         return found[image_id], QueryImage(image_id=image_id)
     from imgdb.encoding import embed_image, embed_pixels  # (the decoding pipeline: photos only)
 

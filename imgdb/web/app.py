@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 import imgdb
-from imgdb import (DEFAULT_INDEX, MAX_CANDIDATES, MAX_ID, MAX_K, DatabaseError, FetchError, ImageNotFound,
+from imgdb import (DEFAULT_INDEX, MAX_CANDIDATES, MAX_ID, MAX_K, ConcurrentChange, DatabaseError, FetchError, ImageNotFound,
                    ImageReadError, Imgdb, ImgdbError, IndexNotFound)
 
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -45,14 +46,18 @@ FETCH_THREADS = 16
 BODY_TIMEOUT = 60.0
 #: Seconds without a request in flight after which freed memory goes back to the system.
 IDLE_TRIM_S = 1.0
+#: Largest request head (request line and headers) the server reads: 431 past it. Room for a
+#: search's every filter (``MAX_FILTER_CHARS``, URL-encoded) in its query string.
+MAX_HEAD_BYTES = 64 * 1024
 #: Room for multipart framing around an image of the fetch byte limit.
 MULTIPART_OVERHEAD = 64 * 1024
 
 
 #: HTTP status of each library error; anything else the library refuses is the request's fault (400).
 #: A database that is down is the server's problem, and temporary: 503 tells clients to retry.
+#: What changed under a request (an index dropped while it was searched) is a conflict: 409.
 _STATUS: tuple[tuple[type[ImgdbError], int], ...] = ((IndexNotFound, 404), (ImageNotFound, 404), (FetchError, 422),
-                                                     (DatabaseError, 503))
+                                                     (ConcurrentChange, 409), (DatabaseError, 503))
 
 
 class ApiError(Exception):
@@ -82,7 +87,23 @@ def create_app(db: Imgdb | None = None) -> FastAPI:
     _errors(app)
     _routes(app)
     _give_memory_back_when_idle(app)
+    _refuse_large_heads(app)
     return app
+
+
+def _refuse_large_heads(app: FastAPI) -> None:
+    """A head over MAX_HEAD_BYTES is a 431 with the JSON reason, whether it came in one read (here)
+    or trickled past the HTTP parser's own limit (:mod:`imgdb.web.protocol`)."""
+
+    @app.middleware("http")
+    async def check(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's middleware signature
+        scope = request.scope
+        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + \
+            sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
+        if size > MAX_HEAD_BYTES:
+            return JSONResponse({"error": f"request head of {size:,} bytes is over the {MAX_HEAD_BYTES:,}-byte limit"},
+                                status_code=431)
+        return await call_next(request)
 
 
 def _give_memory_back_when_idle(app: FastAPI) -> None:
@@ -186,15 +207,30 @@ async def _query(request: Request) -> tuple[str, Any]:
         return "file", (data, {k: v for k, v in form.items() if k != "file"})
     if kind.startswith("application/json"):
         document = imgdb.parse_json(await request.body(), "the JSON body")
-        if isinstance(document, dict) and isinstance(document.get("url"), str):
-            # Never a server-side path: `{"url": "/home/..."}` must not read this machine's files.
-            if not imgdb.is_url(document["url"]):
-                raise ApiError(422, f"url must be an http(s) URL, not {document['url'][:200]!r}")
-            return "url", (document["url"], document)
-        if isinstance(document, dict) and isinstance(document.get("id"), int):
-            return "id", (document["id"], document)
-        raise ApiError(400, 'JSON body must be {"url": "http(s)://..."} or {"id": N}')
+        if not isinstance(document, dict) or ("url" in document) == ("id" in document):
+            raise ApiError(400, 'JSON body must be {"url": "http(s)://..."} or {"id": N}')
+        return _typed(document)
     raise ApiError(415, "send a multipart upload (field `file`) or a JSON body with `url` or `id`")
+
+
+def _typed(document: dict[str, Any]) -> tuple[str, Any]:
+    """A JSON body's query field, of its declared type or refused with 422: ``url`` an http(s) URL,
+    ``id`` a positive integer. Neither is ever a path on this machine (`{"id": -5}` is not `id:-5`,
+    a file name, and `{"url": "/home/..."}` is not a file)."""
+    if "url" in document:
+        url = document["url"]
+        if not isinstance(url, str) or not imgdb.is_url(url):
+            raise ApiError(422, f"url must be an http(s) URL, not {_shown(url)}")
+        return "url", (url, document)
+    image_id = document["id"]
+    if type(image_id) is not int or not 1 <= image_id <= MAX_ID:  # (bool is an int to Python, not to JSON)
+        raise ApiError(422, f"id must be a positive integer image id, not {_shown(image_id)}")
+    return "id", (image_id, document)
+
+
+def _shown(value: Any) -> str:
+    """A refused JSON value as the client sent it, cut short."""
+    return json.dumps(value)[:200]
 
 
 def _require_token(request: Request) -> None:
