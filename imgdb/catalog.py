@@ -18,8 +18,8 @@ import contextlib
 import hashlib
 import threading
 from collections.abc import Callable
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from imgdb import lazy
 from imgdb.ann import registry as ann_methods
@@ -35,6 +35,8 @@ from imgdb.features.spec import parse_spec
 
 # A process that only searches (a cold `imgdb search`) never loads what writes through SQLAlchemy.
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
     from imgdb.db import attached, indexes, networks
 else:
     attached, indexes, networks = (lazy.module(f"imgdb.db.{name}") for name in ("attached", "indexes", "networks"))
@@ -49,6 +51,21 @@ def extractor_context(settings: Settings, network: Callable[[str], bytes] | None
     context = ExtractorContext(runtime=settings.runtime, device=settings.device,
                                graph_cache=settings.home / "cache" / "onnx")
     return context if network is None else replace(context, network=network)
+
+
+@dataclass(frozen=True)
+class PlannedIndex:
+    """What :meth:`Catalog.plan_index` checked: the canonical spec, its dimension, the first stage."""
+
+    extractor: str
+    dim: int
+    ann: str
+    ann_params: dict[str, Any]
+    storage: str
+
+    def create(self, conn: Connection, name: str) -> IndexRecord:
+        """Register the index in ``conn``'s transaction."""
+        return indexes.create(conn, name, self.extractor, self.dim, self.ann, self.ann_params, self.storage)
 
 
 class Catalog:
@@ -94,18 +111,26 @@ class Catalog:
         """Create an index: ``extractor`` a spec (stored in canonical form, a weights file it names
         stored as a network), ``ann`` an ANN spec, ``storage`` ``vector`` or ``halfvec``."""
         check_name(name)
-        check_storage(storage)
-        first_stage = ann_methods.parse_ann(ann)
         spec = parse_spec(canonical_spec(extractor or DEFAULT_SPEC, self.context))
         spec, files = extractor_class(spec.family).store_files(spec, self.context)
         for network in files:
             self.store_network(network)
-        dim = self.shared_extractor(str(spec)).dim
-        ann_methods.check(first_stage, dim, storage)
+        planned = self.plan_index(str(spec), ann, storage)
         with self.database.engine.begin() as conn:
-            index = indexes.create(conn, name, str(spec), dim, first_stage.method, first_stage.params, storage)
+            index = planned.create(conn, name)
         self.layer.sync(index)  # (the empty structure of a method that needs no data to build one)
         return self.counted(index)
+
+    def plan_index(self, extractor: str, ann: str = ann_methods.DEFAULT, storage: str = "vector") -> PlannedIndex:
+        """An index of a spec that names no local file, checked (its model loaded, its first stage
+        against its dimension and storage) and ready to be created in a transaction of the caller's
+        (an import creates it with its data, or not at all)."""
+        check_storage(storage)
+        first_stage = ann_methods.parse_ann(ann)
+        spec = canonical_spec(extractor, self.context)
+        dim = self.shared_extractor(spec).dim
+        ann_methods.check(first_stage, dim, storage)
+        return PlannedIndex(spec, dim, first_stage.method, first_stage.params, storage)
 
     def counted(self, index: IndexRecord) -> IndexRecord:
         """The index as it is now, with its number of vectors."""
@@ -176,6 +201,13 @@ class Catalog:
                 raise ExtractorSpecError(f"network {sha256[:12]}: its stored weights do not match their sha256")
             self._networks[sha256] = found
         return found
+
+    def hold_network(self, network: StoredNetwork) -> None:
+        """Let this process's extractors load a network not stored yet (an import stores it in the
+        transaction that creates its index, once the model loaded with it is checked)."""
+        if hashlib.sha256(network.weights).hexdigest() != network.sha256:
+            raise ExtractorSpecError(f"network {network.sha256[:12]}: its weights do not match their sha256")
+        self._networks[network.sha256] = network.weights
 
     def store_network(self, network: StoredNetwork) -> None:
         """Keep a network's weights in the database (once: the same bytes converge on one row)."""

@@ -154,11 +154,14 @@ class Imgdb:
 
         return export_index(self.catalog, name, path)
 
-    def import_index(self, path: str | Path, name: str | None = None) -> dict[str, Any]:
-        """Create an index from :meth:`export_index`'s file (under ``name``, default its own)."""
+    def import_index(self, path: str | Path, name: str | None = None, *,
+                     originals: str | Path | None = None) -> dict[str, Any]:
+        """Create an index from :meth:`export_index`'s file (under ``name``, default its own).
+        ``originals``: the folder of this machine holding the images' files, if any: only paths
+        inside it are ever read (originals, thumbnails); others are kept as ``archive://PATH``."""
         from imgdb.jobs.transfer import import_index
 
-        return import_index(self.catalog, path, name)
+        return import_index(self.catalog, path, name, originals)
 
     def warm_up(self, index: str = DEFAULT_INDEX) -> None:
         """Load an index's model now, so that the first query does not wait for it (a server)."""

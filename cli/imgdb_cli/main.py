@@ -633,12 +633,15 @@ def index_export(
 def index_import(
     file: Annotated[Path, typer.Argument(help="A file written by `imgdb index export`.")],
     name: Annotated[Optional[str], typer.Option("--name", help="Import under this name (default: its own).")] = None,
+    originals: Annotated[Optional[Path], typer.Option(
+        "--originals", help="A folder of this machine holding the images' files: imported paths inside it are served "
+                            "(originals, thumbnails); any other path is kept as archive://PATH and never opened.")] = None,
     as_json: Json = False, debug: Debug = False,
 ) -> None:
     """Create an index from an export, in this database."""
 
     def run() -> None:
-        manifest = _client().import_index(file, name)
+        manifest = _client().import_index(file, name, originals=originals)
         imported = manifest["index"]["name"]
         emit_json({"index": imported, "file": str(file), "images": manifest["images"]}) if as_json else stdout.print(
             f"imported {imported}: {manifest['images']} images from {file}")

@@ -19,9 +19,14 @@ from imgdb.jobs.ingest import ingest
 
 
 
+#: The content type of each format imgdb reads.
+MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "TIFF": "image/tiff",
+               "BMP": "image/bmp", "GIF": "image/gif"}
+
+
 @dataclass(frozen=True)
 class Original:
-    """An image's bytes as ingested, and the media type of the format imgdb read them as."""
+    """An image's bytes as ingested, and the media type of the format imgdb reads in them."""
 
     data: bytes
     media_type: str
@@ -42,7 +47,8 @@ def original(catalog: Catalog, image_id: int) -> Original:
     why there are none."""
     row = record(catalog, image_id)
     data = sources.original(row["uri"], row["sha256"], lambda: _table_bytes(catalog, image_id))
-    return Original(data, f"image/{(row['format'] or 'octet-stream').lower()}")
+    # (From the bytes, never the stored format: an imported record's format is the archive's word.)
+    return Original(data, MEDIA_TYPES[identify(data)])
 
 
 def thumbnail(catalog: Catalog, image_id: int) -> Path:

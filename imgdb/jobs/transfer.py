@@ -16,10 +16,17 @@ So a query in the database it is imported into is encoded exactly as the collect
 first stage learned (PQ, LSH codes) is not carried: it is learned again from the same vectors on
 import. Attached tables are not carried either: they belong to the application's database.
 
-An import trusts nothing in the file: members are read by name with a size limit each (a zip
-bomb declares its sizes), JSON through :func:`imgdb.db.values.loads`, arrays without pickles, every
-image's facts and metadata checked, every network's bytes against its hash; the index and its
-images land in one transaction, or nothing does.
+An import trusts nothing in the file: members are read by name, each no further than the manifest
+lets it be (a zip bomb lies about its sizes), the vectors streamed a chunk at a time; JSON through
+:func:`imgdb.db.values.loads`, arrays without pickles, every image's facts and metadata checked,
+every network's bytes against its hash, learned state against its extractor (loaded with it, it
+must describe an image as a finite vector). An archive never makes imgdb read a file of this
+machine: a spec naming one (``weights=``) is refused, and an image's path is kept only inside a
+folder the importing user names (``--originals``), otherwise as ``archive://PATH``, never opened;
+what is served of an image gets the content type imgdb reads from its bytes, never the file's
+word. An image the database holds already keeps its own record (other indexes see it). The
+index, its networks, images, vectors and state land in one transaction, or nothing does: a killed
+import leaves nothing a rerun trips on.
 """
 
 from __future__ import annotations
@@ -28,28 +35,46 @@ import datetime as dt
 import hashlib
 import io
 import json
+import os
 import re
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from imgdb.ann.registry import parse_ann
 from imgdb.catalog import Catalog
 from imgdb.db import images, local_features, networks, state, values, vectors
 from imgdb.db.records import IndexRecord, StoredNetwork, check_name
-from imgdb.errors import ImgdbError
+from imgdb.errors import ImgdbError, first_line
 from imgdb.features import keypoints
-from imgdb.features.registry import extractor_class
-from imgdb.features.spec import parse_spec
-from imgdb.io.reader import SHA256_HEX, ImageFacts
+from imgdb.features.registry import create_extractor, extractor_class
+from imgdb.features.spec import PATH_OPTIONS, parse_spec
+from imgdb.io.fetch import is_url
+from imgdb.io.reader import FORMATS, SHA256_HEX, ImageFacts
 
 FORMAT = "imgdb-index"
 VERSION = 1
-#: The largest member an import reads (the vectors of ten million 1,280-d images would not fit anyway).
-MAX_MEMBER_BYTES = 8 * 2**30
+#: What an import reads of each member, at most, beside what the manifest declares (the vectors and
+#: local features are read to the size their declared counts give, images.json to MAX_ENTRY_BYTES
+#: an image on average).
+MAX_MANIFEST_BYTES = 2**20
+MAX_ENTRY_BYTES = 16 * 2**10
+MAX_STATE_BYTES = 2**30
+MAX_NETWORK_BYTES = 2 * 2**30
+#: Room for a .npy header.
+NPY_HEADER = 4096
+#: Most images and the largest dimension an export may declare (pgvector's vector stops at 16,000).
+MAX_IMAGES = 10**9
+MAX_DIM = 16_000
+#: Vectors are read, checked and written this many bytes at a time: an import never holds them all.
+VECTOR_CHUNK_BYTES = 64 * 2**20
+#: The uri of an imported image whose path the importing user did not vouch for (never opened).
+ARCHIVED = "archive://"
 _STATE_KEY = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _FACTS = ("width", "height", "format", "file_size", "taken_at", "camera")
 
@@ -109,11 +134,13 @@ def _local_rows(archive: zipfile.ZipFile, text: str,
         spec = keypoints.parse_keypoints(text)
     except ImgdbError as exc:
         raise ImgdbError(f"the file's local feature spec: {exc}") from None
-    counts, scale, xy, codes = (_array(archive, f"local/{key}.npy") for key in ("counts", "scale", "xy", "codes"))
+    counts, scale = (_array(archive, f"local/{key}.npy", NPY_HEADER + 4 * count) for key in ("counts", "scale"))
     if counts.dtype != np.int32 or counts.shape != (count,) or counts.min(initial=0) < -1 \
             or counts.max(initial=0) > spec.keypoints:
         raise ImgdbError(f"local/counts.npy must hold {count} int32 counts from -1 to {spec.keypoints}")
     total = int(counts[counts > 0].sum())
+    xy = _array(archive, "local/xy.npy", NPY_HEADER + 8 * total)
+    codes = _array(archive, "local/codes.npy", NPY_HEADER + spec.dim * total)
     if scale.dtype != np.float32 or scale.shape != (count,) or not np.isfinite(scale).all() \
             or (scale[counts >= 0] <= 0).any():
         raise ImgdbError(f"local/scale.npy must hold {count} positive float32 scales")
@@ -126,84 +153,180 @@ def _local_rows(archive: zipfile.ZipFile, text: str,
                   for row, (n, end) in enumerate(zip(counts.tolist(), ends.tolist())) if n >= 0]
 
 
-def import_index(catalog: Catalog, path: str | Path, name: str | None = None) -> dict[str, Any]:
-    """Create an index from an export (under ``name``, default its own); returns the manifest."""
+def import_index(catalog: Catalog, path: str | Path, name: str | None = None,
+                 originals: str | Path | None = None) -> dict[str, Any]:
+    """Create an index from an export (under ``name``, default its own); returns the manifest.
+
+    ``originals``: a folder of this machine the importing user vouches for. An imported image whose
+    path lies inside it keeps that path (its original and thumbnail are served from there while the
+    file still hashes to the image); any other path an archive names is kept as ``archive://PATH``,
+    a name never opened: an archive does not choose which files of this machine imgdb reads."""
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
         raise ImgdbError(f"{path}: not an imgdb index export ({exc})") from None
+    vouched = None if originals is None else Path(originals).resolve()
+    if vouched is not None and not vouched.is_dir():
+        raise ImgdbError(f"--originals {originals}: not a folder")
     with archive:
-        manifest = _json(archive, "manifest.json")
+        manifest = _json(archive, "manifest.json", MAX_MANIFEST_BYTES)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise ImgdbError(f"{path}: not an imgdb index export of format version {VERSION}")
         spec = _field(manifest, "index", dict)
         name = check_name(name or _field(spec, "name", str))
         extractor, dim = _field(spec, "extractor", str), _field(spec, "dim", int)
-        listed = _images(_json(archive, "images.json"), _field(manifest, "images", int))
-        found = _array(archive, "vectors.npy")
-        if found.dtype != np.float32 or found.shape != (len(listed), dim) or not np.isfinite(found).all():
-            raise ImgdbError(f"vectors.npy must hold {len(listed)} finite float32 rows of {dim} values")
-        learned = {key: _array(archive, f"state/{key}.npy") for key in _keys(manifest)}
+        if set(parse_spec(extractor).options) & set(PATH_OPTIONS):
+            raise ImgdbError("the export's extractor names a file (weights=PATH): an archive never makes imgdb read "
+                             "a file of this machine; a network travels inside it, named by its sha256 (net=)")
+        count = _field(manifest, "images", int)
+        if not 0 <= count <= MAX_IMAGES or not 0 < dim <= MAX_DIM:
+            raise ImgdbError(f"the export declares {count:,} images of {dim:,} values: more than an import takes")
+        listed = _images(_json(archive, "images.json", MAX_MANIFEST_BYTES + count * MAX_ENTRY_BYTES), count)
+        learned = {key: _state_array(archive, key) for key in _keys(manifest)}
         nets = [_network(archive, sha) for sha in _field(manifest, "networks", list)]
         local = manifest.get("local")
         if local is not None and not isinstance(local, str):
             raise ImgdbError("manifest.json: local must be a local feature spec")
-        features = _local_rows(archive, local, len(listed)) if local else None
-    named = parse_spec(extractor)
-    if not set(extractor_class(named.family).networks(named)) <= {n.sha256 for n in nets}:
-        raise ImgdbError("the index's extractor names a network the file does not hold")
-    for network in nets:
-        catalog.store_network(network)
-    # The spec checked and its model loaded now, before anything is written.
-    ann = spec.get("ann", "hnsw")
-    target = catalog.create_index(name, extractor, ann=_ann(ann, spec.get("ann_params")),
-                                  storage=spec.get("storage", "vector"))
-    if target.dim != dim:
-        catalog.drop_index(name)
-        raise ImgdbError(f"the extractor makes {target.dim}-dimensional vectors here, the file holds {dim}")
-    try:
+        features = _local_rows(archive, local, count) if local else None
+        named = parse_spec(extractor)
+        if not set(extractor_class(named.family).networks(named)) <= {n.sha256 for n in nets}:
+            raise ImgdbError("the index's extractor names a network the file does not hold")
+        for network in nets:
+            catalog.hold_network(network)
+        planned = catalog.plan_index(extractor, _ann(spec.get("ann", "hnsw"), spec.get("ann_params")),
+                                     spec.get("storage", "vector"))
+        if planned.dim != dim:
+            raise ImgdbError(f"the extractor makes {planned.dim}-dimensional vectors here, the file holds {dim}")
+        _check_state(catalog, planned.extractor, learned, count)
+        # Everything in one transaction: a failed or killed import leaves no index, network or image.
         with catalog.database.engine.begin() as conn:
-            ids = images.upsert(conn, [(i["uri"], i["facts"], i["metadata"]) for i in listed])
-            vectors.copy(conn, target, ids, found, direct=[i["direct"] for i in listed])
+            for network in nets:
+                networks.save(conn, network)
+            target = planned.create(conn, name)
+            known = images.ids_by_hash(conn, [i["facts"].sha256 for i in listed])
+            # (An image the database holds already keeps its own uri and metadata: other indexes see them.)
+            ids = images.upsert(conn, [(_kept_uri(i["uri"], vouched), i["facts"],
+                                        {} if i["facts"].sha256 in known else i["metadata"]) for i in listed])
+            for start, rows in _vector_chunks(archive, count, dim):
+                vectors.copy(conn, target, ids[start:start + len(rows)], rows,
+                             direct=[i["direct"] for i in listed[start:start + len(rows)]])
             state.save(conn, target, learned)
             if features is not None:
                 local_features.set_spec(conn, target, str(features[0]))
                 local_features.write(conn, str(features[0]), [(ids[row], scale, xy, codes)
                                                               for row, scale, xy, codes in features[1]])
-    except Exception:
-        catalog.drop_index(name)
-        raise
     catalog.forget(target)
     catalog.layer.sync(target, relearn=True)
     return {**manifest, "index": {**spec, "name": name}}
 
 
+def _kept_uri(uri: str, vouched: Path | None) -> str:
+    """An imported image's uri: an http(s) URL, or a path inside the folder the user vouched for, as
+    it is; any other path under the ``archive://`` scheme, which nothing opens."""
+    if is_url(uri) or uri.startswith(ARCHIVED):
+        return uri
+    if vouched is not None and Path(uri).is_absolute() and Path(os.path.realpath(uri)).is_relative_to(vouched):
+        return uri
+    return ARCHIVED + uri
+
+
+def _check_state(catalog: Catalog, spec: str, learned: dict[str, np.ndarray], count: int) -> None:
+    """Refuse learned state its extractor cannot use: an extractor that learns nothing takes none;
+    one that learns needs it for its vectors, and loaded with it must describe an image as a finite
+    vector of its dimension (a PCA mean of the wrong shape, or NaN, fails here, not in every search)."""
+    if not catalog.shared_extractor(spec).trainable:
+        if learned:
+            raise ImgdbError(f"the export holds learned state ({', '.join(sorted(learned))[:200]}) for an extractor "
+                             "that learns nothing")
+        return
+    if not learned:
+        if count:
+            raise ImgdbError(f"the export holds vectors but not the state extractor {spec} made them with")
+        return
+    extractor = create_extractor(spec, catalog.context)
+    try:
+        extractor.load_state(dict(learned))
+        probe = extractor.embed([extractor.prepare(_probe_image())])
+    except Exception as exc:  # (a shape that does not fit raises whatever numpy or the model raises)
+        raise ImgdbError(f"the export's learned state does not fit extractor {spec}: {first_line(exc)}") from None
+    if not extractor.trained or probe.shape != (1, extractor.dim) or not np.isfinite(probe).all():
+        raise ImgdbError(f"the export's learned state does not fit extractor {spec}: it describes an image as "
+                         f"{'non-finite values' if probe.size and not np.isfinite(probe).all() else probe.shape}")
+
+
+def _probe_image() -> Image.Image:
+    """A small image with colour, edges and texture, the same every time."""
+    pixels = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    pixels[24:72, 32:96] = (200, 60, 40)
+    return Image.fromarray(pixels)
+
+
 # ------------------------------------------------------------------ reading, with suspicion
 
 
-def _read(archive: zipfile.ZipFile, member: str) -> bytes:
+def _open(archive: zipfile.ZipFile, member: str) -> zipfile.ZipExtFile:
     try:
-        info = archive.getinfo(member)
+        return archive.open(archive.getinfo(member))
     except KeyError:
         raise ImgdbError(f"the export has no {member}") from None
-    if info.file_size > MAX_MEMBER_BYTES:
-        raise ImgdbError(f"{member} is {info.file_size:,} bytes: more than an import reads")
-    with archive.open(info) as part:
-        data = part.read(MAX_MEMBER_BYTES + 1)  # (a member that lies about its size stops here)
-    if len(data) > MAX_MEMBER_BYTES:
-        raise ImgdbError(f"{member} is larger than an import reads")
+
+
+def _read(archive: zipfile.ZipFile, member: str, limit: int) -> bytes:
+    """A member's bytes, refused past ``limit`` (what the manifest lets it hold), whatever size the
+    zip declares for it: decompression stops there."""
+    with _open(archive, member) as part:
+        data = part.read(limit + 1)
+    if len(data) > limit:
+        raise ImgdbError(f"{member} is larger than the manifest lets it be ({limit:,} bytes)")
     return data
 
 
-def _json(archive: zipfile.ZipFile, member: str) -> Any:
-    return values.loads(_read(archive, member), member)
+def _json(archive: zipfile.ZipFile, member: str, limit: int) -> Any:
+    return values.loads(_read(archive, member, limit), member)
 
 
-def _array(archive: zipfile.ZipFile, member: str) -> np.ndarray:
+def _array(archive: zipfile.ZipFile, member: str, limit: int) -> np.ndarray:
     try:
-        return np.load(io.BytesIO(_read(archive, member)), allow_pickle=False)
+        found = np.load(io.BytesIO(_read(archive, member, limit)), allow_pickle=False)
     except ValueError as exc:
         raise ImgdbError(f"{member} is not a plain .npy array: {exc}") from None
+    if found.dtype.kind not in "biuf":
+        raise ImgdbError(f"{member} holds {found.dtype}, not numbers")
+    return found
+
+
+def _state_array(archive: zipfile.ZipFile, key: str) -> np.ndarray:
+    """One array an extractor learned: numbers, all finite (whether they fit is :func:`_check_state`'s)."""
+    found = _array(archive, f"state/{key}.npy", MAX_STATE_BYTES)
+    if not np.isfinite(found).all():
+        raise ImgdbError(f"state/{key}.npy holds values that are not finite")
+    return found
+
+
+def _vector_chunks(archive: zipfile.ZipFile, count: int, dim: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``vectors.npy`` streamed in chunks of rows (first row, rows): its header must say what the
+    manifest does (``count`` float32 rows of ``dim``), every value finite, nothing past the last row."""
+    with _open(archive, "vectors.npy") as part:
+        try:
+            version = np.lib.format.read_magic(part)
+            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            shape, fortran, dtype = header[version](part)
+        except (ValueError, KeyError, EOFError) as exc:
+            raise ImgdbError(f"vectors.npy is not a plain .npy array: {exc}") from None
+        if dtype != np.dtype("<f4") or fortran or shape != (count, dim):
+            raise ImgdbError(f"vectors.npy must be a plain .npy array of {count} float32 rows of {dim} values")
+        rows = max(1, VECTOR_CHUNK_BYTES // (4 * dim))
+        for start in range(0, count, rows):
+            n = min(rows, count - start)
+            data = part.read(n * dim * 4)
+            if len(data) != n * dim * 4:
+                raise ImgdbError(f"vectors.npy ends before its {count} rows")
+            chunk = np.frombuffer(data, "<f4").reshape(n, dim)
+            if not np.isfinite(chunk).all():
+                raise ImgdbError("vectors.npy must hold finite float32 values only")
+            yield start, chunk
+        if part.read(1):
+            raise ImgdbError(f"vectors.npy holds more than its {count} rows")
 
 
 def _field(document: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -238,7 +361,9 @@ def _images(entries: Any, count: int) -> list[dict[str, Any]]:
             if not SHA256_HEX.fullmatch(sha):
                 raise ImgdbError("sha256 is not 64 hex digits")
             taken = entry.get("taken_at")
-            facts = ImageFacts(sha, _bounded(entry, "width"), _bounded(entry, "height"), _text(entry, "format") or "",
+            if (found := _text(entry, "format")) and found not in FORMATS:
+                raise ImgdbError(f"format {found[:20]!r} is not one imgdb reads")
+            facts = ImageFacts(sha, _bounded(entry, "width"), _bounded(entry, "height"), found or "",
                                _bounded(entry, "file_size", 2**62), dt.datetime.fromisoformat(taken) if taken else None,
                                _text(entry, "camera"))
             out.append({"uri": values.check_file_name(_field(entry, "uri", str)), "facts": facts,
@@ -269,8 +394,8 @@ def _network(archive: zipfile.ZipFile, sha: Any) -> StoredNetwork:
     """A network: its bytes checked against its name, its record's fields typed."""
     if not isinstance(sha, str) or not SHA256_HEX.fullmatch(sha):
         raise ImgdbError("the export names a network by something that is not a sha256")
-    blob = _read(archive, f"networks/{sha}.safetensors")
-    record = _json(archive, f"networks/{sha}.json")
+    blob = _read(archive, f"networks/{sha}.safetensors", MAX_NETWORK_BYTES)
+    record = _json(archive, f"networks/{sha}.json", MAX_MANIFEST_BYTES)
     if not isinstance(record, dict):
         raise ImgdbError(f"networks/{sha}.json is not an object")
     if hashlib.sha256(blob).hexdigest() != sha:
