@@ -249,7 +249,7 @@ class Database:
             with (self.primary_pool if primary else self.search_pool).connection() as conn:
                 try:
                     return work(conn)
-                except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedObject) as exc:
+                except psycopg.errors.UndefinedTable as exc:
                     # (The registry named an index whose tables a drop removed before the search read them.)
                     raise ConcurrentChange(f"the index changed while it was searched ({first_line(exc)}): "
                                            "ask again") from exc

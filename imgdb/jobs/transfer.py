@@ -54,7 +54,6 @@ from imgdb.errors import ImgdbError, first_line
 from imgdb.features import keypoints
 from imgdb.features.registry import create_extractor, extractor_class
 from imgdb.features.spec import PATH_OPTIONS, parse_spec
-from imgdb.io.fetch import is_url
 from imgdb.io.reader import FORMATS, SHA256_HEX, ImageFacts
 
 FORMAT = "imgdb-index"
@@ -221,9 +220,10 @@ def import_index(catalog: Catalog, path: str | Path, name: str | None = None,
 
 
 def _kept_uri(uri: str, vouched: Path | None) -> str:
-    """An imported image's uri: an http(s) URL, or a path inside the folder the user vouched for, as
-    it is; any other path under the ``archive://`` scheme, which nothing opens."""
-    if is_url(uri) or uri.startswith(ARCHIVED):
+    """An imported image's uri: a URL (``scheme://``, which originals and thumbnails never fetch), or
+    a path inside the folder the user vouched for, as it is; any other path under the ``archive://``
+    scheme."""
+    if "://" in uri:
         return uri
     if vouched is not None and Path(uri).is_absolute() and Path(os.path.realpath(uri)).is_relative_to(vouched):
         return uri

@@ -35,7 +35,8 @@ class _Connection(h11.Connection):
         try:
             return super().next_event()
         except h11.RemoteProtocolError as exc:
-            self.refused_with = HTTPStatus(exc.error_status_hint)
+            self.refused_with = HTTPStatus(exc.error_status_hint) if exc.error_status_hint in iter(HTTPStatus) \
+                else HTTPStatus.BAD_REQUEST
             raise
 
 
