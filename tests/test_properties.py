@@ -5,7 +5,7 @@ either round-trips through jsonb unchanged, or is refused with a one-line reason
 from __future__ import annotations
 
 import psycopg
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
@@ -79,3 +79,48 @@ def test_any_metadata_round_trips_through_jsonb_or_is_refused(client, value: obj
     with psycopg.connect(client.database.url) as conn:
         back = conn.execute("SELECT %s::jsonb", (Jsonb(document),)).fetchone()[0]
     assert same(back, document), (back, document)
+
+
+#: A valid PostgreSQL identifier: any characters but NUL (and lone surrogates, which UTF-8 cannot
+#: hold), at most 63 bytes (PostgreSQL's NAMEDATALEN), quoted or not.
+IDENTIFIERS = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1,
+                      max_size=63).filter(lambda name: len(name.encode()) <= 63)
+
+
+def written(identifier: str) -> str:
+    """An identifier as an application writes it in SQL or in `imgdb attach SCHEMA.TABLE`."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(IDENTIFIERS, min_size=4, max_size=4, unique=True))
+@example(["a%sb", "ph :i", "p$fn$x", 'k"; --'])  # (the names an attack broke attach and the trigger with)
+def test_tables_and_columns_of_any_name_attach_sync_search_and_detach(client, museum, names: list[str]) -> None:  # noqa: ANN001
+    """Identifiers are data: a table, its schema, image column and key of any valid name (``:i``,
+    ``%s``, ``$fn$``, quotes, emoji...) are followed, embedded, found and let go of."""
+    from psycopg import sql
+
+    schema, table, column, key = names
+    photos = [str(p) for p in sorted((museum / "images").glob("*.jpg"))[:3]]
+    if "props" not in {i.name for i in client.indexes()}:
+        client.create_index("props", "color:hsv", ann="none")
+    where = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+    with psycopg.connect(client.database.url, autocommit=True) as app:
+        app.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        try:
+            app.execute(sql.SQL("CREATE TABLE {} ({} int PRIMARY KEY, {} text)").format(
+                where, sql.Identifier(key), sql.Identifier(column)))
+            app.execute(sql.SQL("INSERT INTO {} VALUES (1, {}), (2, {})").format(
+                where, sql.Literal(photos[0]), sql.Literal(photos[1])))
+            attached = client.attach(f"{written(schema)}.{written(table)}", column, key=key, index="props")
+            assert attached.queued == 2
+            assert client.sync("props").embedded == 2
+            app.execute(sql.SQL("UPDATE {} SET {} = {} WHERE {} = 2").format(
+                where, sql.Identifier(column), sql.Literal(photos[2]), sql.Identifier(key)))
+            assert client.sync("props").embedded == 1
+            hit = client.search(photos[2], index="props", k=1)[0]
+            assert hit.distance < 1e-5 and [ref for _, ref in hit.refs] == [2]
+            shown = client.sync_status("props")[0]["table"]
+            assert client.detach(shown).removed == 2
+        finally:
+            app.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))

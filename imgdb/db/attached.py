@@ -16,6 +16,7 @@ function they call (``DROP FUNCTION ... CASCADE``, which needs no ownership of t
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from imgdb.db import cluster, derived, images
-from imgdb.db.records import TABLE_NAME, IndexRecord, Source
+from imgdb.db.records import TABLE_NAME, TABLE_PARTS, IndexRecord, Source
 from imgdb.db.schema import quote
 from imgdb.errors import ImgdbError, first_line
 
@@ -59,7 +60,8 @@ class Claimed:
 
 #: A source's table as SQL names it now (it follows renames), or, once dropped, as it was attached.
 _SOURCE_COLUMNS = (f"SELECT s.id, s.index_id, x.name AS index_name, {TABLE_NAME} AS table,"
-                   " s.column_name AS column, s.column_kind, s.key_column AS key, s.key_type, s.root"
+                   " s.column_name AS column, s.column_kind, s.key_column AS key, s.key_type, s.root,"
+                   f" {TABLE_PARTS}"
                    " FROM sources s JOIN indexes x ON x.id = s.index_id")
 
 
@@ -78,11 +80,19 @@ def has_sources(conn: Connection, index: IndexRecord) -> bool:
 
 # ---------------------------------------------------------------- attach and detach
 
+#: What a key's type name (``format_type``, pasted into casts and the views' ``ref``) may not hold:
+#: a bind parameter's ``:``, a placeholder's ``%``, a dollar quote's ``$``, a statement's end.
+_UNWRITABLE_TYPE = re.compile(r"[:%$;\\]")
+
+
 @dataclass(frozen=True)
 class _Table:
     relid: int
+    #: As people read it (PostgreSQL's quoting).
     name: str
     kind: str
+    #: As imgdb writes it into SQL (:attr:`imgdb.db.records.Source.relation`).
+    relation: str
 
 
 def resolve_table(conn: Connection, name: str) -> _Table:
@@ -95,7 +105,8 @@ def resolve_table(conn: Connection, name: str) -> _Table:
     if len(parts) > 2:
         raise ImgdbError(f"{name!r}: give TABLE or SCHEMA.TABLE")
     rows = conn.execute(sa.text(
-        "SELECT c.oid, format('%I.%I', n.nspname, c.relname), c.relkind, n.nspname = current_schema()"
+        "SELECT c.oid, format('%I.%I', n.nspname, c.relname), c.relkind, n.nspname = current_schema(),"
+        " n.nspname, c.relname"
         " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE c.relname = :t AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"
         " AND (n.nspname = :s OR (:s IS NULL AND n.nspname NOT IN ('pg_catalog', 'information_schema')))"
@@ -109,12 +120,12 @@ def resolve_table(conn: Connection, name: str) -> _Table:
         raise ImgdbError(f"no table {name!r} in this database")
     if len(rows) > 1:
         raise ImgdbError(f"{name!r} is ambiguous: name one of {', '.join(r[1] for r in rows)}")
-    relid, qualified, kind, ours = rows[0]
+    relid, qualified, kind, ours, schema, relname = rows[0]
     if ours:
         raise ImgdbError(f"{qualified} is one of imgdb's own tables: attach the application's tables")
     if kind not in ("r", "p"):
         raise ImgdbError(f"{qualified} is not a table (a view or foreign table has no triggers to follow it)")
-    return _Table(relid, qualified, kind)
+    return _Table(relid, qualified, kind, f"{quote(schema)}.{quote(relname)}")
 
 
 def _column(conn: Connection, table: _Table, name: str) -> tuple[str, str, str]:
@@ -160,6 +171,9 @@ def _key(conn: Connection, table: _Table, key: str | None) -> tuple[str, str]:
     if not unique:
         raise ImgdbError(f"{table.name}.{name} is not unique on its own: the key must be the primary key or "
                          "have a UNIQUE constraint of its own")
+    if _UNWRITABLE_TYPE.search(sql_type):
+        raise ImgdbError(f"{table.name}.{name} is of type {sql_type}, whose name imgdb cannot write into a cast: "
+                         "give a key of a type named with letters, digits and _")
     return name, sql_type
 
 
@@ -190,10 +204,10 @@ def attach(conn: Connection, index: IndexRecord, table_name: str, column: str, k
     try:
         for suffix, event, transition in _EVENTS:
             conn.execute(sa.text(
-                f"CREATE TRIGGER {quote(trigger_name(schema, source_id, suffix))} AFTER {event} ON {table.name}"
+                f"CREATE TRIGGER {quote(trigger_name(schema, source_id, suffix))} AFTER {event} ON {table.relation}"
                 f" {transition} FOR EACH STATEMENT EXECUTE FUNCTION {function}()"))
         queued = conn.execute(sa.text(
-            f"INSERT INTO queue (source_id, ref) SELECT :s, {quote(key_name)}::text FROM {table.name}"
+            f"INSERT INTO queue (source_id, ref) SELECT :s, {quote(key_name)}::text FROM {table.relation}"
             f" WHERE {quote(key_name)} IS NOT NULL"), {"s": source_id}).rowcount
     except sa.exc.ProgrammingError as exc:
         if not isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
@@ -275,7 +289,7 @@ def claim(conn: Connection, source: Source, limit: int, max_bytes: int) -> list[
         SELECT m.ref, t.found IS NOT NULL AS found, t.size, CASE WHEN t.size <= :max THEN t.value END AS value
         FROM unnest(CAST(:refs AS text[])) m(ref)
         LEFT JOIN LATERAL (SELECT true AS found, octet_length(a.{column}) AS size, a.{column} AS value
-                           FROM {source.table} a WHERE a.{key} = CAST(m.ref AS {source.key_type})) t ON true
+                           FROM {source.relation} a WHERE a.{key} = CAST(m.ref AS {source.key_type})) t ON true
         ORDER BY m.ref"""), {"refs": list(mine), "max": max_bytes}).all()
     held = {ref: (image_id, sha256) for ref, image_id, sha256 in conn.execute(sa.text(
         "SELECT r.ref, r.image_id, i.sha256 FROM refs r JOIN images i ON i.id = r.image_id"
@@ -308,7 +322,7 @@ def sample_values(conn: Connection, source: Source, n: int, max_bytes: int) -> l
     """Up to ``n`` rows' keys and images, a fixed pseudo-random sample, to learn a codebook from."""
     column, key = quote(source.column), quote(source.key)
     rows = conn.execute(sa.text(
-        f"SELECT {key}::text, {column} FROM {source.table} WHERE {column} IS NOT NULL AND octet_length({column}) <= :max"
+        f"SELECT {key}::text, {column} FROM {source.relation} WHERE {column} IS NOT NULL AND octet_length({column}) <= :max"
         f" ORDER BY hashtext({key}::text) LIMIT :n"), {"n": n, "max": max_bytes}).all()
     return [(ref, bytes(value) if isinstance(value, memoryview) else value) for ref, value in rows]
 
@@ -324,7 +338,7 @@ def image_bytes(conn: Connection, image_id: int, max_bytes: int) -> bytes | None
         source = by_id[source_id]
         column, key = quote(source.column), quote(source.key)
         value = conn.execute(sa.text(
-            f"SELECT {column} FROM {source.table} WHERE {key} = CAST(:r AS {source.key_type})"
+            f"SELECT {column} FROM {source.relation} WHERE {key} = CAST(:r AS {source.key_type})"
             f" AND octet_length({column}) <= :max"), {"r": ref, "max": max_bytes}).scalar()
         if value is not None:
             return bytes(value)

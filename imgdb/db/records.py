@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imgdb.db.schema import quote
 from imgdb.db.values import printable
 from imgdb.errors import ImgdbError
 
@@ -155,6 +156,17 @@ class Source:
     key: str
     key_type: str
     root: str | None
+    #: The table's schema and name while it exists (:attr:`relation`).
+    table_schema: str | None = None
+    table_relname: str | None = None
+
+    @property
+    def relation(self) -> str:
+        """The table as imgdb writes it into SQL: each part quoted (:func:`imgdb.db.schema.quote`),
+        never the ``regclass`` text, whose quoting SQLAlchemy and psycopg would read into."""
+        if self.table_schema is None or self.table_relname is None:
+            raise ImgdbError(f"table {self.table} was dropped: detach it (imgdb detach {self.table})")
+        return f"{quote(self.table_schema)}.{quote(self.table_relname)}"
 
     def ref_json(self, ref: str) -> Any:
         """A key in text form as the JSON value its SQL type is (a number stays a number)."""
@@ -170,3 +182,6 @@ class Source:
 #: An attached table's name now: its ``regclass`` while it exists, the name it had otherwise.
 TABLE_NAME = ("CASE WHEN EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = s.relid) THEN s.relid::regclass::text"
               " ELSE s.table_name END")
+#: An attached table's schema and name while it exists (:attr:`Source.relation`), as two columns.
+TABLE_PARTS = ("(SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = s.relid)"
+               " AS table_schema, (SELECT c.relname FROM pg_class c WHERE c.oid = s.relid) AS table_relname")

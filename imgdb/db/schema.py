@@ -63,8 +63,17 @@ def check_schema(name: str) -> str:
 
 
 def quote(identifier: str) -> str:
-    """An SQL identifier, double-quoted."""
-    return '"' + identifier.replace('"', '""') + '"'
+    """An SQL identifier as imgdb writes it into a statement: double-quoted, and where it holds
+    anything but ASCII letters, digits, ``_`` and spaces, Unicode-escaped (``U&"ph \\003Ai"`` is
+    ``ph :i``). A name an application chose may hold ``:`` (a bind parameter to SQLAlchemy's
+    ``text()``), ``%`` (a placeholder to psycopg), ``$`` (the end of a dollar-quoted function body)
+    or ``"``; escaped, none of them is in the statement's text, and PostgreSQL reads the same name."""
+    if not identifier or "\x00" in identifier:
+        raise ImgdbError(f"{identifier!r} is not an SQL identifier")
+    if all(c.isascii() and (c.isalnum() or c in "_ ") for c in identifier):
+        return f'"{identifier}"'
+    return 'U&"' + "".join(c if c.isascii() and (c.isalnum() or c in "_ ") else
+                           f"\\{ord(c):04X}" if ord(c) < 0x10000 else f"\\+{ord(c):06X}" for c in identifier) + '"'
 
 
 @dataclass(frozen=True)

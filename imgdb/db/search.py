@@ -27,7 +27,7 @@ from pgvector import HalfVector
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from imgdb.db.records import TABLE_NAME, IndexRecord, Source
+from imgdb.db.records import TABLE_NAME, TABLE_PARTS, IndexRecord, Source
 from imgdb.db.schema import SESSION_SETTINGS
 
 if TYPE_CHECKING:
@@ -72,8 +72,9 @@ def lookup(conn: psycopg.Connection, name: str, state_keys: Sequence[str] = (),
         "   AND s.key = ANY(%(keys)s)) AS state_values,"
         " (SELECT jsonb_agg(jsonb_build_object('id', s.id, 'index_id', s.index_id, 'index_name', indexes.name,"
         f"   'table', {TABLE_NAME}, 'column', s.column_name, 'column_kind', s.column_kind,"
-        "   'key', s.key_column, 'key_type', s.key_type, 'root', s.root) ORDER BY s.id)"
-        "  FROM sources s WHERE s.index_id = indexes.id) AS sources"
+        "   'key', s.key_column, 'key_type', s.key_type, 'root', s.root, 'table_schema', t.table_schema,"
+        "   'table_relname', t.table_relname) ORDER BY s.id)"
+        f"  FROM sources s, LATERAL (SELECT {TABLE_PARTS}) t WHERE s.index_id = indexes.id) AS sources"
         " FROM indexes WHERE name = %(name)s",
         {"keys": list(state_keys), "name": name},
     ).fetchone()
