@@ -481,3 +481,67 @@ def test_rows_synced_into_an_index_that_verifies_get_their_local_features(client
     assert client.sync("shop_checked").embedded == 2
     hit = client.search(paths[1], index="shop_checked", k=1, rerank="verify")[0]
     assert hit.refs == (("checked_photos", 1),) and hit.notes["verified"]
+
+
+def test_imgdb_never_makes_the_application_wait(client, app_sql, gallery: list[Path]) -> None:  # noqa: ANN001
+    """With a transaction of the application open on its table, `detach` gives up after a bound with
+    the reason, and meanwhile the application's SELECT and INSERT on the table never wait longer than
+    imgdb's lock timeout; once that transaction ends, detach goes through."""
+    import threading
+
+    from imgdb.db.engine import LOCK_TIMEOUT_S
+
+    if "polite" not in {i.name for i in client.indexes()}:
+        client.create_index("polite", COLOR, ann="none")
+    make_table(app_sql, "busy", "id int PRIMARY KEY, photo text")
+    app_sql.execute("INSERT INTO busy VALUES (1, %s)", (str(gallery[0]),))
+    client.attach("busy", "photo", index="polite")
+    outcome: dict[str, object] = {}
+
+    def detaching() -> None:
+        started = time.perf_counter()
+        try:
+            client.detach("busy")
+        except ImgdbError as exc:
+            outcome["error"] = str(exc)
+        outcome["seconds"] = time.perf_counter() - started
+
+    waits = []
+    with psycopg.connect(client.database.url) as holder, \
+            psycopg.connect(client.database.url, autocommit=True) as application:
+        holder.execute("SELECT count(*) FROM busy")  # (its lock is held until the transaction ends)
+        application.execute("SET statement_timeout = '5s'")  # (what the application would bear)
+        worker = threading.Thread(target=detaching)
+        worker.start()
+        n = 2
+        while worker.is_alive():
+            started = time.perf_counter()
+            application.execute("SELECT count(*) FROM busy")
+            application.execute("INSERT INTO busy VALUES (%s, NULL)", (n,))
+            waits.append(time.perf_counter() - started)
+            n += 1
+            time.sleep(0.05)
+        worker.join()
+        holder.rollback()
+    assert "holds its table" in str(outcome.get("error")) and "\n" not in str(outcome["error"]), outcome
+    assert outcome["seconds"] < 60 and max(waits) < LOCK_TIMEOUT_S + 1.5, (outcome, max(waits))
+    assert client.detach("busy").index == "polite"
+
+
+def test_a_dropped_table_is_detached_by_the_name_sync_status_shows(client, app_sql, gallery: list[Path]) -> None:  # noqa: ANN001
+    if "polite" not in {i.name for i in client.indexes()}:
+        client.create_index("polite", COLOR, ann="none")
+    make_table(app_sql, "dropped", "id int PRIMARY KEY, photo text")
+    app_sql.execute("INSERT INTO dropped VALUES (1, %s)", (str(gallery[1]),))
+    client.attach("dropped", "photo", index="polite")
+    assert client.sync("polite").embedded == 1
+    app_sql.execute("DROP TABLE dropped")
+    shown = [row["table"] for row in client.sync_status("polite")]
+    assert len(shown) == 1
+    from typer.testing import CliRunner
+
+    from imgdb_cli.main import app
+
+    result = CliRunner().invoke(app, ["detach", shown[0]])
+    assert result.exit_code == 0, result.output
+    assert client.sync_status("polite") == []

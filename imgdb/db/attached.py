@@ -99,7 +99,8 @@ def resolve_table(conn: Connection, name: str) -> _Table:
     """An application table by name: ``schema.table``, or a bare name found in ``public`` or else in
     the one schema that has a table of that name. Never one of imgdb's own."""
     try:
-        parts = conn.execute(sa.text("SELECT parse_ident(:n)"), {"n": name}).scalar_one()
+        with conn.begin_nested():  # (a name that does not parse must not end the caller's transaction)
+            parts = conn.execute(sa.text("SELECT parse_ident(:n)"), {"n": name}).scalar_one()
     except sa.exc.DBAPIError:
         raise ImgdbError(f"{name!r} is not a table name") from None
     if len(parts) > 2:

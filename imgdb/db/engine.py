@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
@@ -27,7 +28,7 @@ from imgdb.config import Settings
 from imgdb.db.embedded import EmbeddedServer
 from imgdb.db.pool import ConnectionPool
 from imgdb.db.schema import DEFAULT_SCHEMA, ITERATIVE_SCAN_IS_DEFAULT, check_schema, place
-from imgdb.errors import ConcurrentChange, DatabaseError, first_line
+from imgdb.errors import ConcurrentChange, DatabaseError, ImgdbError, first_line
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -75,6 +76,12 @@ def alembic_config(connection: Connection | None = None, schema: str = DEFAULT_S
         config.attributes["connection"] = connection
         config.attributes["schema"] = schema
     return config
+
+
+#: The longest imgdb waits for a lock on an application's table at once, and how many times it
+#: tries (pausing 0.5, 1, 2... s in between: about 18 s in all) before it gives up.
+LOCK_TIMEOUT_S = 0.5
+LOCK_TRIES = 6
 
 
 def lost_to_a_conflict(exc: sa.exc.OperationalError) -> bool:
@@ -271,6 +278,29 @@ class Database:
             except sa.exc.OperationalError as exc:
                 if not lost_to_a_conflict(exc) or attempt == attempts:
                     raise
+        raise AssertionError("unreachable")
+
+    def beside_the_application(self, work: Callable[[Connection], T], what: str) -> T:
+        """Run ``work``, which locks an application's table, in a transaction of its own that waits
+        for a lock at most LOCK_TIMEOUT_S: while imgdb waits, the application's own statements on
+        the table queue behind it, so it lets go, pauses (doubling) and tries again, LOCK_TRIES
+        times, then says why it gave up. The application never waits on imgdb longer than that."""
+        pause, waited = LOCK_TIMEOUT_S, 0.0
+        for attempt in range(1, LOCK_TRIES + 1):
+            try:
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{round(LOCK_TIMEOUT_S * 1000)}ms'")
+                    return work(conn)
+            except sa.exc.OperationalError as exc:
+                if not isinstance(exc.orig, psycopg.errors.LockNotAvailable):
+                    raise
+                waited += LOCK_TIMEOUT_S
+                if attempt == LOCK_TRIES:
+                    raise ImgdbError(f"{what}: the application holds its table (a transaction left open?); imgdb "
+                                     f"tried {LOCK_TRIES} times over {waited:.0f} s, never making it wait more than "
+                                     f"{LOCK_TIMEOUT_S} s: try again once that transaction ends") from None
+                time.sleep(pause)
+                waited, pause = waited + pause, pause * 2
         raise AssertionError("unreachable")
 
     @contextmanager

@@ -139,8 +139,8 @@ def attach(catalog: Catalog, table: str, column: str, *, key: str | None, index:
         root_text = absolute(root)
         if not os.path.isdir(root_text):
             raise ImgdbError(f"--root {root_text} is not a folder")
-    with catalog.database.engine.begin() as conn:
-        source, queued = attached.attach(conn, index, table, column, key, root_text)
+    source, queued = catalog.database.beside_the_application(
+        lambda conn: attached.attach(conn, index, table, column, key, root_text), f"attach {table}")
     catalog.layer.forget(index)
     return AttachReport(source.table, index.name, queued)
 
@@ -148,7 +148,8 @@ def attach(catalog: Catalog, table: str, column: str, *, key: str | None, index:
 def detach(catalog: Catalog, table: str, *, index: str | None = None) -> AttachReport:
     """Stop following ``table`` (in ``index``, or in every index it is attached to): its triggers go,
     and so does everything imgdb kept of its rows."""
-    with catalog.database.engine.begin() as conn:
+
+    def work(conn: sa.Connection) -> tuple[list[Source], int, int]:
         target = indexes.require(conn, index) if index else None
         found = attached.find(conn, table, target)
         if not found:
@@ -158,6 +159,9 @@ def detach(catalog: Catalog, table: str, *, index: str | None = None) -> AttachR
         for source in found:
             one_dropped, one_removed = attached.detach(conn, source, indexes.require(conn, source.index_name))
             dropped, removed = dropped + one_dropped, removed + one_removed
+        return found, dropped, removed
+
+    found, dropped, removed = catalog.database.beside_the_application(work, f"detach {table}")
     catalog.layer.forget()
     return AttachReport(found[0].table, ",".join(s.index_name for s in found), dropped, removed)
 
