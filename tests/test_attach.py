@@ -545,3 +545,53 @@ def test_a_dropped_table_is_detached_by_the_name_sync_status_shows(client, app_s
     result = CliRunner().invoke(app, ["detach", shown[0]])
     assert result.exit_code == 0, result.output
     assert client.sync_status("polite") == []
+
+
+def test_a_symlink_swapped_during_syncs_never_brings_a_file_from_outside(client, app_sql, gallery: list[Path],  # noqa: ANN001
+                                                                        tmp_path: Path) -> None:
+    """A row's file is a symlink that a thread keeps pointing inside the root and outside it, as
+    fast as it can: over many syncs the row's image is only ever the inside file, or refused."""
+    import hashlib
+    import os
+    import threading
+
+    root = tmp_path / "media"
+    inside = copy_image(gallery[90], root / "inside.jpg")
+    outside = copy_image(gallery[91], tmp_path / "outside.jpg")
+    outside.write_bytes(outside.read_bytes() + b"outside")  # (content no other test holds)
+    secret = hashlib.sha256(outside.read_bytes()).hexdigest()
+    link = root / "photo.jpg"
+    link.symlink_to(inside)
+    if "swapped" not in {i.name for i in client.indexes()}:
+        client.create_index("swapped", COLOR, ann="none")
+    make_table(app_sql, "swaps", "id int PRIMARY KEY, path text")
+    app_sql.execute("INSERT INTO swaps VALUES (1, 'photo.jpg')")
+    client.attach("swaps", "path", index="swapped", root=root)
+    stop = threading.Event()
+
+    def swapping() -> None:
+        for n in range(10**9):
+            if stop.is_set():
+                return
+            staged = root / f".next{n % 2}"
+            staged.unlink(missing_ok=True)
+            staged.symlink_to(outside if n % 2 else inside)
+            os.replace(staged, link)  # (atomic: the link always names one of the two)
+
+    worker = threading.Thread(target=swapping)
+    worker.start()
+    outcomes = []
+    try:
+        for n in range(40):
+            app_sql.execute("UPDATE swaps SET path = %s WHERE id = 1", ("photo.jpg" if n % 2 else "./photo.jpg",))
+            report = client.sync("swapped")
+            outcomes.append("refused" if report.failed else "embedded")
+            with client.database.connect() as conn:
+                held = conn.execute(sa.text("SELECT i.sha256 FROM refs r JOIN images i ON i.id = r.image_id"
+                                            " JOIN sources s ON s.id = r.source_id WHERE s.relid = 'swaps'::regclass"))
+                assert secret not in set(held.scalars()), f"the file outside the root came in at sync {n}"
+    finally:
+        stop.set()
+        worker.join()
+    assert "embedded" in outcomes, outcomes
+    client.detach("swaps")

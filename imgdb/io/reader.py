@@ -12,7 +12,9 @@ import ctypes
 import datetime as dt
 import hashlib
 import math
+import os
 import re
+import stat
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -83,24 +85,55 @@ ScaleHint = Callable[[int, int], float]
 DRAFT_MARGIN = 2.0
 
 
-def read_file(path: Path) -> bytes:
-    """Read a file's bytes, refusing what is not a regular, reasonably sized file.
+def read_file(path: Path, *, inside: str | None = None) -> bytes:
+    """Read a file's bytes, refusing what is not a regular, reasonably sized file, or, with
+    ``inside``, a file that does not lie in that folder.
 
-    Messages do not repeat the path: callers report it next to the reason.
+    The file is opened once and everything is checked on what was opened (its descriptor), never
+    on the name again: a symlink swapped in between a check and a read cannot bring another file
+    (without blocking on a FIFO, which is refused as not a regular file). Messages do not repeat
+    the path: callers report it next to the reason.
     """
     try:
-        size = path.stat().st_size
-        if not path.is_file():
-            raise ImageReadError("not a regular file")
-        if size == 0:
-            raise ImageReadError("empty file")
-        if size > MAX_FILE_BYTES:
-            raise ImageReadError(f"file of {size} bytes is larger than {MAX_FILE_BYTES}")
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise ImageReadError(exc.strerror or str(exc)) from exc
     except ValueError as exc:  # a NUL in the name: no such file can exist
         raise ImageReadError(f"not a valid file name ({exc})") from None
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise ImageReadError("not a regular file")
+        if opened.st_size == 0:
+            raise ImageReadError("empty file")
+        if opened.st_size > MAX_FILE_BYTES:
+            raise ImageReadError(f"file of {opened.st_size} bytes is larger than {MAX_FILE_BYTES}")
+        if inside is not None:
+            _check_inside(path, opened, inside)
+        with os.fdopen(os.dup(fd), "rb") as stream:
+            data = stream.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageReadError(f"file is larger than {MAX_FILE_BYTES} bytes")
+        return data
+    except OSError as exc:
+        raise ImageReadError(exc.strerror or str(exc)) from exc
+    finally:
+        os.close(fd)
+
+
+def _check_inside(path: Path, opened: os.stat_result, folder: str) -> None:
+    """Refuse the file opened unless it is the one its real path names now, inside ``folder``: if a
+    symlink was swapped after the open, that path names another file (another inode) and the read
+    is refused, whichever file the swap put where."""
+    real, base = os.path.realpath(path), os.path.realpath(folder)
+    if os.path.commonpath([base, real]) != base:
+        raise ImageReadError(f"outside the attached root {folder}")
+    try:
+        named = os.stat(real)
+    except OSError:
+        named = None
+    if named is None or (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+        raise ImageReadError(f"changed while it was read (a link to outside the attached root {folder}?)")
 
 
 #: A content hash as imgdb writes it (:func:`sha256_hex`), and how stored networks are named.
@@ -164,15 +197,18 @@ def rgb(image: Image.Image) -> Image.Image:
         return image
     if not _wide(image.mode):
         return image.convert("RGB")
-    samples = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    # (In place on one float copy: what decoded_bytes reserves for a wide mode.)
+    samples = np.array(image, dtype=np.float32)
+    np.nan_to_num(samples, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     low = min(0.0, float(samples.min(initial=0.0)))
     span = float(samples.max(initial=0.0)) - low
     top = 1.0 if image.mode == "F" and span <= 1.0 else \
         float(next((2**bits - 1 for bits in _DEPTHS if span <= 2**bits - 1), span))
     samples -= low
     samples *= 255.0 / top
-    grey = Image.fromarray(np.clip(samples + 0.5, 0, 255).astype(np.uint8), "L")
-    return grey.convert("RGB")
+    samples += 0.5
+    np.clip(samples, 0, 255, out=samples)
+    return Image.fromarray(samples.astype(np.uint8), "L").convert("RGB")
 
 
 class _Budget:

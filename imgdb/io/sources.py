@@ -70,13 +70,14 @@ def absolute(path: str | Path) -> str:
     return os.path.abspath(path)
 
 
-def load(source: str | Path, limits: FetchLimits) -> bytes:
-    """The bytes of a file, URL or object; failures raise an :class:`ImgdbError` naming the source."""
+def load(source: str | Path, limits: FetchLimits, *, inside: str | None = None) -> bytes:
+    """The bytes of a file, URL or object; failures raise an :class:`ImgdbError` naming the source.
+    ``inside``: a file must lie in that folder (checked on the file opened)."""
     text = str(source)
     if is_url(text):
         return fetch_url(text, limits)  # FetchError messages name the URL already
     try:
-        return objects.read(text) if objects.is_object_uri(text) else read_file(Path(text))
+        return objects.read(text) if objects.is_object_uri(text) else read_file(Path(text), inside=inside)
     except ImgdbError as exc:
         raise ImageReadError(f"{text}: {exc}") from None
 

@@ -120,8 +120,18 @@ class Blob:
     data: bytes
 
 
-#: What ingest reads: a file path, an http(s) URL, or bytes at hand.
-Item = Union[str, Blob]
+@dataclass(frozen=True)
+class Confined:
+    """A file that must lie inside ``root`` (an attached table's row names it): checked on the file
+    opened, not on its name (:func:`imgdb.io.reader.read_file`), so that a symlink swapped in after
+    a check cannot bring a file from outside."""
+
+    uri: str
+    root: str
+
+
+#: What ingest reads: a file path, an http(s) URL, a file confined to a folder, or bytes at hand.
+Item = Union[str, Blob, Confined]
 
 
 @dataclass(frozen=True)
@@ -327,10 +337,11 @@ class Ingester:
     def _load(self, item: Item, known: Container[str], prepare: Callable[[Image.Image], Any],
               spec: keypoints.KeypointSpec | None) -> Prepared | Known | Failure:
         """Worker-thread part: read, hash, skip known content, decode, prepare."""
-        uri = item.uri if isinstance(item, Blob) else item
+        uri = item if isinstance(item, str) else item.uri
         try:
             values.check_file_name(uri)
-            data = item.data if isinstance(item, Blob) else sources.load(item, self.settings.fetch)
+            data = item.data if isinstance(item, Blob) else sources.load(uri, self.settings.fetch, inside=(
+                item.root if isinstance(item, Confined) else None))
             sha = sha256_hex(data)
             if sha in known:
                 return Known(uri, sha)

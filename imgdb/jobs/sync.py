@@ -34,8 +34,8 @@ from imgdb.db.records import IndexRecord, Source
 from imgdb.errors import ImgdbError, first_line
 from imgdb.io.sources import absolute, is_remote
 from imgdb.jobs import duplicates
-from imgdb.jobs.ingest import (Blob, ContentInIndex, Failure, Ingester, Item, Known, Prepared, ProgressCallback,
-                               StatusCallback)
+from imgdb.jobs.ingest import (Blob, Confined, ContentInIndex, Failure, Ingester, Item, Known, Prepared,
+                               ProgressCallback, StatusCallback)
 
 #: Keys claimed per transaction, in extractor batches: enough for decoding to run ahead of the
 #: model as it does in ingest, few enough that a claim holds its keys for seconds, not minutes.
@@ -94,10 +94,11 @@ class AttachReport:
         return document
 
 
-def locate(value: str, root: str | None) -> str:
+def locate(value: str, root: str | None) -> str | Confined:
     """Where a text column's value points: an http(s) URL or an object (``s3://``, ``gs://``) as it
     is, or an absolute file path. A relative path resolves under ``root`` (and is refused without
-    one); with a root, anything whose real path falls outside it is refused, symlinks included."""
+    one); with a root, anything whose real path falls outside it is refused, symlinks included, and
+    the file is :class:`Confined` to it (checked again on the file opened, when it is read)."""
     text = value.strip()
     if is_remote(text):
         return text
@@ -110,11 +111,12 @@ def locate(value: str, root: str | None) -> str:
             raise ImgdbError(f"relative path {text[:200]!r}: attach the table with --root DIR to resolve it")
         text = os.path.join(root, text)
     path = os.path.abspath(text)
-    if root is not None:
-        base = os.path.realpath(root)
-        if os.path.commonpath([base, os.path.realpath(path)]) != base:
-            raise ImgdbError(f"{text[:200]!r} is outside the attached root {root}")
-    return path
+    if root is None:
+        return path
+    base = os.path.realpath(root)
+    if os.path.commonpath([base, os.path.realpath(path)]) != base:
+        raise ImgdbError(f"{text[:200]!r} is outside the attached root {root}")
+    return Confined(path, root)
 
 
 @dataclass(frozen=True)
