@@ -313,3 +313,34 @@ def test_train_from_the_cli_prints_a_json_summary(client, sample_index: str, img
 def test_training_options_are_checked(bad: dict) -> None:
     with pytest.raises(ImgdbError, match="must be"):
         TrainOptions(**bad)
+
+
+def test_a_killed_training_leaves_nothing_a_rerun_trips_on(client, sample_index: str) -> None:  # noqa: ANN001
+    """`imgdb train` killed (SIGKILL) while it fills its new index: the index it leaves is marked
+    unfinished, and the next training of that name replaces it."""
+    import signal
+    import time
+
+    from imgdb.db import indexes, state
+    from imgdb.jobs.train import UNFINISHED
+    from tests.conftest import tool_env
+
+    process = subprocess.Popen(["imgdb", "train", "killed", "--from", sample_index, "--epochs", "1", "--views", "1",
+                                "--train-stages", "1"], env=tool_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    try:
+        while "killed" not in {i.name for i in client.indexes()}:  # (created: it is filling it now)
+            assert process.poll() is None and time.monotonic() < deadline, "the training ended before filling"
+            time.sleep(0.05)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    with client.database.connect() as conn:
+        left = indexes.get(conn, "killed")
+        assert left is not None and state.load(conn, left, UNFINISHED)
+    report = client.train_network("killed", sample_index, options=TrainOptions(**QUICK_TRAINING))
+    assert report.encoded.added == SAMPLE_SIZE
+    with client.database.connect() as conn:
+        assert not state.load(conn, indexes.require(conn, "killed"), UNFINISHED)
+    client.drop_index("killed")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from sqlalchemy.engine import Connection
 
 from imgdb.ann.spec import AnnSpec
 from imgdb.catalog import Catalog
@@ -104,6 +105,11 @@ def student_spec(student: str, teacher: CnnConfig) -> CnnConfig:
     return replace(config, whiten="off")
 
 
+#: Kept with an index while a training fills it: an index so marked was left by a killed run, and
+#: the next training of that name replaces it.
+UNFINISHED = "train."
+
+
 def train_network(catalog: Catalog, name: str, source_name: str, *, method: str = "triplet",
                   label_keys: Sequence[str] = (), student: str | None = None,
                   options: TrainOptions | None = None, on_status: StatusCallback | None = None,
@@ -116,8 +122,7 @@ def train_network(catalog: Catalog, name: str, source_name: str, *, method: str 
     check_method(method, keys, student)
     source = catalog.index(source_name)
     with catalog.database.connect() as conn:
-        if indexes.get(conn, name) is not None:
-            raise IndexExists(f"index {name!r} exists already")
+        _unfinished_or_none(conn, name)
         held = images.of_index(conn, source)
         learned = state.load(conn, source)
     teacher = catalog.extractor(source)
@@ -152,7 +157,15 @@ def train_network(catalog: Catalog, name: str, source_name: str, *, method: str 
         sha, trainee.config.backbone, blob, method,
         {**vars(options), "from": source.name, "from_extractor": source.extractor, "label_keys": list(label_keys),
          "views": trained.views}, len(members), trained.losses, trained.seconds))
-    created = catalog.create_index(name, spec, ann=str(AnnSpec.of(source)), storage=source.storage)
+    planned = catalog.plan_index(spec, str(AnnSpec.of(source)), source.storage)
+    with catalog.database.engine.begin() as conn:  # (created marked unfinished, in one transaction)
+        if (stale := _unfinished_or_none(conn, name)) is not None:
+            indexes.drop(conn, stale)
+        created = planned.create(conn, name)
+        state.save(conn, created, {"unfinished": np.ones(1, np.uint8)}, UNFINISHED)
+    if stale is not None:
+        catalog.forget(stale)
+    catalog.layer.sync(created)
     if on_status:
         on_status(f"encoding the {len(pixels)} images into {name!r} with network {sha[:12]}")
     try:
@@ -160,8 +173,19 @@ def train_network(catalog: Catalog, name: str, source_name: str, *, method: str 
     except BaseException:  # (Ctrl-C too) no half-filled index: the network stays stored, a rerun is quick
         catalog.drop_index(name)
         raise
+    with catalog.database.engine.begin() as conn:
+        state.save(conn, created, {}, UNFINISHED)
     return TrainReport(name, source.name, method, sha, spec, len(members), trained.losses, trained.seconds,
                        trained.views, encoded, read.failed, time.monotonic() - started)
+
+
+def _unfinished_or_none(conn: Connection, name: str) -> IndexRecord | None:
+    """The index ``name`` left unfinished by a training that was killed (the next one replaces it),
+    None if there is no such index; IndexExists if a finished one has the name."""
+    found = indexes.get(conn, name)
+    if found is not None and not state.load(conn, found, UNFINISHED):
+        raise IndexExists(f"index {name!r} exists already")
+    return found
 
 
 def _members(catalog: Catalog, pixels: dict[int, np.ndarray], keys: Sequence[str]) -> tuple[list[Member], list[int]]:
