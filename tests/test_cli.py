@@ -128,3 +128,52 @@ def test_training_progress_on_a_terminal_is_one_display_with_the_loss_and_time_l
         on_epoch(2, 5, 0.0123, 150.0)
     shown = output.stderr.file.getvalue()
     assert "preparing" in shown and "training" in shown and "loss 0.0123, about 2 min 30 s left" in shown
+
+
+def test_a_newcomers_first_commands_say_what_they_do(imgdb_home: Path, sample_index: str, museum_sample: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A taken port is refused in one line before the model loads; in 80 columns (or a pipe) each hit
+    keeps to two lines with its whole file name; an evaluation says which ranking it scored."""
+    import socket
+    import time
+
+    import imgdb_cli.output as output
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run([str(Path(sys.executable).parent / "imgdb"), "serve", "--port", str(port)],
+                                env={**os.environ, "IMGDB_HOME": str(imgdb_home)}, capture_output=True, text=True,
+                                timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "give --port" in result.stderr
+    assert time.monotonic() - started < 30
+
+    monkeypatch.setattr(output.stdout, "width", 80)
+    photo = sorted((museum_sample / "images").glob("*.jpg"))[3]
+    found = CliRunner().invoke(app, ["search", str(photo), "-k", "4"])
+    assert found.exit_code == 0, found.output
+    lines = found.stdout.splitlines()
+    assert len(lines) == 8 and lines[0].startswith(" 1. id ") and str(photo) in lines[0], found.stdout
+    assert all(line.startswith("    {") and len(line) <= 80 for line in lines[1::2]), found.stdout
+
+    run_json("index", "create", "cli_ranked", "--extractor", "color:hsv")
+    evaluated = CliRunner().invoke(app, ["eval", str(museum_sample), "--index", "cli_ranked", "--rerank", "none"])
+    assert "ranked by none: mAP" in evaluated.stdout, evaluated.stdout
+
+
+def test_the_first_progress_line_counts_from_the_start_of_the_job(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    import imgdb_cli.output as output
+
+    monkeypatch.setattr(output, "LOG_EVERY_S", 0.0)
+    with output.progress_bar("testing") as update:
+        time.sleep(1.2)
+        update(50, 100)
+    line = capsys.readouterr().err.splitlines()[0]
+    rate = float(line.split(", ")[1].removesuffix("/s"))
+    assert line.startswith("testing: 50/100 (50%)") and 20 < rate < 50, line

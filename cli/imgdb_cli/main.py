@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -169,26 +170,51 @@ def search(
         if as_json:
             emit_json([hit.to_json() for hit in hits])
             return
-        # The uri gets the rest of the line (cut from its folders, never its name, and not wrapped);
-        # the metadata wraps in what is left.
-        uris = [shorten(hit.uri, max(24, stdout.width - 40)) for hit in hits]
         verified = any("verified" in hit.notes for hit in hits)
         scored = any("score" in hit.notes for hit in hits)
-        table = Table("id", "distance", *(["score"] if scored else []), *(["inliers"] if verified else []))
-        table.add_column("uri", no_wrap=True, min_width=max(map(len, uris), default=3))
-        table.add_column("metadata", overflow="fold")
-        for hit, uri in zip(hits, uris):
-            inliers = [f"{hit.notes['inliers']}{' verified' if hit.notes['verified'] else ''}"] if verified else []
-            score = [f"{hit.notes['score']:.2f}"] if scored else []
-            table.add_row(str(hit.id), f"{hit.distance:.4f}", *score, *inliers, uri,
-                          json.dumps(hit.metadata, ensure_ascii=False))
-        stdout.print(table)
+        if stdout.width < WIDE:
+            _hit_lines(hits, scored, verified)
+        else:
+            _hit_table(hits, scored, verified)
         if verified:
             good = ", ".join(f"id {h.id} ({h.notes['inliers']} inliers)" for h in hits if h.notes["verified"])
             stdout.print(f"verified: {good}" if good else "no match: no candidate shows the query's picture (none verified)",
                          markup=False)
 
     guarded(debug, run)
+
+
+#: Columns from which hits are shown as a table (narrower: a line or two per hit).
+WIDE = 100
+
+
+def _hit_table(hits: list[imgdb.Hit], scored: bool, verified: bool) -> None:
+    """Hits as a table: the uri gets the rest of the line (cut from its folders, never its name, and
+    not wrapped); the metadata wraps in what is left."""
+    uris = [shorten(hit.uri, max(24, stdout.width - 40)) for hit in hits]
+    table = Table("id", "distance", *(["score"] if scored else []), *(["inliers"] if verified else []))
+    table.add_column("uri", no_wrap=True, min_width=max(map(len, uris), default=3))
+    table.add_column("metadata", overflow="fold")
+    for hit, uri in zip(hits, uris):
+        inliers = [f"{hit.notes['inliers']}{' verified' if hit.notes['verified'] else ''}"] if verified else []
+        score = [f"{hit.notes['score']:.2f}"] if scored else []
+        table.add_row(str(hit.id), f"{hit.distance:.4f}", *score, *inliers, uri,
+                      json.dumps(hit.metadata, ensure_ascii=False))
+    stdout.print(table)
+
+
+def _hit_lines(hits: list[imgdb.Hit], scored: bool, verified: bool) -> None:
+    """Hits in a narrow terminal or a pipe: a line each with its rank, id, distance (score,
+    inliers) and whole uri, and under it its metadata, cut to the width."""
+    for rank, hit in enumerate(hits, 1):
+        facts = [f"id {hit.id}", f"distance {hit.distance:.4f}",
+                 *([f"score {hit.notes['score']:.2f}"] if scored else []),
+                 *([f"{hit.notes['inliers']} inliers{' verified' if hit.notes['verified'] else ''}"] if verified else [])]
+        stdout.print(f"{rank:>2}. {'  '.join(facts)}  {hit.uri}", markup=False)
+        if hit.metadata:
+            text = json.dumps(hit.metadata, ensure_ascii=False)
+            room = max(20, stdout.width - 4)
+            stdout.print("    " + (text if len(text) <= room else text[:room - 1] + "…"), markup=False)
 
 
 @app.command()
@@ -266,7 +292,8 @@ def evaluate(
         if per_query:
             for row in report.per_query:
                 stdout.print(f"{row['query']}: AP {row['ap']:.3f}, first relevant at {row['first_relevant_rank']}")
-        stdout.print(f"{report.index} ({report.extractor}) on {report.queries} queries: mAP {report.mAP:.3f}, "
+        stdout.print(f"{report.index} ({report.extractor}) on {report.queries} queries, ranked by {report.rerank}: "
+                     f"mAP {report.mAP:.3f}, "
                      f"recall@1 {report.recall_at_1:.3f}, recall@10 {report.recall_at_10:.3f}, "
                      f"all@1 {report.all_at_1:.3f}, all@10 {report.all_at_10:.3f}")
 
@@ -689,6 +716,7 @@ def serve(
     """Serve the HTTP API (search by upload, URL or id) until stopped."""
 
     def run() -> None:
+        _check_port(host, port)  # (before the model loads: a taken port is a one-line refusal, at once)
         import uvicorn
 
         from imgdb.web.app import MAX_HEAD_BYTES, create_app
@@ -704,6 +732,20 @@ def serve(
                     http=guarded_protocol(header_timeout), h11_max_incomplete_event_size=MAX_HEAD_BYTES)
 
     guarded(debug, run)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse, with the reason, an address the server could not listen on (taken, not this machine's)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds it)
+            probe.bind(address)
+    except OSError as exc:
+        taken = " (another server is there: give --port)" if exc.errno == errno.EADDRINUSE else ""
+        raise imgdb.ImgdbError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{taken}") from None
 
 
 @db_app.command("url")

@@ -45,16 +45,19 @@ def say(line: str) -> None:
 
 
 class _OneLine(logging.Handler):
-    """The library's warnings (``logging.getLogger("imgdb")``) as ``warning: ...`` lines on stderr."""
+    """The library's news (``logging.getLogger("imgdb")``) as lines on stderr: what it is doing
+    (INFO, such as preparing a model on first use) as it is, warnings as ``warning: ...``."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        say(f"{record.levelname.lower()}: {record.getMessage()}")
+        message = record.getMessage()
+        say(message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}")
 
 
 def _show_library_warnings() -> None:
     log = logging.getLogger("imgdb")
     if not any(isinstance(h, _OneLine) for h in log.handlers):
-        log.addHandler(_OneLine(logging.WARNING))
+        log.addHandler(_OneLine(logging.INFO))
+        log.setLevel(logging.INFO)
         log.propagate = False
 
 
@@ -81,6 +84,8 @@ def guarded(debug: bool, action: Callable[[], T]) -> T:
 
 #: Seconds between progress lines where stderr is not a terminal (a log file, a pipe, CI).
 LOG_EVERY_S = 10.0
+#: A rate is given once a step has run this long (before, a count over an instant says nothing).
+MIN_RATE_S = 1.0
 
 
 def seconds_left(elapsed: float, done: int, total: int) -> float | None:
@@ -108,12 +113,15 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     of many minutes says how far it is. A count that starts again (a new total, or fewer done)
     is a new step of the same job: its rate and time left are timed from then."""
     begun = time.monotonic()
-    seen = {"done": 0, "total": 0, "started": begun, "said": begun}
+    seen = {"done": 0, "total": 0, "started": begun, "said": begun, "last": begun}
 
     def track(done: int, total: int) -> None:
+        # A new step began when the previous count was given (or the job, for the first): its first
+        # count covers the work since then, not the instant it was reported in.
+        now = time.monotonic()
         if total != seen["total"] or done < seen["done"]:
-            seen["started"] = time.monotonic()
-        seen.update(done=done, total=total)
+            seen["started"] = seen["last"]
+        seen.update(done=done, total=total, last=now)
 
     def left(done: int, total: int) -> str:
         estimate = seconds_left(time.monotonic() - seen["started"], done, total)
@@ -135,7 +143,7 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     def line(done: int, total: int) -> str:
         elapsed = time.monotonic() - seen["started"]
         share = f" ({100 * done // total}%)" if total else ""
-        rate = f", {done / elapsed:.1f}/s" if elapsed > 0 else ""
+        rate = f", {done / elapsed:.1f}/s" if elapsed >= MIN_RATE_S else ""
         rest = left(done, total)
         return f"{description}: {done}/{total}{share}{rate}" + (f", {rest}" if rest else f" in {_duration(elapsed)}")
 

@@ -83,6 +83,9 @@ def export_into(config: CnnConfig, cache: Path | None, key: str, weights: Weight
     that cannot be written (a read-only ``IMGDB_HOME``) costs an export per process, not the search."""
     from imgdb.features.torch_net import export_graph  # torch: only when a graph is missing
 
+    # (Said, not silent: a first command waits for this, up to a minute on a small machine.)
+    log.info("preparing %s for ONNX Runtime, once%s", config.backbone,
+             f" (kept in {cache})" if cache is not None else " per process")
     try:
         blob, meta = export_graph(config, weights())
     except ExtractorSpecError:

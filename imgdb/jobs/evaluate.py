@@ -55,13 +55,15 @@ class EvalReport:
     all_at_1: float
     all_at_10: float
     per_query: list[dict[str, Any]] = field(default_factory=list)
+    #: The ranking scored: the re-ranking chain (and the fusion, over several indexes).
+    rerank: str = "exact"
 
     def to_json(self, per_query: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
             "mAP": round(self.mAP, 4), "recall@1": round(self.recall_at_1, 4),
             "recall@10": round(self.recall_at_10, 4), "all@1": round(self.all_at_1, 4),
             "all@10": round(self.all_at_10, 4), "queries": self.queries,
-            "index": self.index, "extractor": self.extractor,
+            "index": self.index, "extractor": self.extractor, "rerank": self.rerank,
         }
         if per_query:
             out["per_query"] = self.per_query
@@ -151,5 +153,6 @@ def evaluate(catalog: Catalog, dataset: str | Path, *, index: str, rerank: str =
     return EvalReport(index=index, extractor=",".join(catalog.index(name).extractor for name in names),
                       queries=len(queries), mAP=float(np.mean(aps)) if aps else 0.0,
                       recall_at_1=share(first_ranks, 1), recall_at_10=share(first_ranks, 10),
-                      all_at_1=share(all_ranks, 1), all_at_10=share(all_ranks, 10), per_query=per_query)
+                      all_at_1=share(all_ranks, 1), all_at_10=share(all_ranks, 10), per_query=per_query,
+                      rerank=rerank + (f", fused by {fusion}" if len(names) > 1 else ""))
 
