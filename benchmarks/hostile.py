@@ -13,18 +13,30 @@ server is on loopback too):
    each to decode: under the per-image budget, so they are decoded, within the process's budget
    of bytes in flight), and idle again 5 s later;
 2. starvation: the latency of sequential searches by id (k=10) alone, then while SLOW clients
-   search by URL from a server that trickles its answer one byte every half second.
+   search by URL from a server that trickles its answer one byte every half second;
+3. archives: ``imgdb index import`` (its own process, its VmRSS sampled) of an honest export of a
+   small index, then of hostile variants of it: 700 MB of zeros after the declared vectors, a
+   vectors header declaring far more rows than the manifest, a learned-state member of 2 GB of
+   zeros, an images.json of 1 GB: each archive's size, what became of it, the time it took and
+   the importer's peak memory.
+
+``--parts`` picks some of the three (``memory,starvation,archives``).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -137,25 +149,102 @@ def starvation(url: str, slow: int, searches: int) -> dict[str, list[float]]:
     return {"alone": alone, "during": during, "busy": [busy]}
 
 
+def _rewritten(src: Path, dst: Path, members: dict[str, bytes]) -> Path:
+    """A copy of an export with some members replaced (written deflated: zeros compress 1000:1)."""
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as new:
+        for info in old.infolist():
+            if info.filename not in members:
+                new.writestr(info.filename, old.read(info))
+        for name, data in members.items():
+            new.writestr(name, data)
+    return dst
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def archives(db, museum: Path) -> list[dict]:  # noqa: ANN001
+    """Imports of an honest export and of hostile variants, each in a process of its own."""
+    db.create_index("honest", "color:hsv", ann="none")
+    db.ingest(sorted((museum / "images").glob("*.jpg"))[:50], index="honest")
+    folder = Path(tempfile.mkdtemp(prefix="imgdb-archives-"))
+    honest = folder / "honest.zip"
+    db.export_index("honest", honest)
+    with zipfile.ZipFile(honest) as archive:
+        manifest = json.loads(archive.read("manifest.json"))
+        vectors = archive.read("vectors.npy")
+    dim = manifest["index"]["dim"]
+    zeros = bytes(700 * 2**20)
+    cases = {
+        "honest export": honest,
+        "700 MB of zeros after the declared vectors": _rewritten(honest, folder / "a.zip", {"vectors.npy": vectors + zeros}),
+        "vectors header declaring 10^7 rows": _rewritten(honest, folder / "b.zip", {
+            "vectors.npy": _npy_header((10**7, dim)) + zeros}),
+        "state member of 2 GB of zeros": _rewritten(honest, folder / "c.zip", {
+            "manifest.json": json.dumps({**manifest, "state": ["pca_mean"]}).encode(),
+            "state/pca_mean.npy": _npy_header((2**29,)) + bytes(2 * 2**30)}),
+        "images.json of 1 GB": _rewritten(honest, folder / "d.zip", {
+            "images.json": b"[" + b" " * 2**30 + b"]"}),
+    }
+    rows = []
+    for n, (case, path) in enumerate(cases.items()):
+        started = time.perf_counter()
+        process = subprocess.Popen([str(Path(sys.executable).parent / "imgdb"), "index", "import", str(path),
+                                    "--name", f"imported_{n}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   env=os.environ.copy())
+        sampler = Sampler(process.pid)
+        sampler.start()
+        _, error = process.communicate()
+        sampler.done.set()
+        rows.append({"case": case, "archive_kb": path.stat().st_size / 1024, "seconds": time.perf_counter() - started,
+                     "peak_mb": sampler.peak, "outcome": "imported" if process.returncode == 0 else
+                     error.decode(errors="replace").strip().splitlines()[-1][:110]})
+        path.unlink()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--uploads", type=int, default=96)
     parser.add_argument("--slow", type=int, default=40)
     parser.add_argument("--id-searches", type=int, default=200)
+    parser.add_argument("--parts", default="memory,starvation,archives")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     museum = museum_or_exit()
+    mem = lat = imports = limits = None
     with private_imgdb() as db:
-        db.ingest([museum / "images"])
-        limits = db.settings.decoding
-        process, url = serve(IMGDB_ALLOW_PRIVATE_URLS="1")
-        try:
-            mem = memory(url, process.pid, args.clients, args.uploads)
-            lat = starvation(url, args.slow, args.id_searches)
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
+        if parts & {"memory", "starvation"}:
+            db.ingest([museum / "images"])
+            limits = db.settings.decoding
+            process, url = serve(IMGDB_ALLOW_PRIVATE_URLS="1")
+            try:
+                mem = memory(url, process.pid, args.clients, args.uploads) if "memory" in parts else None
+                lat = starvation(url, args.slow, args.id_searches) if "starvation" in parts else None
+            finally:
+                process.terminate()
+                process.wait(timeout=60)
+        imports = archives(db, museum) if "archives" in parts else None
+    if mem is not None:
+        report_memory(mem, limits, args)
+    if lat is not None:
+        report_latencies(lat, args)
+    if imports is not None:
+        print("\nImports of an index archive (`imgdb index import`, a process of its own, its peak VmRSS):\n")
+        print("| archive | size KB | outcome | seconds | peak RSS MB |")
+        print("| --- | --- | --- | --- | --- |")
+        for row in imports:
+            print(f"| {row['case']} | {row['archive_kb']:,.0f} | {row['outcome']} | {row['seconds']:.1f} | "
+                  f"{row['peak_mb']:.0f} |")
 
+
+def report_memory(mem: dict[str, float], limits, args: argparse.Namespace) -> None:  # noqa: ANN001
     print(f"\nDecode limits: {limits.max_bytes / 2**20:.0f} MiB per image, {limits.in_flight / 2**20:.0f} MiB in flight.\n")
     print(f"Memory: {args.clients} clients, {args.uploads} uploads of a {mem['file_kb']:.0f} KB PNG "
           f"(6000x6000 RGBA) in {mem['seconds']:.1f} s, {mem['ok']} answered, {mem['refused']} refused.\n")
@@ -165,6 +254,9 @@ def main() -> None:
         print(f"| {key} | {mem[key]:.0f} |")
     print(f"\npeak - before: {mem['peak'] - mem['before']:.0f} MB (budget in flight {limits.in_flight / 2**20:.0f} MiB"
           f" + 1 GB allowed); after - before: {mem['after'] - mem['before']:.0f} MB (200 MB allowed)\n")
+
+
+def report_latencies(lat: dict[str, list[float]], args: argparse.Namespace) -> None:
     print(f"Searches by id, {args.id_searches} sequential, alone and with {lat['busy'][0]} slow URL searches in flight:\n")
     print("| | p50 ms | p99 ms | max ms |")
     print("| --- | --- | --- | --- |")

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import json
+import math
 import os
 import re
 import zipfile
@@ -63,7 +63,7 @@ VERSION = 1
 #: an image on average).
 MAX_MANIFEST_BYTES = 2**20
 MAX_ENTRY_BYTES = 16 * 2**10
-MAX_STATE_BYTES = 2**30
+MAX_STATE_BYTES = 512 * 2**20
 MAX_NETWORK_BYTES = 2 * 2**30
 #: Room for a .npy header.
 NPY_HEADER = 4096
@@ -285,13 +285,33 @@ def _json(archive: zipfile.ZipFile, member: str, limit: int) -> Any:
     return values.loads(_read(archive, member, limit), member)
 
 
-def _array(archive: zipfile.ZipFile, member: str, limit: int) -> np.ndarray:
+def _header(part: zipfile.ZipExtFile, member: str) -> tuple[np.dtype, tuple[int, ...]]:
+    """A ``.npy`` member's declared dtype and shape: numbers only (no pickled objects), C order."""
     try:
-        found = np.load(io.BytesIO(_read(archive, member, limit)), allow_pickle=False)
-    except ValueError as exc:
+        version = np.lib.format.read_magic(part)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran, dtype = read(part)
+    except (ValueError, KeyError, EOFError) as exc:
         raise ImgdbError(f"{member} is not a plain .npy array: {exc}") from None
-    if found.dtype.kind not in "biuf":
-        raise ImgdbError(f"{member} holds {found.dtype}, not numbers")
+    if fortran or dtype.hasobject or dtype.kind not in "biuf":
+        raise ImgdbError(f"{member} is not a plain .npy array of numbers")
+    return dtype, shape
+
+
+def _array(archive: zipfile.ZipFile, member: str, limit: int) -> np.ndarray:
+    """A ``.npy`` member: its header read first and the size it declares checked against ``limit``
+    before a byte of the array is read, then exactly that many bytes, and nothing after them."""
+    with _open(archive, member) as part:
+        dtype, shape = _header(part, member)
+        size = dtype.itemsize * math.prod(shape)
+        if size > limit:
+            raise ImgdbError(f"{member} declares {size:,} bytes, more than the manifest lets it be ({limit:,})")
+        found = np.empty(shape, dtype)
+        buffer, filled = memoryview(found.reshape(-1).view(np.uint8)), 0
+        while filled < size and (n := part.readinto(buffer[filled:])):
+            filled += n
+        if filled != size or part.read(1):
+            raise ImgdbError(f"{member} does not hold the {size:,} bytes its header declares")
     return found
 
 
@@ -307,13 +327,8 @@ def _vector_chunks(archive: zipfile.ZipFile, count: int, dim: int) -> Iterator[t
     """``vectors.npy`` streamed in chunks of rows (first row, rows): its header must say what the
     manifest does (``count`` float32 rows of ``dim``), every value finite, nothing past the last row."""
     with _open(archive, "vectors.npy") as part:
-        try:
-            version = np.lib.format.read_magic(part)
-            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            shape, fortran, dtype = header[version](part)
-        except (ValueError, KeyError, EOFError) as exc:
-            raise ImgdbError(f"vectors.npy is not a plain .npy array: {exc}") from None
-        if dtype != np.dtype("<f4") or fortran or shape != (count, dim):
+        dtype, shape = _header(part, "vectors.npy")
+        if dtype != np.dtype("<f4") or shape != (count, dim):
             raise ImgdbError(f"vectors.npy must be a plain .npy array of {count} float32 rows of {dim} values")
         rows = max(1, VECTOR_CHUNK_BYTES // (4 * dim))
         for start in range(0, count, rows):
