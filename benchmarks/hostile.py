@@ -64,7 +64,10 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(0.02):
-            self.peak = max(self.peak, rss_mb(self.pid))
+            try:
+                self.peak = max(self.peak, rss_mb(self.pid))
+            except (OSError, RuntimeError):  # (it has ended)
+                return
 
 
 def flat_png(side: int = 6000) -> bytes:
