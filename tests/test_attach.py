@@ -595,3 +595,23 @@ def test_a_symlink_swapped_during_syncs_never_brings_a_file_from_outside(client,
         worker.join()
     assert "embedded" in outcomes, outcomes
     client.detach("swaps")
+
+
+def test_a_sync_never_waits_on_a_table_the_application_holds(client, app_sql, gallery: list[Path]) -> None:  # noqa: ANN001
+    """An application's transaction holding its table (ALTER TABLE under way): sync says so at once
+    and leaves the rows queued; once it commits, the next sync embeds them."""
+    if "polite" not in {i.name for i in client.indexes()}:
+        client.create_index("polite", COLOR, ann="none")
+    make_table(app_sql, "altered", "id int PRIMARY KEY, photo text")
+    app_sql.execute("INSERT INTO altered VALUES (1, %s)", (str(gallery[2]),))
+    client.attach("altered", "photo", index="polite")
+    with psycopg.connect(client.database.url) as holder:
+        holder.execute("LOCK TABLE altered IN ACCESS EXCLUSIVE MODE")
+        started = time.perf_counter()
+        report = client.sync("polite")
+        took = time.perf_counter() - started
+        holder.rollback()
+    assert report.embedded == 0 and [f.error for f in report.failed if "holds" in f.error], report.failed
+    assert took < 10, took
+    assert client.sync("polite").embedded == 1
+    client.detach("altered")

@@ -90,6 +90,21 @@ def lost_to_a_conflict(exc: sa.exc.OperationalError) -> bool:
     return isinstance(exc.orig, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure))
 
 
+@contextmanager
+def bounded_lock_waits(conn: Connection) -> Iterator[None]:
+    """Within, ``conn``'s statements wait for no lock longer than LOCK_TIMEOUT_S (they fail instead:
+    :func:`kept_waiting`): for work on an application's tables, whose own statements queue behind
+    a lock imgdb waits for. (imgdb's own waits, after, are as long as they need.)"""
+    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{round(LOCK_TIMEOUT_S * 1000)}ms'")
+    yield
+    conn.exec_driver_sql("SET LOCAL lock_timeout TO DEFAULT")
+
+
+def kept_waiting(exc: sa.exc.OperationalError) -> bool:
+    """Whether a statement gave up waiting for a lock (:func:`bounded_lock_waits`)."""
+    return isinstance(exc.orig, psycopg.errors.LockNotAvailable)
+
+
 class Database:
     """Connections on imgdb's schema in one database, migrated to the current revision.
 
@@ -288,11 +303,10 @@ class Database:
         pause, waited = LOCK_TIMEOUT_S, 0.0
         for attempt in range(1, LOCK_TRIES + 1):
             try:
-                with self.engine.begin() as conn:
-                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{round(LOCK_TIMEOUT_S * 1000)}ms'")
+                with self.engine.begin() as conn, bounded_lock_waits(conn):
                     return work(conn)
             except sa.exc.OperationalError as exc:
-                if not isinstance(exc.orig, psycopg.errors.LockNotAvailable):
+                if not kept_waiting(exc):
                     raise
                 waited += LOCK_TIMEOUT_S
                 if attempt == LOCK_TRIES:

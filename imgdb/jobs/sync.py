@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from imgdb.catalog import Catalog
 from imgdb.db import attached, derived, images, indexes, vectors
 from imgdb.db.attached import Claimed
-from imgdb.db.engine import lost_to_a_conflict
+from imgdb.db.engine import bounded_lock_waits, kept_waiting, lost_to_a_conflict
 from imgdb.db.records import IndexRecord, Source
 from imgdb.errors import ImgdbError, first_line
 from imgdb.io.sources import absolute, is_remote
@@ -117,6 +117,10 @@ def locate(value: str, root: str | None) -> str | Confined:
     if os.path.commonpath([base, os.path.realpath(path)]) != base:
         raise ImgdbError(f"{text[:200]!r} is outside the attached root {root}")
     return Confined(path, root)
+
+
+class TableBusy(ImgdbError):
+    """The application held an attached table longer than imgdb waits for it."""
 
 
 @dataclass(frozen=True)
@@ -232,10 +236,11 @@ class Syncer:
                 while claimed := self._batch(ingester, source, known, report):
                     if on_claimed:
                         on_claimed(max(claimed, 0))
-            except sa.exc.ProgrammingError as exc:
-                # The table itself is in the way (dropped, a column renamed): say so, go on with the
-                # other tables. Its rows stay queued.
-                reason = f"cannot read {source.table}: {first_line(exc.orig)} (detach it, then attach it again)"
+            except (sa.exc.ProgrammingError, TableBusy) as exc:
+                # The table itself is in the way (dropped, a column renamed, held by the application):
+                # say so, go on with the other tables. Its rows stay queued.
+                reason = str(exc) if isinstance(exc, TableBusy) else \
+                    f"cannot read {source.table}: {first_line(exc.orig)} (detach it, then attach it again)"
                 report.failed.append(SyncFailure(source.table, None, reason))
                 if on_status:
                     on_status(reason)
@@ -294,6 +299,9 @@ class Syncer:
         except sa.exc.OperationalError as exc:
             if lost_to_a_conflict(exc):
                 return -1
+            if kept_waiting(exc):
+                raise TableBusy(f"the application holds {source.table} (a transaction left open?): its rows stay "
+                                "queued for the next sync") from None
             raise
         if outcome is None:
             return 0
@@ -310,7 +318,8 @@ class Syncer:
         images, vectors, refs and failures together."""
         max_bytes = self.catalog.settings.fetch.max_bytes
         with self.database.engine.begin() as conn:
-            claimed = attached.claim(conn, source, CLAIM_BATCHES * ingester.extractor.batch_size, max_bytes)
+            with bounded_lock_waits(conn):  # (the application's table is read: imgdb never makes it wait)
+                claimed = attached.claim(conn, source, CLAIM_BATCHES * ingester.extractor.batch_size, max_bytes)
             if not claimed:
                 return None
             gone: list[Claimed] = []  # rows deleted, or without an image now
