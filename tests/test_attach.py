@@ -535,7 +535,10 @@ def test_a_dropped_table_is_detached_by_the_name_sync_status_shows(client, app_s
     app_sql.execute("INSERT INTO dropped VALUES (1, %s)", (str(gallery[1]),))
     client.attach("dropped", "photo", index="polite")
     assert client.sync("polite").embedded == 1
+    app_sql.execute("INSERT INTO dropped VALUES (2, %s)", (str(gallery[3]),))
     app_sql.execute("DROP TABLE dropped")
+    report = client.sync("polite")  # (its queued row: the table is reported, the sync goes on)
+    assert [f.error for f in report.failed if "dropped" in f.error], report.failed
     shown = [row["table"] for row in client.sync_status("polite")]
     assert len(shown) == 1
     from typer.testing import CliRunner

@@ -236,10 +236,10 @@ class Syncer:
                 while claimed := self._batch(ingester, source, known, report):
                     if on_claimed:
                         on_claimed(max(claimed, 0))
-            except (sa.exc.ProgrammingError, TableBusy) as exc:
+            except (sa.exc.ProgrammingError, ImgdbError) as exc:
                 # The table itself is in the way (dropped, a column renamed, held by the application):
                 # say so, go on with the other tables. Its rows stay queued.
-                reason = str(exc) if isinstance(exc, TableBusy) else \
+                reason = str(exc) if isinstance(exc, ImgdbError) else \
                     f"cannot read {source.table}: {first_line(exc.orig)} (detach it, then attach it again)"
                 report.failed.append(SyncFailure(source.table, None, reason))
                 if on_status:
