@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import psycopg
 from PIL import Image
 
 from imgdb import lazy
@@ -23,7 +22,7 @@ from imgdb.catalog import Catalog
 from imgdb.db import records
 from imgdb.db import search as sql
 from imgdb.db.records import IndexRecord
-from imgdb.errors import ImageNotFound, ImgdbError
+from imgdb.errors import ConcurrentChange, ImageNotFound, ImgdbError
 from imgdb.features import keypoints
 from imgdb.io import sources
 from imgdb.io.reader import rgb
@@ -84,7 +83,7 @@ def search(catalog: Catalog, query: Query, *, k: int = 10, filters: Sequence[str
             hits = catalog.database.searching(lambda conn: plan.search(
                 catalog.layer, conn, target, vector, k, clauses, image=image, rerank=rerank, candidates=candidates))
             return scored(target, hits, min_score)
-        except psycopg.errors.UndefinedTable:
+        except ConcurrentChange:
             # Dropped (and maybe re-created) by another process since this one cached it: ask again.
             catalog.layer.forget(target)
             if attempt == 2:
