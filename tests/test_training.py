@@ -325,22 +325,22 @@ def test_a_killed_training_leaves_nothing_a_rerun_trips_on(client, sample_index:
     from imgdb.jobs.train import UNFINISHED
     from tests.conftest import tool_env
 
-    process = subprocess.Popen(["imgdb", "train", "killed", "--from", sample_index, "--epochs", "1", "--views", "1",
+    process = subprocess.Popen(["imgdb", "train", "train_killed", "--from", sample_index, "--epochs", "1", "--views", "1",
                                 "--train-stages", "1"], env=tool_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     try:
-        while "killed" not in {i.name for i in client.indexes()}:  # (created: it is filling it now)
+        while "train_killed" not in {i.name for i in client.indexes()}:  # (created: it is filling it now)
             assert process.poll() is None and time.monotonic() < deadline, "the training ended before filling"
             time.sleep(0.05)
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     with client.database.connect() as conn:
-        left = indexes.get(conn, "killed")
+        left = indexes.get(conn, "train_killed")
         assert left is not None and state.load(conn, left, UNFINISHED)
-    report = client.train_network("killed", sample_index, options=TrainOptions(**QUICK_TRAINING))
+    report = client.train_network("train_killed", sample_index, options=TrainOptions(**QUICK_TRAINING))
     assert report.encoded.added == SAMPLE_SIZE
     with client.database.connect() as conn:
-        assert not state.load(conn, indexes.require(conn, "killed"), UNFINISHED)
-    client.drop_index("killed")
+        assert not state.load(conn, indexes.require(conn, "train_killed"), UNFINISHED)
+    client.drop_index("train_killed")
