@@ -157,10 +157,12 @@ def in_index(conn: Connection, index: IndexRecord, sha256: str) -> bool:
         " WHERE i.sha256 = %s)", (sha256,)).scalar())
 
 
-def of_index(conn: Connection, index: IndexRecord) -> list[StoredImage]:
-    """Every image of an index, in id order."""
-    rows = conn.exec_driver_sql(f'SELECT i.id, i.uri, i.sha256, v.direct FROM images i JOIN "{index.vectors_table}" v'
-                                " ON v.image_id = i.id ORDER BY i.id").all()
+def of_index(conn: Connection, index: IndexRecord, ids: Sequence[int] | None = None) -> list[StoredImage]:
+    """Every image of an index (those of ``ids``, where given), in id order."""
+    rows = conn.execute(sa.text(
+        f'SELECT i.id, i.uri, i.sha256, v.direct FROM images i JOIN "{index.vectors_table}" v ON v.image_id = i.id'
+        " WHERE CAST(:ids AS bigint[]) IS NULL OR i.id = ANY(CAST(:ids AS bigint[])) ORDER BY i.id"),
+        {"ids": None if ids is None else list(ids)}).all()
     return [StoredImage(*row) for row in rows]
 
 

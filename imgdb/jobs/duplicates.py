@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from sqlalchemy.engine import Connection
 
 from imgdb import lazy
@@ -40,7 +41,8 @@ from imgdb.db.records import IndexRecord
 from imgdb.errors import ImgdbError
 from imgdb.features import keypoints
 from imgdb.jobs.calibrate import MIN_IMAGES, calibrate
-from imgdb.jobs.ingest import NearDuplicate, Prepared, ProgressCallback, StatusCallback
+from imgdb.jobs.ingest import Failure, Ingester, IngestReport, NearDuplicate, Prepared, ProgressCallback, StatusCallback
+from imgdb.jobs.reencode import read_back
 from imgdb.query import plan
 from imgdb.query.scores import Calibration
 from imgdb.query.verify import Verify, verify
@@ -63,6 +65,13 @@ SIMILAR_SCORE = 0.2
 #: pair to be the same picture (a crop, a rotation, a picture pasted into a frame are wholly inside;
 #: two shots that each show a part the other lacks are not).
 CONTAINED = 0.85
+#: Share of an image's frame under which the box its local features cover (their 2nd to 98th
+#: percentile) makes it *framed*: a picture in a plain frame (pasted into a page, a screenshot, a
+#: letterbox), whose descriptor is mostly the frame's, so that its own picture's copies are not
+#: among its nearest. The job then also looks for the nearest of what the features cover.
+FRAMED = 0.4
+#: Fewest features from which their box says anything.
+BOX_FEATURES = 16
 
 
 @dataclass
@@ -72,13 +81,16 @@ class DuplicatesReport:
     index: str
     checked: int = 0
     pairs: int = 0
-    #: The groups (of the level asked for), as :func:`imgdb.db.duplicates.groups` gives them.
+    #: The groups (of the level asked for; one page of them where a limit was given), as
+    #: :func:`imgdb.db.duplicates.groups` gives them.
     groups: list[dict[str, Any]] = field(default_factory=list)
+    #: How many groups of that level the index has (the pages' sum).
+    total: int = 0
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"groups": self.groups, "index": self.index, "checked": self.checked, "pairs": self.pairs,
-                "seconds": round(self.seconds, 3)}
+        return {"groups": self.groups, "total": self.total, "index": self.index, "checked": self.checked,
+                "pairs": self.pairs, "seconds": round(self.seconds, 3)}
 
 
 def contained(homography: np.ndarray, inner: tuple[float, float], outer: tuple[float, float]) -> float:
@@ -186,15 +198,19 @@ class Judge:
 
 
 def find(catalog: Catalog, name: str, *, level: str | None = None, k: int = K, update: bool = True,
-         on_progress: ProgressCallback | None = None, on_status: StatusCallback | None = None) -> DuplicatesReport:
-    """Index ``name``'s groups of ``level`` (every level: None); with ``update``, after judging the
-    neighbours of the images no run has compared yet (the index learns its scores first where it
-    has not) and making the groups again."""
+         limit: int | None = None, offset: int = 0, on_progress: ProgressCallback | None = None,
+         on_status: StatusCallback | None = None) -> DuplicatesReport:
+    """Index ``name``'s groups of ``level`` (every level: None), ``limit`` of them from the
+    ``offset``-th (every one: None); with ``update``, after judging the neighbours of the images no
+    run has compared yet (the index learns its scores first where it has not) and making the groups
+    again."""
     started = time.perf_counter()
     if level is not None and level not in dup.LEVELS:
         raise ImgdbError(f"unknown level {level[:20]!r}: use {', '.join(dup.LEVELS)}")
     if not 1 <= k <= MAX_K:
         raise ImgdbError(f"k must be between 1 and {MAX_K}, not {k}")
+    if (limit is not None and limit < 0) or offset < 0:
+        raise ImgdbError(f"limit and offset must be 0 or more, not {limit} and {offset}")
     index = catalog.layer.record(name) or catalog.index(name)
     report = DuplicatesReport(index.name)
     if update and level is None and Calibration.of(index.score_state) is None:
@@ -209,7 +225,8 @@ def find(catalog: Catalog, name: str, *, level: str | None = None, k: int = K, u
         index = _with_scores(catalog, index, on_progress, on_status)
         _update(catalog, index, k, report, on_progress, on_status)
     with catalog.database.connect() as conn:
-        report.groups = dup.groups(conn, index, level)
+        report.groups = dup.groups(conn, index, level, limit=limit, offset=offset)
+        report.total = dup.count_groups(conn, index, level)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -243,6 +260,7 @@ def _update(catalog: Catalog, index: IndexRecord, k: int, report: DuplicatesRepo
         todo = dup.unchecked(conn, index)
     if on_status and todo:
         on_status(f"comparing {len(todo)} images of {index.name!r} with their {k} nearest")
+    contents = Contents(catalog, index, judge)
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start:start + CHUNK]
         found = judge.vectors(chunk)
@@ -250,11 +268,11 @@ def _update(catalog: Catalog, index: IndexRecord, k: int, report: DuplicatesRepo
         for image_id in chunk:
             if image_id not in found:
                 continue
-            hits = catalog.database.searching(lambda conn: plan.search(
-                catalog.layer, conn, index, found[image_id], k + 1, rerank="exact"))  # noqa: B023 - called at once
-            for hit in hits:
+            for hit in contents.nearest(found[image_id], k + 1):
                 if hit.id != image_id:
                     candidates.setdefault((min(image_id, hit.id), max(image_id, hit.id)), hit.distance)
+        candidates |= {key: d for key, d in contents.candidates([i for i in chunk if i in found], k + 1).items()
+                       if key not in candidates}
         verdicts = judge.judge(candidates)
         with catalog.database.engine.begin() as conn:
             dup.record(conn, index, chunk, verdicts)
@@ -263,10 +281,80 @@ def _update(catalog: Catalog, index: IndexRecord, k: int, report: DuplicatesRepo
         judge.forget()
         if on_progress:
             on_progress(min(start + CHUNK, len(todo)), len(todo))
+    if contents.unread and on_status:
+        first = contents.unread[0]
+        on_status(f"{len(contents.unread)} framed images could not be read again (first: {first.path}: {first.error})")
     with catalog.database.engine.begin() as conn:
         kept = dup.pairs(conn, index)
         sizes = dup.sizes(conn, sorted({i for key in kept for i in key}))
         dup.replace_groups(conn, index, [m for level in dup.JUDGED for m in group(kept, level, sizes, judge)])
+
+
+def content_box(features: Features) -> tuple[float, float, float, float] | None:
+    """The box (left, top, right, bottom, as shares of the frame) that an image's local features
+    cover, where the image is framed (the box is under :data:`FRAMED` of the frame); else None."""
+    xy, _, (width, height) = features
+    if len(xy) < BOX_FEATURES or width <= 0 or height <= 0:
+        return None
+    low, high = np.quantile(xy, [0.02, 0.98], axis=0)
+    if (high[0] - low[0]) * (high[1] - low[1]) >= FRAMED * width * height:
+        return None
+    left, top = xy.min(axis=0)
+    right, bottom = xy.max(axis=0)
+    return (max(0.0, left / width), max(0.0, top / height), min(1.0, right / width), min(1.0, bottom / height))
+
+
+class Contents:
+    """Where the index keeps local features, the framed images' *contents*: each framed image of a
+    chunk is read again, what its features cover is cut out and described as the index describes an
+    image, and its nearest are candidates too (a picture pasted small into a plain frame is among the
+    nearest of its picture only so). Images that cannot be read again are looked for by their whole
+    frame only (:attr:`unread`)."""
+
+    def __init__(self, catalog: Catalog, index: IndexRecord, judge: Judge) -> None:
+        self.catalog, self.index, self.judge = catalog, index, judge
+        self._ingester: Ingester | None = None
+        #: Framed images that could not be read again, with the reason.
+        self.unread: list[Failure] = []
+
+    def nearest(self, vector: np.ndarray, k: int) -> list[sql.Hit]:
+        """The ``k`` nearest of a vector, through the index's own first stage, exactly re-ranked."""
+        return self.catalog.database.searching(lambda conn: plan.search(
+            self.catalog.layer, conn, self.index, vector, k, rerank="exact"))
+
+    def candidates(self, ids: Sequence[int], k: int) -> dict[tuple[int, int], float]:
+        """The pairs of each framed image of ``ids`` and the ``k`` nearest of its content, each at the
+        distance of the two images' stored vectors (the evidence the scores learned from)."""
+        if self.judge.spec is None:
+            return {}
+        boxes = {i: box for i in ids if (f := self.judge.features(i)) is not None and (box := content_box(f)) is not None}
+        if not boxes:
+            return {}
+        if self._ingester is None:
+            self._ingester = Ingester(self.catalog, self.index)
+        extractor, report = self._ingester.extractor, IngestReport(failed=self.unread)
+        with self.catalog.database.connect() as conn:
+            held = images.of_index(conn, self.index, list(boxes))
+        found: dict[tuple[int, int], float] = {}
+        for batch in read_back(self._ingester, held, report, None, prepare=lambda pixels: pixels,
+                               outcome="its picture is looked for by its whole frame only"):
+            crops = [extractor.prepare(_cut(loaded.prepared, boxes[row.image_id])) for row, loaded in batch]
+            for (row, _), vector in zip(batch, extractor.embed(crops)):
+                hits = [hit.id for hit in self.nearest(vector, k) if hit.id != row.image_id]
+                stored = self.judge.vectors([row.image_id, *hits])
+                for other in hits:
+                    if row.image_id in stored and other in stored:
+                        found[(min(row.image_id, other), max(row.image_id, other))] = float(
+                            np.linalg.norm(stored[row.image_id] - stored[other]))
+        return found
+
+
+def _cut(pixels: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+    """The part of an image that ``box`` (shares of its frame) covers."""
+    left, top, right, bottom = box
+    width, height = pixels.size
+    return pixels.crop((int(left * width), int(top * height), max(int(left * width) + 1, round(right * width)),
+                        max(int(top * height) + 1, round(bottom * height))))
 
 
 def screen_for(catalog: Catalog, name: str, mode: str, on_status: StatusCallback | None = None) -> NearDuplicateScreen:
@@ -388,9 +476,12 @@ def resolve(catalog: Catalog, name: str, group: int, *, keep: int, level: str = 
 def group(pairs: dict[tuple[int, int], Judged], level: str, sizes: dict[int, tuple[int, int]],
           judge: Judge) -> list[dict[str, Any]]:
     """The groups of ``level`` that ``pairs`` make, as rows of ``duplicate_members``. Seeds in order
-    of how many images they match (then pixels, then age) each take the images that match the seed
-    and every member so far; the group's representative is its image with the most pixels (then
-    the oldest), and each member's evidence is its pair with the representative."""
+    of how many images they match (then pixels, then age) each take, best score first, the images
+    that match the seed and every member so far; a ``near`` group also reaches the images matching
+    any of its members (a picture pasted small into a frame may be among the nearest of one copy
+    and not of another), each still judged against every member, so that it never chains. The
+    group's representative is its image with the most pixels (then the oldest), and each member's
+    evidence is its pair with the representative."""
     edges: dict[int, dict[int, Judged]] = defaultdict(dict)
     for (a, b), found in pairs.items():
         if found.level == level and not found.resolved:
@@ -407,16 +498,25 @@ def group(pairs: dict[tuple[int, int], Judged], level: str, sizes: dict[int, tup
         width, height = sizes.get(image_id, (0, 0))
         return -width * height, image_id
 
+    def by_score(found: dict[int, Judged]) -> list[int]:
+        return [other for other, _ in sorted(found.items(), key=lambda item: (-item[1].score, item[0]))]
+
     taken: set[int] = set()
     rows: list[dict[str, Any]] = []
     for seed in sorted(edges, key=lambda i: (-len(edges[i]), *largest(i))):
         if seed in taken:
             continue
-        members = [seed]
-        for other, _ in sorted(edges[seed].items(), key=lambda item: (-item[1].score, item[0])):
-            if other not in taken and all(verdict(m, other).level in matching and not verdict(m, other).resolved
-                                          for m in members[1:]):
-                members.append(other)
+        members, reached = [seed], by_score(edges[seed])
+        seen = {seed, *reached}
+        for other in reached:  # (grows as near members bring their own matches)
+            if other in taken or not all(verdict(m, other).level in matching and not verdict(m, other).resolved
+                                         for m in members):
+                continue
+            members.append(other)
+            if level == "near":
+                reached += [i for i in by_score(edges[other]) if i not in seen]
+                seen.update(reached)
+        judge.forget()  # (the features of a group's pairs: a few hundred KB an image)
         if len(members) < 2:
             continue
         taken.update(members)
