@@ -126,17 +126,19 @@ class Imgdb:
         return bool(found.score_state)
 
     def duplicates(self, index: str = DEFAULT_INDEX, *, level: str | None = None, k: int | None = None,
-                   update: bool = True, on_progress: ProgressCallback | None = None,
+                   update: bool = True, limit: int | None = None, offset: int = 0,
+                   on_progress: ProgressCallback | None = None,
                    on_status: StatusCallback | None = None) -> DuplicatesReport:
         """The index's groups of duplicate images (of ``level``: ``exact``, ``near`` or ``similar``;
         default every level), each with its representative and every member's evidence; with
         ``update`` (the default), after comparing the images added since the last run with their
-        ``k`` nearest (:mod:`imgdb.jobs.duplicates`). The groups are kept in SQL (the index's
+        ``k`` nearest (:mod:`imgdb.jobs.duplicates`). ``limit`` and ``offset`` ask for a page of the
+        groups (``total`` says how many there are). The groups are kept in SQL (the index's
         ``duplicates_<name>`` view)."""
         from imgdb.jobs.duplicates import K, find
 
-        return find(self.catalog, index, level=level, k=K if k is None else k, update=update,
-                    on_progress=on_progress, on_status=on_status)
+        return find(self.catalog, index, level=level, k=K if k is None else k, update=update, limit=limit,
+                    offset=offset, on_progress=on_progress, on_status=on_status)
 
     def resolve_duplicates(self, group: int, *, keep: int, index: str = DEFAULT_INDEX, level: str = "near",
                            delete_others: bool = False, merge_metadata: bool = False) -> Resolution:

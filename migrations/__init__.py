@@ -3,4 +3,4 @@
 #: The newest revision. Every process that opens a database compares the schema's revision with
 #: it, and reading it from here spares that process importing alembic and parsing every migration
 #: (half a second of a cold start); tests/test_application.py checks it is alembic's own head.
-HEAD = "0006"
+HEAD = "0007"

@@ -133,3 +133,45 @@ def test_verified_hits_are_marked_their_matches_shown_and_absent_paintings_say_n
     browser.find_element(By.ID, "file").send_keys(str((museum / absent["query"]).resolve()))
     assert "no match" in wait_for_status(browser, "no match")
     assert not browser.find_elements(By.CSS_SELECTOR, "#results .hit.verified")
+
+
+def test_duplicates_view_shows_each_group_side_by_side_with_its_evidence(
+        browser: webdriver.Chrome, live_server: LiveServer, client, museum_sample: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    from PIL import Image
+    from selenium.webdriver.support.ui import Select
+
+    paintings = sorted((museum_sample / "images").glob("*.jpg"))[:12]
+    copies = []
+    for painting in paintings[:2]:  # (two paintings with two copies each: a smaller one, a cropped one)
+        image = Image.open(painting).convert("RGB")
+        copies.append(tmp_path / f"{painting.stem}__half.png")
+        image.resize((image.width // 2, image.height // 2)).save(copies[-1])
+        copies.append(tmp_path / f"{painting.stem}__crop.png")
+        image.crop((image.width // 10, image.height // 10, image.width, image.height)).save(copies[-1])
+    client.create_index("page_dups", "color:hsv")
+    client.verify_index("page_dups")
+    client.ingest([*paintings, *copies], index="page_dups")
+    client.calibrate("page_dups", sample=10)
+    groups = client.duplicates("page_dups", level="near").groups
+    assert groups
+    browser.get(f"{live_server.url}/")
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#index option[value=page_dups]"))
+    Select(browser.find_element(By.ID, "index")).select_by_value("page_dups")
+    browser.find_element(By.ID, "show-duplicates").click()
+    wait_for_status(browser, "groups of duplicates in page_dups")
+    shown = browser.execute_script("""
+        return [...document.querySelectorAll('#results section.group')].map((box) => ({
+          title: box.querySelector('h2').textContent,
+          ids: [...box.querySelectorAll('.hit')].map((card) => Number(card.dataset.id)),
+          first: box.querySelector('.hit').classList.contains('representative'),
+          scores: [...box.querySelectorAll('.hit')].map((card) => card.textContent.includes('score'))}));""")
+    near = [box for box in shown if box["title"].startswith("near")]
+    assert [box["ids"] for box in near] == [[image["id"] for image in g["images"]] for g in groups]
+    assert all(box["first"] and all(box["scores"]) for box in near)
+    # The evidence of a verified member: its matches with the representative, overlaid.
+    member = browser.find_element(By.CSS_SELECTOR, "#results section.group .hit:not(.representative)")
+    member.find_element(By.XPATH, ".//button[text()='show the matches']").click()
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script(
+        "const i = document.querySelector('#explain img'); return i.complete && i.naturalWidth > 0"))
+    assert browser.find_element(By.ID, "explain").is_displayed()
+    browser.find_element(By.ID, "explain").click()

@@ -20,6 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from imgdb.errors import ImgdbError
+from imgdb.query.scores import Calibration
 from imgdb.training.edits import EDITS
 from imgdb_cli.main import app
 from tests.conftest import copy_image
@@ -157,13 +158,24 @@ def test_sync_brings_the_groups_up_to_date(client, dups: str, collection: dict[s
     copy = tmp_path / "resized.png"
     image = Image.open(source)
     image.resize((image.width // 2, image.height // 2)).save(copy)
+    other = next(files[0] for files in collection.values() if len(files) == 1)
     client.duplicates(dups, k=10)  # (duplicates asked for once: sync keeps them up to date from then on)
     with psycopg.connect(client.database.url, autocommit=True) as app_sql:
         app_sql.execute("DROP TABLE IF EXISTS public.dup_posts")
         app_sql.execute("CREATE TABLE public.dup_posts (id int PRIMARY KEY, picture text)")
-        app_sql.execute("INSERT INTO public.dup_posts VALUES (7, %s)", (str(copy),))
+        app_sql.cursor().executemany("INSERT INTO public.dup_posts VALUES (%s, %s)",
+                                     [(7, str(copy)), (8, str(source)), (9, str(other))])
         client.attach("dup_posts", "picture", index=dups)
         client.sync(dups)
+        # "More like this" from SQL carries the index's score, and cuts on it as the API does.
+        nearest = app_sql.execute("SELECT ref, distance, score FROM imgdb.similar(%s, 7, 10)", (dups,)).fetchall()
+        kept = app_sql.execute("SELECT ref, score FROM imgdb.similar(%s, 7, 10, min_score => 0.5)", (dups,)).fetchall()
+        model = Calibration.of(client.catalog.layer.record(dups).score_state)
+        assert [ref for ref, _, _ in nearest] == [8, 9]  # (its own picture first)
+        assert [score for _, _, score in nearest] == pytest.approx([model.score(d, {}) for _, d, _ in nearest], abs=1e-4)
+        assert kept == [(ref, score) for ref, _, score in nearest if score >= 0.5] and kept[0][0] == 8
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="between 0 and 1"):
+            app_sql.execute("SELECT * FROM imgdb.similar(%s, 7, 10, min_score => 1.5)", (dups,))
         ids = _ids(client, dups)
         listed = client.duplicates(dups, level="near", update=False)
         assert listed.checked == 0 and all(g["level"] == "near" for g in listed.groups)
@@ -216,6 +228,8 @@ def test_cli_duplicates_and_calibrate(client, dups: str) -> None:  # noqa: ANN00
     document = json.loads(result.stdout)
     assert document["groups"] and all(set(g) >= {"group", "level", "representative", "images"} for g in document["groups"])
     assert all(set(i) >= {"id", "uri", "score"} for g in document["groups"] for i in g["images"])
+    result = runner.invoke(app, ["duplicates", "--index", dups, "--level", "near", "--no-update", "--limit", "1"])
+    assert result.exit_code == 0 and f"groups 1-1 of {document['total']} shown" in result.output, result.output
     result = runner.invoke(app, ["duplicates", "--index", dups, "--level", "twins"])
     assert result.exit_code != 0 and "unknown level" in result.output
     result = runner.invoke(app, ["index", "calibrate", "nosuchindex"])
@@ -269,6 +283,12 @@ def test_the_http_api_scores_lists_and_resolves_with_the_token(client, dups: str
         listed = http.get(f"/duplicates?index={dups}&level=near").json()
         assert listed["groups"] and all(image["thumbnail"].endswith("/thumbnail")
                                         for g in listed["groups"] for image in g["images"])
+        assert listed["total"] == len(listed["groups"]) >= 2 and listed["offset"] == 0
+        # A page at a time: the second group alone, and nothing past the end; a page has a bound.
+        second = http.get(f"/duplicates?index={dups}&level=near&limit=1&offset=1").json()
+        assert second["groups"] == listed["groups"][1:2] and second["total"] == listed["total"]
+        assert http.get(f"/duplicates?index={dups}&level=near&offset={listed['total']}").json()["groups"] == []
+        assert http.get(f"/duplicates?index={dups}&limit=100000").status_code == 422
         assert http.get(f"/duplicates?index={dups}&level=twins").status_code == 400
         group = listed["groups"][0]
         keep = group["images"][1]["id"]

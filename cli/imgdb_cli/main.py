@@ -309,6 +309,8 @@ def duplicates(
                                                  "default: every level.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Nearest images each image is compared with.")] = 20,
     no_update: Annotated[bool, typer.Option("--no-update", help="List the groups as the last run left them.")] = False,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=0, help="List this many groups (default: all).")] = None,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="Groups to pass over before listing.")] = 0,
     as_json: Json = False, debug: Debug = False,
 ) -> None:
     """Groups of duplicate images, each with its evidence (compares the images added since the last run)."""
@@ -317,8 +319,8 @@ def duplicates(
 
     def run() -> None:
         with progress_bar("comparing") as on_progress:
-            report = _client().duplicates(index, level=level, k=k, update=not no_update, on_progress=on_progress,
-                                          on_status=say)
+            report = _client().duplicates(index, level=level, k=k, update=not no_update, limit=limit, offset=offset,
+                                          on_progress=on_progress, on_status=say)
         if as_json:
             emit_json(report.to_json())
             return
@@ -331,8 +333,10 @@ def duplicates(
                 stdout.print(f"  {image['id']:>8}  {shorten(image['uri'], max(24, stdout.width - 50))}{where}  {evidence}",
                              markup=False)
         counts = {name: sum(1 for g in report.groups if g["level"] == name) for name in ("exact", "near", "similar")}
+        page = "" if len(report.groups) == report.total else \
+            f"; groups {offset + 1}-{offset + len(report.groups)} of {report.total} shown"
         stdout.print(f"{index}: " + ", ".join(f"{n} {name} groups" for name, n in counts.items() if level in (None, name))
-                     + f" ({report.checked} images compared now)", markup=False)
+                     + f" ({report.checked} images compared now{page})", markup=False)
 
     guarded(debug, run)
 

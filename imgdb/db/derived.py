@@ -22,8 +22,9 @@ from imgdb.db.schema import EXTENSION_SCHEMA, quote
 from imgdb.db.search import lookup
 from imgdb.errors import ImgdbError
 
-#: The signature of the "more like this" function, for GRANT/REVOKE.
-SIMILAR = "similar(text, anyelement, integer, regclass)"
+#: The signature of the "more like this" function, for GRANT/REVOKE; and those it had before.
+SIMILAR = "similar(text, anyelement, integer, regclass, double precision)"
+_FORMER_SIMILAR = ("similar(text, anyelement, integer, regclass)",)
 
 
 def current_schema(conn: Connection) -> str:
@@ -228,10 +229,13 @@ def create_status_views(conn: Connection) -> None:
 
 
 def create_similar(conn: Connection) -> None:
-    """``similar(index, ref, k, source)``: the ``k`` rows of an attached table whose images are
-    nearest to the image of row ``ref`` (its key, of the key's own type, which the result's ``ref``
-    has too), with their distances; "more like this" from SQL alone. ``source`` names the table
-    where several are attached to the index. No rows while ``ref`` is not embedded yet.
+    """``similar(index, ref, k, source, min_score)``: the ``k`` rows of an attached table whose
+    images are nearest to the image of row ``ref`` (its key, of the key's own type, which the
+    result's ``ref`` has too), with their distances and, once the index learned its scores
+    (:mod:`imgdb.query.scores`), their score; "more like this" from SQL alone. ``source`` names the
+    table where several are attached to the index; ``min_score`` keeps only rows scored that or
+    more, however few (an index that has not learned its scores refuses it). No rows while ``ref``
+    is not embedded yet.
 
     The query vector is read first and passed as a parameter, so that the index's HNSW graph
     serves the ordering; an iterative scan keeps going past images that no row of the table holds.
@@ -242,14 +246,55 @@ def create_similar(conn: Connection) -> None:
     # takes it for an unknown placeholder that only a superuser may set.
     conn.execute(sa.text("SELECT CAST('[0]' AS vector)"))
     with coordinator_only(conn):
+        for former in _FORMER_SIMILAR:
+            conn.execute(sa.text(f"DROP FUNCTION IF EXISTS {quote(schema)}.{former}"))
+        _create_float8s(conn, schema)
         _create_similar(conn, schema, path)
+
+
+def _create_float8s(conn: Connection, schema: str) -> None:
+    """``float8s(npy)``: the numbers of a little-endian float64 ``.npy`` array (how learned state is
+    stored, :func:`imgdb.db.state.npy_bytes`), so that SQL reads an index's score model; NULL for
+    any other ``.npy``. PostgreSQL has no cast from bytes to float8: the IEEE 754 fields are read
+    from the bits (normal numbers and zero: what a fitted model holds)."""
+    conn.execute(sa.text(f"""
+        CREATE OR REPLACE FUNCTION {quote(schema)}.float8s(npy bytea) RETURNS double precision[]
+        LANGUAGE plpgsql IMMUTABLE STRICT SET search_path = pg_catalog, pg_temp AS $fn$
+        DECLARE
+          start integer;
+          bits bigint;
+          exponent integer;
+          numbers double precision[] := '{{}}';
+        BEGIN
+          IF length(npy) < 10 OR substring(npy FROM 1 FOR 7) <> '\\x934e554d505901'::bytea THEN
+            RETURN NULL;
+          END IF;
+          start := 10 + get_byte(npy, 8) + 256 * get_byte(npy, 9);
+          IF position('<f8' IN convert_from(substring(npy FROM 11 FOR start - 10), 'LATIN1')) = 0
+             OR (length(npy) - start) % 8 <> 0 THEN
+            RETURN NULL;
+          END IF;
+          FOR i IN 0 .. (length(npy) - start) / 8 - 1 LOOP
+            bits := 0;
+            FOR j IN 0 .. 7 LOOP
+              bits := bits | (get_byte(npy, start + 8 * i + j)::bigint << (8 * j));
+            END LOOP;
+            exponent := ((bits >> 52) & 2047)::integer;
+            numbers := numbers || CASE WHEN exponent = 0 THEN 0::double precision ELSE
+              sign(bits::numeric)::double precision * (1 + (bits & 4503599627370495)::double precision / 4503599627370496)
+              * power(2::double precision, exponent - 1023) END;
+          END LOOP;
+          RETURN numbers;
+        END $fn$"""))
+    conn.execute(sa.text(f"REVOKE ALL ON FUNCTION {quote(schema)}.float8s(bytea) FROM PUBLIC"))
 
 
 def _create_similar(conn: Connection, schema: str, path: str) -> None:
     conn.execute(sa.text(f"""
         CREATE OR REPLACE FUNCTION {quote(schema)}.similar(index_name text, key anyelement, k integer DEFAULT 10,
-                                                         source regclass DEFAULT NULL)
-        RETURNS TABLE (ref anyelement, distance double precision)
+                                                         source regclass DEFAULT NULL,
+                                                         min_score double precision DEFAULT NULL)
+        RETURNS TABLE (ref anyelement, distance double precision, score double precision)
         LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = {path}
         SET hnsw.iterative_scan = strict_order AS $fn$
         DECLARE
@@ -258,6 +303,7 @@ def _create_similar(conn: Connection, schema: str, path: str) -> None:
           matches integer;
           query_image bigint;
           query_vector text;
+          model double precision[];
         BEGIN
           SELECT * INTO ix FROM indexes WHERE name = index_name;
           IF NOT FOUND THEN
@@ -271,6 +317,17 @@ def _create_similar(conn: Connection, schema: str, path: str) -> None:
             RAISE EXCEPTION 'imgdb: several tables are attached to index %: name one, similar(%, key, k, ''table'')',
               index_name, quote_literal(index_name) USING ERRCODE = 'ambiguous_parameter';
           END IF;
+          -- The score model: [intercept, weight] of a logistic on the distance (imgdb.query.scores).
+          SELECT float8s(st.value) INTO model FROM index_state st WHERE st.index_id = ix.id AND st.key = 'score.distance';
+          IF min_score IS NOT NULL THEN
+            IF model IS NULL OR cardinality(model) <> 2 THEN
+              RAISE EXCEPTION 'imgdb: index % has not learned its scores: run imgdb index calibrate %', index_name,
+                index_name USING ERRCODE = 'object_not_in_prerequisite_state';
+            ELSIF NOT (min_score >= 0 AND min_score <= 1) THEN
+              RAISE EXCEPTION 'imgdb: min_score must be between 0 and 1, not %', min_score
+                USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+          END IF;
           SELECT * INTO src FROM sources s WHERE s.index_id = ix.id AND (source IS NULL OR s.relid = source);
           SELECT r.image_id INTO query_image FROM refs r WHERE r.source_id = src.id AND r.ref = key::text;
           IF NOT FOUND THEN
@@ -278,12 +335,16 @@ def _create_similar(conn: Connection, schema: str, path: str) -> None:
           END IF;
           EXECUTE format('SELECT embedding::text FROM vectors_%s WHERE image_id = $1', ix.id)
             INTO query_vector USING query_image;
+          -- (Rounded as the API rounds a hit's score, and cut on it as the API cuts.)
           RETURN QUERY EXECUTE format(
-            'SELECT r.ref::%s, (v.embedding <-> $1::%s)::float8 FROM vectors_%s v'
-            ' JOIN refs r ON r.image_id = v.image_id AND r.source_id = $2'
-            ' WHERE r.ref <> $3 ORDER BY v.embedding <-> $1::%s LIMIT $4',
+            'SELECT h.ref, h.distance, h.score FROM (SELECT n.ref, n.distance, round((1 / (1 + exp(-least(700,'
+            '   greatest(-700, $6[1] + $6[2] * n.distance)))))::numeric, 4)::float8 AS score'
+            ' FROM (SELECT r.ref::%s AS ref, (v.embedding <-> $1::%s)::float8 AS distance FROM vectors_%s v'
+            '       JOIN refs r ON r.image_id = v.image_id AND r.source_id = $2'
+            '       WHERE r.ref <> $3 ORDER BY v.embedding <-> $1::%s LIMIT $4) n) h'
+            ' WHERE $5 IS NULL OR h.score >= $5 ORDER BY h.distance',
             pg_typeof(key), ix.storage, ix.id, ix.storage)
-            USING query_vector, src.id, key::text, k;
+            USING query_vector, src.id, key::text, k, min_score, model;
         END $fn$"""))
     conn.execute(sa.text(f"REVOKE ALL ON FUNCTION {quote(schema)}.{SIMILAR} FROM PUBLIC"))
 

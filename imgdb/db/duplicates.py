@@ -92,18 +92,24 @@ def replace_groups(conn: Connection, index: IndexRecord, members: Sequence[dict[
         conn.execute(sa.insert(_members), [{"index_id": index.id, **m} for m in members])
 
 
-def groups(conn: Connection, index: IndexRecord, level: str | None = None) -> list[dict[str, Any]]:
+def groups(conn: Connection, index: IndexRecord, level: str | None = None, *, limit: int | None = None,
+           offset: int = 0) -> list[dict[str, Any]]:
     """The index's groups (of ``level``, or every level), as its view ``duplicates_<name>`` has them
     (:func:`imgdb.db.derived.create_view`): each ``{"group", "level", "representative", "images"}``,
     the representative first, then by score. A member of a ``near`` or ``similar`` group is one entry
     (with the attached rows that hold it, as search hits have them); an ``exact`` group lists each
-    copy: each path, URL or attached row at which the same bytes were found."""
+    copy: each path, URL or attached row at which the same bytes were found. ``limit`` groups from
+    the ``offset``-th, by level then group: a page, as a collection of a million images has too
+    many groups for one answer."""
+    view = quote(index.duplicates_relation)
     rows = conn.execute(sa.text(
-        'SELECT d."group", d.level, d.image_id, d.uri, d.ref::text, d.source::text, d.score, d.distance, d.inliers'
-        f' FROM {quote(index.duplicates_relation)} d WHERE CAST(:level AS text) IS NULL OR d.level = :level'
+        f'WITH page AS (SELECT level, "group" FROM {view} WHERE CAST(:level AS text) IS NULL OR level = :level'
+        '     GROUP BY level, "group" ORDER BY level, "group" LIMIT :limit OFFSET :offset)'
+        ' SELECT d."group", d.level, d.image_id, d.uri, d.ref::text, d.source::text, d.score, d.distance, d.inliers'
+        f' FROM {view} d JOIN page USING (level, "group")'
         ' ORDER BY d.level, d."group", NOT d.representative, d.score DESC, d.image_id, d.ref IS NOT NULL, d.uri,'
         ' d.ref::text'),
-        {"level": level}).all()
+        {"level": level, "limit": limit, "offset": offset}).all()
     sources = {s.table: s for s in index.sources}
     by_group: dict[tuple[str, int], dict[str, Any]] = {}
     entries: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -121,6 +127,13 @@ def groups(conn: Connection, index: IndexRecord, level: str | None = None) -> li
             entries[key].setdefault("table", table)
             entries[key].setdefault("ref", found["ref"])
     return list(by_group.values())
+
+
+def count_groups(conn: Connection, index: IndexRecord, level: str | None = None) -> int:
+    """How many groups (of ``level``, or of every level) the index has: what pages of :func:`groups` add up to."""
+    return conn.execute(sa.text(
+        f'SELECT count(DISTINCT (level, "group")) FROM {quote(index.duplicates_relation)}'
+        ' WHERE CAST(:level AS text) IS NULL OR level = :level'), {"level": level}).scalar_one()
 
 
 def record_paths(conn: Connection, found: Sequence[tuple[str, str]]) -> None:

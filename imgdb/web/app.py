@@ -49,6 +49,8 @@ IDLE_TRIM_S = 1.0
 #: Largest request head (request line and headers) the server reads: 431 past it. Room for a
 #: search's every filter (``MAX_FILTER_CHARS``, URL-encoded) in its query string.
 MAX_HEAD_BYTES = 64 * 1024
+#: Groups of duplicates a GET /duplicates answers by default, and at most (one request, one page).
+GROUPS_PAGE, MAX_GROUPS_PAGE = 100, 1000
 #: Room for multipart framing around an image of the fetch byte limit.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -284,15 +286,19 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/duplicates")
     async def duplicates(request: Request, index: str = Query(DEFAULT_INDEX, max_length=40),
-                         level: str | None = Query(None, max_length=20)) -> dict[str, Any]:
-        """The index's groups of duplicates as the last ``imgdb duplicates`` run left them (comparing
-        is a job for the command, not for a request), each image with its thumbnail."""
-        found = await run_in_threadpool(lambda: _db(request).duplicates(index, level=level, update=False))
+                         level: str | None = Query(None, max_length=20),
+                         limit: int = Query(GROUPS_PAGE, ge=0, le=MAX_GROUPS_PAGE),
+                         offset: int = Query(0, ge=0, le=MAX_ID)) -> dict[str, Any]:
+        """A page of the index's groups of duplicates as the last ``imgdb duplicates`` run left them
+        (comparing is a job for the command, not for a request), each image with its thumbnail;
+        ``total`` says how many groups there are, as a large collection's do not fit one answer."""
+        found = await run_in_threadpool(lambda: _db(request).duplicates(index, level=level, update=False,
+                                                                        limit=limit, offset=offset))
         thumbnail = _thumbnails(request)
         for group in found.groups:
             for image in group["images"]:
                 image["thumbnail"] = thumbnail(image["id"])
-        return {"groups": found.groups, "index": found.index}
+        return {"groups": found.groups, "index": found.index, "total": found.total, "offset": offset}
 
     @app.post("/duplicates/{group}/resolve", dependencies=[Depends(_require_token)])
     async def resolve(request: Request, group: ImageId, keep: int = Query(..., ge=1, le=MAX_ID),
