@@ -12,6 +12,7 @@ from PIL import Image
 from sklearn.mixture import GaussianMixture
 
 import imgdb
+from imgdb.errors import ExtractorSpecError, ImgdbError
 from imgdb.features import aggregate
 from imgdb.features.codebook import CodebookExtractor
 from imgdb.features.local import DESCRIPTOR_DIMS, describe_local
@@ -89,12 +90,21 @@ def test_every_local_feature_on_a_real_photo(museum: Path, kind: str) -> None:
         ("vlad:sift/k=8", "vlad:sift/k=8/side=640/max=2000", 1024),
         ("bow:orb/k=500", "bow:orb/k=500/side=640/max=2000", 500),
         ("fisher:sift/k=16", "fisher:sift/k=16/side=640/max=2000/ldim=64/dim=512", 512),
+        ("vlad:rootsift/dim=full", "vlad:rootsift/k=64/side=640/max=2000/dim=full", 8192),
     ],
 )
 def test_codebook_specs(given: str, canonical: str, dim: int) -> None:
     extractor = CodebookExtractor.from_spec(parse_spec(given))
     assert canonical_spec(given) == extractor.spec == canonical
     assert extractor.dim == dim
+
+
+@pytest.mark.parametrize(("given", "reason"), [("vlad:sift/dim=full/whiten", "whiten needs a reduction"),
+                                               ("vlad:sift/k=8/dim=2000", "more than the 1024 dimensions"),
+                                               ("vlad:sift/dim=all", "dim")])
+def test_codebook_specs_refused(given: str, reason: str) -> None:
+    with pytest.raises(ExtractorSpecError, match=reason):
+        CodebookExtractor.from_spec(parse_spec(given))
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +130,22 @@ def test_flat_images_never_outrank_real_matches(sample_descriptors, museum_sampl
         assert np.linalg.norm(q - relevant) < 2 < np.linalg.norm(q - null)
         described = gallery[[len(d) > 0 for d in prepared]]
         assert np.linalg.norm(q - null) > np.linalg.norm(described - q, axis=1).max()
+
+
+def test_a_whole_vlad_is_stored_whole_and_finds_the_painting(client, museum_sample: Path) -> None:  # noqa: ANN001
+    """``dim=full`` keeps every dimension (no PCA, whatever the sample's size); past what HNSW indexes
+    as ``vector`` the refusal names what does, and as ``halfvec`` it searches."""
+    spec = "vlad:rootsift/k=32/side=480/max=800/dim=full"
+    with pytest.raises(ImgdbError, match="--storage halfvec"):
+        client.create_index("vlad_whole", spec)
+    info = client.create_index("vlad_whole", spec, storage="halfvec")
+    assert info.dim == 32 * 128
+    client.ingest([museum_sample / "images"], index="vlad_whole")
+    extractor = client.catalog.extractor(client.index("vlad_whole"))
+    assert extractor.reduced is None and not any(key.startswith("pca_") for key in extractor.state())
+    queries = json.loads((museum_sample / "queries.json").read_text())
+    found = [client.search(museum_sample / q["query"], index="vlad_whole", k=1)[0].uri for q in queries]
+    assert sum(Path(uri).name == Path(q["relevant"][0]).name for uri, q in zip(found, queries)) >= 0.8 * len(queries)
 
 
 def test_learned_state_survives_in_postgres_and_train_reencodes(client, museum_sample: Path) -> None:  # noqa: ANN001

@@ -24,7 +24,7 @@ from imgdb.features import aggregate
 from imgdb.features.base import Extractor, ExtractorContext
 from imgdb.features.local import DESCRIPTOR_DIMS, describe_local
 from imgdb.features.spec import Spec, reject_leftovers, take_int, take_word
-from imgdb.features.whitening import learn_projection, project, reduced_dim, reduction_options
+from imgdb.features.whitening import learn_projection, project, reduction, take_dim
 
 DEFAULT_K = {"bow": 1000, "vlad": 64, "fisher": 64}
 DEFAULT_LDIM = {"fisher": 64}
@@ -41,7 +41,7 @@ class CodebookExtractor(Extractor):
     batch_size = 16
 
     def __init__(self, family: str, local: str, k: int, side: int, max_keypoints: int,
-                 ldim: int | None, dim: int | None, whiten: bool) -> None:
+                 ldim: int | None, dim: int | str | None, whiten: bool) -> None:
         self.family = family
         self.local = local
         self.k = k
@@ -51,11 +51,11 @@ class CodebookExtractor(Extractor):
         self.whiten = whiten
         d = ldim or DESCRIPTOR_DIMS[local]
         self.raw_dim = {"bow": k, "vlad": k * d, "fisher": 2 * k * d}[family]
-        self.reduced = dim = reduced_dim(self.raw_dim, dim)
-        self.dim = dim or self.raw_dim
+        self.reduced, spelled = reduction(self.raw_dim, dim, whiten)
+        self.dim = self.reduced or self.raw_dim
         parts = [f"{family}:{local}", f"k={k}", f"side={side}", f"max={max_keypoints}"]
         parts += [f"ldim={ldim}"] if ldim else []
-        self.spec = "/".join(parts + reduction_options(dim, whiten))
+        self.spec = "/".join(parts + spelled)
         self._state: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -72,7 +72,7 @@ class CodebookExtractor(Extractor):
         ldim = take_int(options, "ldim", DEFAULT_LDIM.get(family, 0), minimum=0) or None
         if ldim is not None and ldim > DESCRIPTOR_DIMS[local]:
             raise ExtractorSpecError(f"ldim={ldim} is more than {local}'s {DESCRIPTOR_DIMS[local]} dimensions")
-        dim = take_int(options, "dim", 0, minimum=0) or None
+        dim = take_dim(options)
         whiten = take_word(words, "whiten")
         reject_leftovers(spec, options, words)
         return cls(family, local, k, side, max_keypoints, ldim, dim, whiten)

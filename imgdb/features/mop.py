@@ -27,7 +27,7 @@ from imgdb.features.base import Extractor, ExtractorContext, l2_normalize
 from imgdb.features.cnn import CnnExtractor
 from imgdb.features.cnn_config import DEFAULT_BACKBONE, CnnConfig
 from imgdb.features.spec import Spec, reject_leftovers, take_int, take_word
-from imgdb.features.whitening import learn_projection, project, reduced_dim, reduction_options
+from imgdb.features.whitening import learn_projection, project, reduction, take_dim
 
 #: (patch side, stride) of the patch levels, in pixels of the resized image (the paper's values).
 LEVELS = ((128, 32), (64, 16))
@@ -38,17 +38,17 @@ class MopExtractor(Extractor):
     trainable = True
     batch_size = 8
 
-    def __init__(self, backbone: str, k: int, ldim: int, size: int, dim: int | None, whiten: bool,
+    def __init__(self, backbone: str, k: int, ldim: int, size: int, dim: int | str | None, whiten: bool,
                  context: ExtractorContext = ExtractorContext()) -> None:
         self.cnn = CnnExtractor(CnnConfig(backbone=backbone, size=size, whiten="off"), context)
         if ldim > self.cnn.dim:
             raise ExtractorSpecError(f"ldim={ldim} is more than the backbone's {self.cnn.dim} channels")
         self.k, self.ldim, self.size, self.whiten = k, ldim, size, whiten
         self.raw_dim = self.cnn.dim + len(LEVELS) * k * ldim
-        self.reduced = dim = reduced_dim(self.raw_dim, dim)
-        self.dim = dim or self.raw_dim
+        self.reduced, spelled = reduction(self.raw_dim, dim, whiten)
+        self.dim = self.reduced or self.raw_dim
         parts = [f"mop:{backbone}", f"k={k}", f"ldim={ldim}", f"size={size}"]
-        self.spec = "/".join(parts + reduction_options(dim, whiten))
+        self.spec = "/".join(parts + spelled)
         self._state: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -58,7 +58,7 @@ class MopExtractor(Extractor):
         k = take_int(options, "k", 16, minimum=2)
         ldim = take_int(options, "ldim", 64, minimum=2)
         size = take_int(options, "size", 256, minimum=max(side for side, _ in LEVELS))
-        dim = take_int(options, "dim", 0, minimum=0) or None
+        dim = take_dim(options)
         whiten = take_word(words, "whiten")
         reject_leftovers(spec, options, words)
         return cls(spec.arg or DEFAULT_BACKBONE, k, ldim, size, dim, whiten, context)

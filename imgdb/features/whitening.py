@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from imgdb.errors import ExtractorSpecError
+from imgdb.features.spec import take_int
 
 #: Added to variances before whitening, so that near-empty directions are not blown up.
 EPSILON = 1e-6
@@ -20,20 +21,33 @@ EPSILON = 1e-6
 MAX_INDEXED_DIM = 2000
 #: What encodings longer than MAX_INDEXED_DIM are reduced to when their spec does not say.
 DEFAULT_REDUCED_DIM = 512
+#: ``dim=full``: the encoding kept whole, no PCA. A PCA learned from a sample keeps fewer components
+#: than the sample has images, and on photos it did not learn from a reduced VLAD or Fisher vector
+#: loses to the whole one; the cost is room (4 bytes a dimension) and a first stage that takes any
+#: length (``--ann ivfpq``, ``pq``, ``none``; ``--storage halfvec`` indexes up to 4000).
+FULL = "full"
 
 
-def reduced_dim(raw: int, requested: int | None) -> int | None:
-    """The dimension an encoding of ``raw`` dimensions is reduced to (None: stored as it is)."""
+def take_dim(options: dict[str, str]) -> int | str | None:
+    """A spec's ``dim`` option, taken out of ``options``: a number, :data:`FULL`, or None (not given)."""
+    if options.get("dim") == FULL:
+        return options.pop("dim")
+    return take_int(options, "dim", 0, minimum=0) or None
+
+
+def reduction(raw: int, requested: int | str | None, whiten: bool) -> tuple[int | None, list[str]]:
+    """The dimension an encoding of ``raw`` dimensions is reduced to (None: stored whole), and how a
+    canonical spec spells the reduction (``dim=D``, ``dim=full``, ``whiten``)."""
+    if requested == FULL:
+        if whiten:
+            raise ExtractorSpecError("whiten needs a reduction to learn: give dim=D, not dim=full")
+        return None, [f"dim={FULL}"]
     if requested is None and raw > MAX_INDEXED_DIM:
-        return DEFAULT_REDUCED_DIM
-    if requested is not None and requested > raw:
+        requested = DEFAULT_REDUCED_DIM
+    if requested is not None and int(requested) > raw:
         raise ExtractorSpecError(f"dim={requested} is more than the {raw} dimensions of the encoding")
-    return requested
-
-
-def reduction_options(dim: int | None, whiten: bool) -> list[str]:
-    """How a reduction is spelled in a canonical spec (``dim=D``, ``whiten``)."""
-    return ([f"dim={dim}"] if dim else []) + (["whiten"] if whiten else [])
+    dim = None if requested is None else int(requested)
+    return dim, ([f"dim={dim}"] if dim else []) + (["whiten"] if whiten else [])
 
 
 def learn_projection(x: np.ndarray, dim: int, *, whiten: bool, prefix: str = "pca_") -> dict[str, np.ndarray]:
