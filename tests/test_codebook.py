@@ -135,11 +135,11 @@ def test_flat_images_never_outrank_real_matches(sample_descriptors, museum_sampl
 def test_a_whole_vlad_is_stored_whole_and_finds_the_painting(client, museum_sample: Path) -> None:  # noqa: ANN001
     """``dim=full`` keeps every dimension (no PCA, whatever the sample's size); past what HNSW indexes
     as ``vector`` the refusal names what does, and as ``halfvec`` it searches."""
-    spec = "vlad:rootsift/k=32/side=480/max=800/dim=full"
+    spec = "vlad:rootsift/k=24/side=480/max=800/dim=full"
     with pytest.raises(ImgdbError, match="--storage halfvec"):
         client.create_index("vlad_whole", spec)
     info = client.create_index("vlad_whole", spec, storage="halfvec")
-    assert info.dim == 32 * 128
+    assert info.dim == 24 * 128
     client.ingest([museum_sample / "images"], index="vlad_whole")
     extractor = client.catalog.extractor(client.index("vlad_whole"))
     assert extractor.reduced is None and not any(key.startswith("pca_") for key in extractor.state())
