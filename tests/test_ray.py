@@ -226,3 +226,34 @@ def test_a_write_every_worker_fails_stops_the_load_and_the_sync_with_its_reason(
         with pytest.raises(imgdb.ImgdbError, match="the sync on Ray stopped: .*no_vectors"):
             db.sync(ray=imgdb.RayOptions(actors=1))
         assert count(db, table) == 0 and db.sync_status()[0]["queued"] == 1
+
+
+def test_near_duplicates_are_screened_on_ray_as_they_are_locally(new_database, folder: Path, museum: Path,  # noqa: ANN001
+                                                                 ray_address: str, tmp_path: Path) -> None:
+    """``imgdb ingest --ray --near-duplicates skip``: each actor judges its batches against the index
+    before writing them, as a local ingest does; the copy of a painting the index holds is left out
+    and reported with its match, a new painting goes in."""
+    import imgdb
+    from PIL import Image
+
+    paintings = sorted((museum / "images").glob("*.jpg"))
+    held, new = paintings[100:140], paintings[60]  # (enough others for its scores to know near from far)
+    source = Image.open(held[2])
+    crop = tmp_path / "crop.png"
+    source.crop((20, 10, source.width - 30, source.height - 20)).save(crop)
+    again = copy_image(held[5], tmp_path / "again.jpg")
+    with imgdb.connect(new_database("ray_near")) as db:
+        assert db.ingest(held).added == len(held)
+        db.calibrate("default", sample=20)
+        with pytest.raises(imgdb.ImgdbError, match="keeps no local features.*imgdb index verify default"):
+            db.ingest([crop], ray=imgdb.RayOptions(actors=2), near_duplicates="skip")
+        db.verify_index("default")
+        db.calibrate("default", sample=20)
+        ids = {Path(hit.uri).name: hit.id for hit in db.search(held[2], k=1)}
+        report = db.ingest([crop, new, again], ray=imgdb.RayOptions(actors=2), near_duplicates="skip")
+        assert (report.added, report.duplicates) == (1, 1), json.dumps(report.to_json())  # (again: the same bytes)
+        [found] = report.near_duplicates
+        assert (Path(found.path).name, found.match, found.action) == ("crop.png", ids[held[2].name], "skipped")
+        assert found.score >= 0.5
+        assert count(db, db.index("default").vectors_table) == len(held) + 1
+        assert db.search(new, k=1)[0].uri == str(new)

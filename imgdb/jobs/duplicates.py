@@ -360,10 +360,9 @@ def _cut(pixels: Image.Image, box: tuple[float, float, float, float]) -> Image.I
 def screen_for(catalog: Catalog, name: str, mode: str, on_status: StatusCallback | None = None) -> NearDuplicateScreen:
     """The screen of ``imgdb ingest --near-duplicates MODE`` into index ``name``, which learns its
     scores first where it has not."""
-    if mode not in NearDuplicateScreen.MODES:
-        raise ImgdbError(f"--near-duplicates takes {' or '.join(NearDuplicateScreen.MODES)}, not {mode[:20]!r}")
-    return NearDuplicateScreen(catalog, _with_scores(catalog, catalog.layer.record(name) or catalog.index(name),
-                                                     None, on_status), mode)
+    index = catalog.layer.record(name) or catalog.index(name)
+    NearDuplicateScreen.refuse_unsafe(index, mode)
+    return NearDuplicateScreen(catalog, _with_scores(catalog, index, None, on_status), mode)
 
 
 class NearDuplicateScreen:
@@ -378,12 +377,24 @@ class NearDuplicateScreen:
 
     def __init__(self, catalog: Catalog, index: IndexRecord, mode: str) -> None:
         record = catalog.layer.record(index.name) or index  # (with its scores, which a writer's record lacks)
+        self.refuse_unsafe(record, mode)
         model = Calibration.of(record.score_state)
         if model is None:
             raise ImgdbError(f"index {index.name!r} has not learned its scores yet: run `imgdb index calibrate "
                              f"{index.name}` (it needs {MIN_IMAGES} images)")
         self.catalog, self.index, self.mode = catalog, record, mode
         self.judge = Judge(catalog, record, model)
+
+    @classmethod
+    def refuse_unsafe(cls, index: IndexRecord, mode: str) -> None:
+        """``skip`` only where local features judge: measured, in a 40-image index the descriptor
+        alone scored a different painting 0.65, and skip would have lost it."""
+        if mode not in cls.MODES:
+            raise ImgdbError(f"--near-duplicates takes {' or '.join(cls.MODES)}, not {mode[:20]!r}")
+        if mode == "skip" and index.local is None:
+            raise ImgdbError(f"index {index.name!r} keeps no local features, and the descriptor alone can take a "
+                             f"different picture for the same one: skip would lose it. Run `imgdb index verify "
+                             f"{index.name}` first, or use --near-duplicates link (everything goes in)")
 
     @property
     def skip(self) -> bool:
