@@ -11,6 +11,7 @@ from PIL import Image
 
 from imgdb.errors import ExtractorSpecError
 from imgdb.features.base import l2_normalize
+from imgdb.features.cnnvlad import CnnVladExtractor
 from imgdb.features.mop import MopExtractor
 from imgdb.features.registry import create_extractor, extractor_class
 from imgdb.features.spec import parse_spec
@@ -84,6 +85,48 @@ def test_mop_levels(photos: list[Image.Image]) -> None:
     for block in blocks:  # each level L2-normalised before concatenation
         np.testing.assert_allclose(np.linalg.norm(block, axis=1), 1, rtol=1e-5)
     assert extractor.embed(prepared).shape == (4, extractor.dim)
+
+
+def test_cnn_vlad_pools_an_intermediate_maps_positions_over_words_learned_from_the_collection(
+        photos: list[Image.Image]) -> None:
+    extractor = fresh("cnnvlad:tf_efficientnet_lite2/k=4/ldim=8/size=192")
+    assert isinstance(extractor, CnnVladExtractor)
+    assert extractor.spec == "cnnvlad:tf_efficientnet_lite2@blocks.4/k=4/ldim=8/size=192" and extractor.dim == 32
+    prepared = [extractor.prepare(p) for p in photos]
+    height, width = prepared[0].shape[1:]
+    assert min(height, width) == 192
+    [positions] = extractor._positions(prepared[:1])  # (one per cell of the stride-16 map, unit length)
+    assert positions.shape == (-(-height // 16) * -(-width // 16), 120)
+    np.testing.assert_allclose(np.linalg.norm(positions, axis=1), 1, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="not trained"):
+        extractor.describe(prepared)
+    extractor.fit(prepared)
+    assert extractor.state()["centres"].shape == (4, 8)
+    smaller = photos[0].resize((photos[0].width * 4 // 5, photos[0].height * 4 // 5))
+    vectors = extractor.embed([extractor.prepare(smaller), *prepared])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, rtol=1e-5)
+    assert np.linalg.norm(vectors[1:] - vectors[0], axis=1).argmin() == 0
+    reloaded = fresh(extractor.spec)
+    reloaded.load_state(extractor.state())
+    np.testing.assert_allclose(reloaded.embed(prepared), vectors[1:], atol=1e-6)
+
+
+@pytest.mark.parametrize(("spec", "reason"), [
+    ("cnnvlad:tf_efficientnet_lite2/ldim=200", "ldim=200 is more than the 120 channels"),
+    ("cnnvlad:tf_efficientnet_lite2/dim=full/whiten", "whiten needs a reduction"),
+    ("cnnvlad:tf_efficientnet_lite2/k=64/ldim=64/dim=5000", "dim=5000 is more than the 4096"),
+    ("cnnvlad:tf_efficientnet_lite2@layer3", "no stage 'layer3'"),
+    ("cnnvlad:tf_efficientnet_lite2/size=10", "size"),
+])
+def test_cnn_vlad_refuses_what_cannot_work(spec: str, reason: str) -> None:
+    with pytest.raises(ExtractorSpecError, match=reason):
+        fresh(spec)
+
+
+def test_cnn_vlad_longer_than_pgvector_indexes_is_reduced_unless_kept_whole() -> None:
+    assert fresh("cnnvlad:tf_efficientnet_lite2/k=32").dim == 512  # 2,048 dimensions: PCA to 512
+    whole = fresh("cnnvlad:tf_efficientnet_lite2/k=32/dim=full")
+    assert (whole.dim, whole.spec) == (2048, "cnnvlad:tf_efficientnet_lite2@blocks.4/k=32/ldim=64/size=384/dim=full")
 
 
 @pytest.mark.parametrize("spec", ["cnn:tf_efficientnet_lite2/" + p for p in ("gem", "max", "avg", "spoc", "rmac", "crow")]

@@ -169,7 +169,7 @@ def test_a_cache_that_cannot_be_written_costs_an_export_not_the_search(tmp_path:
     extractor = CnnExtractor(config, context("torch"))
     image = _images(sorted((museum / "images").glob("*.jpg"))[:1])[0]
     batch = np.stack(extractor.prepare(image))
-    got, want = network.pooled(batch), extractor.network.pooled(batch)
+    got, want = network.run(batch), extractor.network.run(batch)
     assert float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.9999
 
 
@@ -178,3 +178,17 @@ def test_an_unknown_runtime_is_refused_with_the_choices() -> None:
 
     with pytest.raises(ExtractorSpecError, match="IMGDB_RUNTIME='tensorflow': use onnx or torch"):
         CnnExtractor(CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0/max/size=96")), context("tensorflow"))
+
+
+def test_a_network_loaded_for_maps_gives_pytorchs_maps_under_onnx_runtime(museum: Path) -> None:
+    """What ``cnnvlad`` aggregates: the map after an intermediate stage, unpooled, from its own graph
+    (the pooled graph of the same config is another file in the cache)."""
+    config = CnnConfig.parse(parse_spec("cnn:tf_efficientnet_lite0@blocks.4/gem/size=160"))
+    onnx, torch_ = (CnnExtractor(config, context(runtime), maps=True) for runtime in ("onnx", "torch"))
+    assert (onnx.runtime, torch_.runtime) == ("onnx", "torch")
+    assert graph_key(config, maps=True) != graph_key(config)
+    images = _images(sorted((museum / "images").glob("*.jpg"))[:3])
+    arrays = [onnx.prepare(image)[0] for image in images]
+    for got, want, array in zip(onnx.maps(arrays), torch_.maps(arrays), arrays):
+        assert got.shape == want.shape == (onnx.dim, -(-array.shape[1] // 16), -(-array.shape[2] // 16))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * float(np.abs(want).max()))

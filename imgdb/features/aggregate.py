@@ -24,11 +24,12 @@ def training_sample(descriptor_sets: list[np.ndarray], seed: int = 0) -> np.ndar
     return stacked.astype(np.float32)
 
 
-def learn_kmeans(descriptors: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """k visual words (cluster centres), ``(k, d)``."""
+def learn_kmeans(descriptors: np.ndarray, k: int, seed: int = 0, restarts: int = 1) -> np.ndarray:
+    """k visual words (cluster centres), ``(k, d)``: the best of ``restarts`` runs (a small codebook
+    of dense descriptors retrieves differently from one start to the next; more runs steady it)."""
     if len(descriptors) < k:
         raise ValueError(f"{len(descriptors)} descriptors cannot train {k} visual words")
-    model = KMeans(n_clusters=k, n_init=1, max_iter=100, random_state=seed).fit(descriptors)
+    model = KMeans(n_clusters=k, n_init=restarts, max_iter=100, random_state=seed).fit(descriptors)
     return model.cluster_centers_.astype(np.float32)
 
 

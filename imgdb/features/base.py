@@ -148,6 +148,12 @@ class PerImageExtractor(Extractor):
 NO_CONTENT_NORM = 4.0
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, a zero row left zero (as torch's F.normalize leaves it): for the
+    steps inside an extractor, where :func:`l2_normalize`'s no-content vector would be noise."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     """Scale rows to unit length.
 

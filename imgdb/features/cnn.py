@@ -39,7 +39,7 @@ from PIL import Image
 
 from imgdb.errors import ExtractorSpecError
 from imgdb.db.records import StoredNetwork
-from imgdb.features.base import Extractor, ExtractorContext, l2_normalize
+from imgdb.features.base import Extractor, ExtractorContext, l2_normalize, unit_rows
 from imgdb.features.cnn_config import DEFAULT_BACKBONE, CnnConfig
 from imgdb.features.pooling_kinds import KINDS
 from imgdb.features.runtimes import Network, load_network, network_weights
@@ -58,16 +58,14 @@ MAX_ASPECT = 4
 WHITEN_MIN_RATIO = 2
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (a zero row stays zero, as torch's F.normalize leaves it)."""
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class CnnExtractor(Extractor):
     family = "cnn"
     batch_size = 16
 
-    def __init__(self, config: CnnConfig, context: ExtractorContext = ExtractorContext()) -> None:
+    def __init__(self, config: CnnConfig, context: ExtractorContext = ExtractorContext(), *,
+                 maps: bool = False) -> None:
+        """``maps``: the network gives the trunk's maps (:meth:`maps`), for an extractor that
+        aggregates their positions itself; :meth:`describe` is then not for use."""
         self.config = config
         self.context = context
         self.spec = str(config)
@@ -77,7 +75,7 @@ class CnnExtractor(Extractor):
         self._whitening = None if weights is None else stored_whitening(weights)
         if self._whitening is not None and config.whiten != "off":
             raise ExtractorSpecError(f"network {config.net[:12]} carries its own whitening: use whiten=off")
-        self.network = load_network(config, context)
+        self.network = load_network(config, context, maps=maps)
         self.runtime = self.network.runtime
         self.dim = self.network.dim
         #: Per channel, in 0-255 units (what :meth:`normalise` hands OpenCV).
@@ -168,14 +166,24 @@ class CnnExtractor(Extractor):
 
     def _single_scale(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """Pooled vectors of same-scale arrays; arrays of equal shape share a forward pass."""
-        out = np.empty((len(arrays), self.dim), dtype=np.float32)
+        if not arrays:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return np.stack(self._outputs(arrays)).astype(np.float32, copy=False)
+
+    def maps(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Each array's map ``(dim, h, w)`` (of a network loaded with ``maps``)."""
+        return self._outputs(arrays)
+
+    def _outputs(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The network's output for each array, in order; arrays of equal shape share a pass."""
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, array in enumerate(arrays):
             by_shape.setdefault(array.shape, []).append(i)
         groups = list(by_shape.values())
-        batches = [np.stack([arrays[i] for i in rows]) for rows in groups]
-        for rows, pooled in zip(groups, self.network.pooled_each(batches)):
-            out[rows] = pooled
+        out: list[np.ndarray] = [np.empty(0)] * len(arrays)
+        for rows, outputs in zip(groups, self.network.run_each([np.stack([arrays[i] for i in rows]) for rows in groups])):
+            for i, output in zip(rows, outputs):
+                out[i] = output
         return out
 
     def _unwhitened(self, prepared: Sequence[list[np.ndarray]]) -> np.ndarray:
@@ -186,11 +194,11 @@ class CnnExtractor(Extractor):
 
     def describe(self, prepared: Sequence[list[np.ndarray]]) -> np.ndarray:
         """L2 → whitening → L2 of the (summed) pooled vectors: :meth:`RetrievalNet.head`, in numpy."""
-        x = _unit(self._unwhitened(prepared))
+        x = unit_rows(self._unwhitened(prepared))
         if self._whitening is None:
             return x
         weight, bias = self._whitening
-        return _unit(x @ weight.T + bias)
+        return unit_rows(x @ weight.T + bias)
 
     # ------------------------------------------------------------ whitening
 

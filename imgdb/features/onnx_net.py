@@ -45,13 +45,15 @@ class GraphUnavailable(Exception):
     """This network does not export to ONNX (a layer the exporter cannot trace): use PyTorch."""
 
 
-def graph_key(config: CnnConfig) -> str:
-    """The sha256 a config's graph is cached under: equal keys, equal graphs."""
+def graph_key(config: CnnConfig, maps: bool = False) -> str:
+    """The sha256 a config's graph (``maps``: ending with the trunk's map) is cached under: equal
+    keys, equal graphs."""
     versions = {name: installed_version(name) for name in ("torch", "timm", "onnx")}
     identity = {
         "format": GRAPH_FORMAT, "backbone": config.backbone, "layer": config.layer, "pooling": config.pooling,
         "params": [list(p) for p in config.params], "net": config.net, "versions": versions,
         "weights": weights_identity(config.backbone, config.weights),
+        **({"maps": True} if maps else {}),  # (so that the keys of pooled graphs stay what they were)
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -61,12 +63,13 @@ def graph_key(config: CnnConfig) -> str:
 Weights = Callable[[], "bytes | None"]
 
 
-def cached_graph(config: CnnConfig, cache: Path | None, weights: Weights) -> tuple[Path | bytes, dict]:
+def cached_graph(config: CnnConfig, cache: Path | None, weights: Weights,
+                 maps: bool = False) -> tuple[Path | bytes, dict]:
     """A config's graph (its file, or its bytes where there is no cache or it cannot be written)
     and its description, exported into ``cache`` first if missing."""
-    key = graph_key(config)
+    key = graph_key(config, maps)
     if cache is None:
-        return export_into(config, None, key, weights)
+        return export_into(config, None, key, weights, maps)
     graph, described, failed = (cache / f"{key}{suffix}" for suffix in (".onnx", ".json", ".failed"))
     if failed.exists():
         raise GraphUnavailable(failed.read_text(errors="replace").strip())
@@ -75,10 +78,11 @@ def cached_graph(config: CnnConfig, cache: Path | None, weights: Weights) -> tup
             return graph, json.loads(described.read_text())
         except (OSError, ValueError):
             pass  # (an unreadable description: export again)
-    return export_into(config, cache, key, weights)
+    return export_into(config, cache, key, weights, maps)
 
 
-def export_into(config: CnnConfig, cache: Path | None, key: str, weights: Weights) -> tuple[Path | bytes, dict]:
+def export_into(config: CnnConfig, cache: Path | None, key: str, weights: Weights,
+                maps: bool = False) -> tuple[Path | bytes, dict]:
     """Export a config's graph into ``cache`` (atomically: a reader never sees half a file). A cache
     that cannot be written (a read-only ``IMGDB_HOME``) costs an export per process, not the search."""
     from imgdb.features.torch_net import export_graph  # torch: only when a graph is missing
@@ -87,7 +91,7 @@ def export_into(config: CnnConfig, cache: Path | None, key: str, weights: Weight
     log.info("preparing %s for ONNX Runtime, once%s", config.backbone,
              f" (kept in {cache})" if cache is not None else " per process")
     try:
-        blob, meta = export_graph(config, weights())
+        blob, meta = export_graph(config, weights(), maps)
     except ExtractorSpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - any exporter failure means: this network runs on PyTorch
@@ -131,7 +135,7 @@ def providers(device: str) -> list[str]:
 
 
 class OnnxNetwork:
-    """A config's network under ONNX Runtime: pooled vectors of a batch, as :class:`TorchNetwork` gives.
+    """A config's network under ONNX Runtime: pooled vectors (or maps) of a batch, as :class:`TorchNetwork` gives.
 
     Two ways to spend the cores. One image (a query) runs on a session whose operators use every
     core: the lowest latency. Several batches of different shapes (an ingest batch: images keep
@@ -145,19 +149,19 @@ class OnnxNetwork:
     runtime = "onnx"
 
     def __init__(self, config: CnnConfig, cache: Path | None, device: str = "auto",
-                 weights: Weights = lambda: None) -> None:
-        graph, meta = cached_graph(config, cache, weights)
+                 weights: Weights = lambda: None, maps: bool = False) -> None:
+        graph, meta = cached_graph(config, cache, weights, maps)
         try:
             self.session = self._session(graph, device)
         except ImgdbError:
             raise
         except Exception:  # noqa: BLE001 - a damaged file in the cache: export it again, once
-            graph, meta = export_into(config, cache, graph_key(config), weights)
+            graph, meta = export_into(config, cache, graph_key(config, maps), weights, maps)
             self.session = self._session(graph, device)
         self._graph, self._device = graph, device
         self.dim = int(meta["dim"])
         self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
-        self._pool = None if meta["output"] == "pooled" else NUMPY_POOLINGS[config.pooling]
+        self._pool = None if maps or meta["output"] == "pooled" else NUMPY_POOLINGS[config.pooling]
         self._params = dict(config.params)
         #: Batches run side by side: one per core, on the CPU only (a GPU runs one at a time).
         self._side_by_side = (os.cpu_count() or 1) if self.session.get_providers() == ["CPUExecutionProvider"] else 1
@@ -174,14 +178,14 @@ class OnnxNetwork:
         source = graph if isinstance(graph, bytes) else str(graph)
         return ort.InferenceSession(source, options, providers=providers(device))
 
-    def pooled(self, batch: np.ndarray) -> np.ndarray:
-        """Pooled vectors ``(N, dim)`` of normalised pixels ``(N, 3, H, W)``."""
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Pooled vectors ``(N, dim)`` (or maps) of normalised pixels ``(N, 3, H, W)``."""
         return self._run(self.session, batch)
 
-    def pooled_each(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """:meth:`pooled` of each batch, several at once where there are cores for it."""
+    def run_each(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """:meth:`run` of each batch, several at once where there are cores for it."""
         if len(batches) < 2 or self._side_by_side < 2:
-            return [self.pooled(batch) for batch in batches]
+            return [self.run(batch) for batch in batches]
         session, workers = self._one_thread_session()
         return list(workers.map(lambda batch: self._run(session, batch), batches))
 

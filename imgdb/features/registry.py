@@ -22,6 +22,7 @@ BUILTIN: dict[str, str] = {
     "vlad": "imgdb.features.codebook:CodebookExtractor",
     "fisher": "imgdb.features.codebook:CodebookExtractor",
     "mop": "imgdb.features.mop:MopExtractor",
+    "cnnvlad": "imgdb.features.cnnvlad:CnnVladExtractor",
     "external": "imgdb.features.external:ExternalVectors",
 }
 

@@ -40,8 +40,9 @@ class TorchNetwork:
 
     runtime = "torch"
 
-    def __init__(self, config: CnnConfig, device: str = "cpu", weights: bytes | None = None) -> None:
-        """``weights``: the stored network ``config.net`` names (its safetensors bytes)."""
+    def __init__(self, config: CnnConfig, device: str = "cpu", weights: bytes | None = None, maps: bool = False) -> None:
+        """``weights``: the stored network ``config.net`` names (its safetensors bytes); ``maps``: give
+        the trunk's maps, unpooled."""
         if config.net and weights is None:
             raise ExtractorSpecError(f"network {config.net[:12]}: its weights were not given")
         stored = deserialize(weights) if weights is not None else None
@@ -53,19 +54,21 @@ class TorchNetwork:
             self.net.load_trained(stored)
         self.net.eval()
         self.dim = self.net.dim
+        self.maps = maps
         self.device = torch_device(device)
         if self.device.type != "cpu":
             self.net.detach_from(0)  # (a private copy on the GPU: the shared backbone stays on the CPU)
             self.net.to(self.device)
 
-    def pooled(self, batch: np.ndarray) -> np.ndarray:
-        """Pooled vectors ``(N, dim)`` of normalised pixels ``(N, 3, H, W)``."""
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Pooled vectors ``(N, dim)`` (or maps) of normalised pixels ``(N, 3, H, W)``."""
         with torch.inference_mode():
-            return self.net.pooled(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+            x = torch.from_numpy(batch).to(self.device)
+            return (self.net.trunk(x) if self.maps else self.net.pooled(x)).float().cpu().numpy()
 
-    def pooled_each(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """:meth:`pooled` of each batch, in turn (torch's operators use every core already)."""
-        return [self.pooled(batch) for batch in batches]
+    def run_each(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """:meth:`run` of each batch, in turn (torch's operators use every core already)."""
+        return [self.run(batch) for batch in batches]
 
 
 def build_net(config: CnnConfig, model: torch.nn.Module) -> RetrievalNet:
@@ -104,13 +107,13 @@ class _Graph(torch.nn.Module):
         return self.net.pool(x) if self.pool else x
 
 
-def export_graph(config: CnnConfig, weights: bytes | None = None) -> tuple[bytes, dict[str, object]]:
+def export_graph(config: CnnConfig, weights: bytes | None = None, maps: bool = False) -> tuple[bytes, dict[str, object]]:
     """The ONNX graph of a config's network (batch, height and width dynamic; ``weights``: the
     stored network it names) and what running it needs to know: the input normalisation, the
     dimension, and whether it returns pooled vectors or the map (``output``). The whitening is not
-    in it: it applies after multi-scale sums."""
+    in it: it applies after multi-scale sums. ``maps``: the graph ends with the trunk's map."""
     network = TorchNetwork(config, "cpu", weights)
-    pool = not KINDS[config.pooling].shape_dependent
+    pool = not maps and not KINDS[config.pooling].shape_dependent
     graph = _Graph(network.net, pool).eval()
     example = torch.zeros(1, 3, config.size, round(config.size * 4 / 3))
     buffer = io.BytesIO()
