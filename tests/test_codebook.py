@@ -150,8 +150,12 @@ def test_a_whole_vlad_is_stored_whole_and_finds_the_painting(client, museum_samp
 
 def test_learned_state_survives_in_postgres_and_train_reencodes(client, museum_sample: Path) -> None:  # noqa: ANN001
     client.create_index("vlad_small", "vlad:rootsift/k=16/side=480/max=800")
-    report = client.ingest([museum_sample / "images"], index="vlad_small")
+    said: list[str] = []
+    report = client.ingest([museum_sample / "images"], index="vlad_small", on_status=said.append)
     assert report.added == len(list((museum_sample / "images").glob("*.jpg")))
+    # A first load this small teaches too little to be left as it is: the user is told what to run.
+    assert f"'vlad_small' learned from only {report.added} images: once the collection has grown, " \
+           "`imgdb index train vlad_small` learns again from it" in said
     query = museum_sample / "queries.json"
     photo = museum_sample / json.loads(query.read_text())[0]["query"]
     first = client.embed(photo, index="vlad_small")

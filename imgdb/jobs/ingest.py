@@ -42,6 +42,10 @@ from imgdb.parallel import ordered_map
 #: double it, build its ANN index once at the end instead of growing it image by image; smaller ones
 #: never touch the ANN index (no DDL, no lock).
 BULK_LOAD = 1000
+#: A first load smaller than this teaches a trainable extractor too little to be left as it is:
+#: measured (benchmarks/codebook_sources.py), RootSIFT-VLAD learned from 21 images of the museum
+#: gallery fell from mAP 0.990 to 0.684 on held-out copies (its PCA keeps at most 20 components).
+FEW_TO_LEARN = 100
 #: ``(done, total)``: called as images are processed, for progress bars.
 ProgressCallback = Callable[[int, int], None]
 #: One line on what a long step is doing (training a codebook...), for the user.
@@ -229,8 +233,12 @@ class Ingester:
             sample = list(todo) if sampled else random.Random(0).sample(list(todo), self.extractor.sample_size(len(todo)))
             if on_status and sample:
                 on_status(f"training {self.extractor.spec} on {len(sample)} images")
-            self.extractor.fit([item.prepared for item in self.load(sample) if isinstance(item, Prepared)])
+            learned_from = [item.prepared for item in self.load(sample) if isinstance(item, Prepared)]
+            self.extractor.fit(learned_from)
             state.save(conn, self.index, self.extractor.state())
+        if on_status and 0 < len(learned_from) < FEW_TO_LEARN:
+            on_status(f"{self.index.name!r} learned from only {len(learned_from)} images: once the collection has "
+                      f"grown, `imgdb index train {self.index.name}` learns again from it")
 
     def run(self, paths: Iterable[str | Path], *, meta: dict[str, Any] | None = None,
             metadata: dict[str, dict[str, Any]] | None = None,
