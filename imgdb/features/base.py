@@ -136,6 +136,26 @@ class Extractor(ABC):
         return l2_normalize(self.describe(prepared))
 
 
+class LearningExtractor(Extractor):
+    """An extractor that learns arrays from the collection (codebooks, PCA): they live in ``_state``,
+    empty until :meth:`fit` or :meth:`load_state` fills it, and are what the index persists."""
+
+    trainable = True
+
+    def __init__(self) -> None:
+        self._state: dict[str, np.ndarray] = {}
+
+    @property
+    def trained(self) -> bool:
+        return bool(self._state)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return dict(self._state)
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self._state = dict(state)
+
+
 class PerImageExtractor(Extractor):
     """An extractor whose :meth:`prepare` computes the whole descriptor (cheap per-image maths, best
     done in the worker threads); :meth:`describe` only gathers the batch."""

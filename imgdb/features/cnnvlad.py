@@ -26,7 +26,7 @@ from PIL import Image
 
 from imgdb.errors import ExtractorSpecError
 from imgdb.features import aggregate
-from imgdb.features.base import Extractor, ExtractorContext, unit_rows
+from imgdb.features.base import ExtractorContext, LearningExtractor, unit_rows
 from imgdb.features.cnn import CnnExtractor
 from imgdb.features.cnn_config import DEFAULT_BACKBONE, CnnConfig
 from imgdb.features.spec import Spec, reject_leftovers, take_int, take_word
@@ -43,13 +43,13 @@ SAMPLED = 200
 RESTARTS = 8
 
 
-class CnnVladExtractor(Extractor):
+class CnnVladExtractor(LearningExtractor):
     family = "cnnvlad"
-    trainable = True
     batch_size = 8
 
     def __init__(self, backbone: str, layer: str, k: int, ldim: int, size: int, dim: int | str | None,
                  whiten: bool, context: ExtractorContext = ExtractorContext()) -> None:
+        super().__init__()
         self.cnn = CnnExtractor(CnnConfig(backbone=backbone, layer=layer, size=size, whiten="off"), context, maps=True)
         if ldim > self.cnn.dim:
             raise ExtractorSpecError(f"ldim={ldim} is more than the {self.cnn.dim} channels of {backbone}@{layer}")
@@ -59,7 +59,6 @@ class CnnVladExtractor(Extractor):
         self.whiten = whiten
         self.dim = self.reduced or self.raw_dim
         self.spec = "/".join([f"cnnvlad:{backbone}@{layer}", f"k={k}", f"ldim={ldim}", f"size={size}", *spelled])
-        self._state: dict[str, np.ndarray] = {}
 
     @classmethod
     def from_spec(cls, spec: Spec, context: ExtractorContext = ExtractorContext()) -> CnnVladExtractor:
@@ -102,10 +101,6 @@ class CnnVladExtractor(Extractor):
 
     # ------------------------------------------------------------ training
 
-    @property
-    def trained(self) -> bool:
-        return bool(self._state)
-
     def fit(self, prepared: Sequence[np.ndarray]) -> None:
         """Learn the positions' whitening and the words from a sample (the network runs once over
         it), then the reduction where there is one."""
@@ -124,9 +119,3 @@ class CnnVladExtractor(Extractor):
         if self.reduced:
             raw = np.stack([self._encode(p) for p in positions])
             self._state.update(learn_projection(raw, self.dim, whiten=self.whiten))
-
-    def state(self) -> dict[str, np.ndarray]:
-        return dict(self._state)
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        self._state = dict(state)

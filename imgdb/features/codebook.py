@@ -21,7 +21,7 @@ from PIL import Image
 
 from imgdb.errors import ExtractorSpecError
 from imgdb.features import aggregate
-from imgdb.features.base import Extractor, ExtractorContext
+from imgdb.features.base import ExtractorContext, LearningExtractor
 from imgdb.features.local import DESCRIPTOR_DIMS, describe_local
 from imgdb.features.spec import Spec, reject_leftovers, take_int, take_word
 from imgdb.features.whitening import learn_projection, project, reduction, take_dim
@@ -35,13 +35,13 @@ DESCRIPTIONS = {
 }
 
 
-class CodebookExtractor(Extractor):
+class CodebookExtractor(LearningExtractor):
     family = "vlad"
-    trainable = True
     batch_size = 16
 
     def __init__(self, family: str, local: str, k: int, side: int, max_keypoints: int,
                  ldim: int | None, dim: int | str | None, whiten: bool) -> None:
+        super().__init__()
         self.family = family
         self.local = local
         self.k = k
@@ -56,7 +56,6 @@ class CodebookExtractor(Extractor):
         parts = [f"{family}:{local}", f"k={k}", f"side={side}", f"max={max_keypoints}"]
         parts += [f"ldim={ldim}"] if ldim else []
         self.spec = "/".join(parts + spelled)
-        self._state: dict[str, np.ndarray] = {}
 
     @classmethod
     def from_spec(cls, spec: Spec, context: ExtractorContext = ExtractorContext()) -> CodebookExtractor:
@@ -119,10 +118,6 @@ class CodebookExtractor(Extractor):
 
     # ------------------------------------------------------------ training
 
-    @property
-    def trained(self) -> bool:
-        return bool(self._state)
-
     def fit(self, prepared: Sequence[np.ndarray]) -> None:
         """Learn the local PCA, codebook (and idf) and the reduction from a sample's descriptors."""
         sets = [d for d in prepared if len(d)]
@@ -142,9 +137,3 @@ class CodebookExtractor(Extractor):
                 state["idf"] = aggregate.learn_idf([self._local_pca(d) for d in sets], state["centres"])
         if self.reduced:
             state.update(learn_projection(np.stack([self._raw(d) for d in sets]), self.dim, whiten=self.whiten))
-
-    def state(self) -> dict[str, np.ndarray]:
-        return dict(self._state)
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        self._state = dict(state)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from imgdb.errors import ExtractorSpecError
 from imgdb.features import aggregate
-from imgdb.features.base import Extractor, ExtractorContext, l2_normalize
+from imgdb.features.base import ExtractorContext, LearningExtractor, l2_normalize
 from imgdb.features.cnn import CnnExtractor
 from imgdb.features.cnn_config import DEFAULT_BACKBONE, CnnConfig
 from imgdb.features.spec import Spec, reject_leftovers, take_int, take_word
@@ -33,13 +33,13 @@ from imgdb.features.whitening import learn_projection, project, reduction, take_
 LEVELS = ((128, 32), (64, 16))
 
 
-class MopExtractor(Extractor):
+class MopExtractor(LearningExtractor):
     family = "mop"
-    trainable = True
     batch_size = 8
 
     def __init__(self, backbone: str, k: int, ldim: int, size: int, dim: int | str | None, whiten: bool,
                  context: ExtractorContext = ExtractorContext()) -> None:
+        super().__init__()
         self.cnn = CnnExtractor(CnnConfig(backbone=backbone, size=size, whiten="off"), context)
         if ldim > self.cnn.dim:
             raise ExtractorSpecError(f"ldim={ldim} is more than the backbone's {self.cnn.dim} channels")
@@ -49,7 +49,6 @@ class MopExtractor(Extractor):
         self.dim = self.reduced or self.raw_dim
         parts = [f"mop:{backbone}", f"k={k}", f"ldim={ldim}", f"size={size}"]
         self.spec = "/".join(parts + spelled)
-        self._state: dict[str, np.ndarray] = {}
 
     @classmethod
     def from_spec(cls, spec: Spec, context: ExtractorContext = ExtractorContext()) -> MopExtractor:
@@ -111,10 +110,6 @@ class MopExtractor(Extractor):
 
     # ------------------------------------------------------------ training
 
-    @property
-    def trained(self) -> bool:
-        return bool(self._state)
-
     def fit(self, prepared: Sequence[np.ndarray]) -> None:
         """Learn, per patch level, the PCA of patch descriptors and the VLAD words; then the reduction.
         The network runs once over the sample; every step reuses its outputs."""
@@ -128,9 +123,3 @@ class MopExtractor(Extractor):
             self._state[f"level{level}_centres"] = aggregate.learn_kmeans(self._local(sample, level), self.k)
         if self.reduced:
             self._state.update(learn_projection(self._raw(whole, levels), self.dim, whiten=self.whiten))
-
-    def state(self) -> dict[str, np.ndarray]:
-        return dict(self._state)
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        self._state = dict(state)
