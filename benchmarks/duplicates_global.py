@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -115,13 +116,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    import tempfile
-
     gallery = sorted((museum_or_exit() / "images").glob("*.jpg"))
     with tempfile.TemporaryDirectory(prefix="imgdb-dups-global-") as root:
         files, labels, (tuning, held) = build(gallery, 100, 30, Path(root))
         turns, windows = describe(files)
-        shapes = [Image.open(path).size[0] / Image.open(path).size[1] for path in files]
+        shapes = [width / height for width, height in (Image.open(path).size for path in files)]
     names = [path.name for path in files]
     plain = np.stack([t[0] for t in turns])
     cosines = plain @ plain.T
