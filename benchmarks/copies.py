@@ -73,15 +73,17 @@ EDITS: dict[str, Callable[[Image.Image, random.Random, list[Path]], Image.Image]
     "crop": _crop, "turn": _turn, "inset": _inset, "perspective": _perspective, "colour": _colour}
 
 
-def build(root: Path) -> Path:
-    """The copy set in ``root`` (made once; returned as it is when already there)."""
+def build(root: Path, seed: int = SEED) -> Path:
+    """The copy set in ``root`` (made once; returned as it is when already there); another ``seed``
+    draws other paintings, edits and qualities: a set that nothing was chosen on, however often
+    the first was looked at."""
     if (root / "queries.json").is_file():
         return root
     gallery = sorted((museum_or_exit() / "images").glob("*.jpg"))
     (root / "queries").mkdir(parents=True, exist_ok=True)
     if not (root / "images").exists():
         (root / "images").symlink_to(gallery[0].parent)
-    rng = random.Random(SEED)
+    rng = random.Random(seed)
     queries = []
     for n, path in enumerate(rng.sample(gallery, COPIES)):
         kind = list(EDITS)[n % len(EDITS)]

@@ -106,10 +106,11 @@ class Catalog:
         with self.database.connect() as conn:
             return indexes.all_indexes(conn)
 
-    def create_index(self, name: str, extractor: str | None = None, ann: str = ann_methods.DEFAULT,
+    def create_index(self, name: str, extractor: str | None = None, ann: str | None = None,
                      storage: str = "vector") -> IndexRecord:
         """Create an index: ``extractor`` a spec (stored in canonical form, a weights file it names
-        stored as a network), ``ann`` an ANN spec, ``storage`` ``vector`` or ``halfvec``."""
+        stored as a network), ``ann`` an ANN spec (None: by the vectors' length,
+        :func:`imgdb.ann.registry.default_for`), ``storage`` ``vector`` or ``halfvec``."""
         check_name(name)
         spec = parse_spec(canonical_spec(extractor or DEFAULT_SPEC, self.context))
         spec, files = extractor_class(spec.family).store_files(spec, self.context)
@@ -121,14 +122,14 @@ class Catalog:
         self.layer.sync(index)  # (the empty structure of a method that needs no data to build one)
         return self.counted(index)
 
-    def plan_index(self, extractor: str, ann: str = ann_methods.DEFAULT, storage: str = "vector") -> PlannedIndex:
+    def plan_index(self, extractor: str, ann: str | None = None, storage: str = "vector") -> PlannedIndex:
         """An index of a spec that names no local file, checked (its model loaded, its first stage
         against its dimension and storage) and ready to be created in a transaction of the caller's
         (an import creates it with its data, or not at all)."""
         check_storage(storage)
-        first_stage = ann_methods.parse_ann(ann)
         spec = canonical_spec(extractor, self.context)
         dim = self.shared_extractor(spec).dim
+        first_stage = ann_methods.parse_ann(ann or ann_methods.default_for(dim, storage))
         ann_methods.check(first_stage, dim, storage)
         return PlannedIndex(spec, dim, first_stage.method, first_stage.params, storage)
 

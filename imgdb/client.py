@@ -70,10 +70,11 @@ class Imgdb:
 
     # ------------------------------------------------------------ indexes
 
-    def create_index(self, name: str, extractor: str | None = None, ann: str = "hnsw",
+    def create_index(self, name: str, extractor: str | None = None, ann: str | None = None,
                      storage: str = "vector") -> IndexRecord:
         """Create an index. ``extractor`` is a spec (stored in canonical form), ``ann`` an ANN spec
-        such as ``hnsw/m=32`` or ``ivfpq/lists=1024`` (:mod:`imgdb.ann.registry`), ``storage``
+        such as ``hnsw/m=32`` or ``ivfpq/lists=1024`` (:mod:`imgdb.ann.registry`; None: ``hnsw``
+        where the vectors fit it, ``ivfpq`` where they are longer), ``storage``
         ``vector`` or ``halfvec`` (half the bytes, indexable up to 4000 dimensions)."""
         return self.catalog.create_index(name, extractor, ann, storage)
 

@@ -1,6 +1,6 @@
 """Every ANN method through the ordinary flow (create, ingest the museum gallery, search), and a method
 and a re-ranker from outside imgdb, registered by an entry point and used from the CLI with no other
-edit."""
+edit; and the first stage an index gets when it names none."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 
 import imgdb
 from imgdb import Imgdb
-from imgdb.ann.registry import BUILTIN, STATE_OWNER
+from imgdb.ann.method import SAMPLE_BYTES
+from imgdb.ann.registry import BUILTIN, STATE_OWNER, check, default_for, method, parse_ann
 from imgdb.db import state, vectors
 from tests.conftest import tool_env
 
@@ -30,16 +31,9 @@ def gallery_db(client, new_database) -> Iterator[Imgdb]:  # noqa: ANN001
         yield db
 
 
-@pytest.fixture(scope="module")
-def query_vectors(gallery_db: Imgdb, museum: Path) -> np.ndarray:
-    """The first QUERIES museum photos, encoded once by the default extractor (every index below has it)."""
-    photos = sorted((museum / "queries").glob("*.jpg"))[:QUERIES]
-    return np.stack([gallery_db.embed(photo) for photo in photos])
-
-
 @pytest.mark.parametrize("method", list(BUILTIN))
 def test_every_method_finds_the_exact_top_hit_in_the_ordinary_flow(gallery_db: Imgdb, museum: Path,
-                                                                   query_vectors: np.ndarray, method: str) -> None:
+                                                                   method: str) -> None:
     """Created empty, then filled by an ingest too small to rebuild anything (the flow that left
     binary quantization with a centre learned from an empty table, and random Hamming rankings)."""
     client, name = gallery_db, f"every_{method}"
@@ -47,6 +41,8 @@ def test_every_method_finds_the_exact_top_hit_in_the_ordinary_flow(gallery_db: I
     report = client.ingest([museum / "images"], index=name)
     assert report.added == len(list((museum / "images").glob("*.jpg"))) and not report.failed
     index = client.index(name)
+    # (encoded by this index: the default extractor learns its codebook from each index's first load)
+    query_vectors = np.stack([client.embed(p, index=name) for p in sorted((museum / "queries").glob("*.jpg"))[:QUERIES]])
     with client.database.connect() as conn:
         ids, gallery = vectors.read(conn, index)
     exact = ids[np.argmin(np.linalg.norm(gallery[None, :, :] - query_vectors[:, None, :], axis=2), axis=1)]
@@ -153,3 +149,19 @@ def test_a_registered_method_and_reranker_work_from_the_cli_with_no_other_edit(g
     assert [h["id"] for h in backwards] == [h["id"] for h in json.loads(imgdb(
         "search", str(photos[3]), "--index", "toy", "--candidates", "3", "-k", "3", "--json"))][::-1]
     client.drop_index("toy")
+
+
+@pytest.mark.parametrize(("dim", "storage", "expected"), [
+    (1920, "vector", "hnsw"), (8192, "vector", "ivfpq/m=256"), (3968, "vector", "ivfpq/m=248"),
+    (3072, "halfvec", "hnsw"), (8192, "halfvec", "ivfpq/m=256")])
+def test_an_index_created_without_ann_gets_a_first_stage_that_takes_its_length(dim: int, storage: str,
+                                                                                expected: str) -> None:
+    chosen = default_for(dim, storage)
+    assert chosen == expected
+    check(parse_ann(chosen), dim, storage)  # (and it is one the index can have)
+
+
+def test_long_vectors_are_learned_from_a_sample_bounded_in_bytes() -> None:
+    ivfpq = method("ivfpq")
+    assert ivfpq.sample_rows(1280) == ivfpq.max_sample  # (GeM's and cnnvlad's: as before)
+    assert ivfpq.sample_rows(8192) * 8192 * 4 == SAMPLE_BYTES

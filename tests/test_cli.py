@@ -50,7 +50,7 @@ def test_search_json_shape_and_filters(sample_ids: list[int]) -> None:
 
 def test_embed_prints_a_literal_plain_sql_accepts(client, sample_ids: list[int]) -> None:  # noqa: ANN001
     document = run_json("embed", f"id:{sample_ids[7]}")
-    assert document["dim"] == len(document["vector"]) == 1280 and document["index"] == "default"
+    assert document["dim"] == len(document["vector"]) == client.index().dim and document["index"] == "default"
     literal = runner.invoke(app, ["embed", f"id:{sample_ids[7]}"]).stdout.strip()
     assert literal.startswith("[") and literal.endswith("]")
     with client.database.connect() as conn:

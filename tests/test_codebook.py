@@ -86,11 +86,13 @@ def test_every_local_feature_on_a_real_photo(museum: Path, kind: str) -> None:
 @pytest.mark.parametrize(
     ("given", "canonical", "dim"),
     [
-        ("vlad:rootsift", "vlad:rootsift/k=64/side=640/max=2000/dim=512", 512),
+        ("vlad:rootsift", "vlad:rootsift/k=64/side=640/max=2000/dim=full", 8192),
         ("vlad:sift/k=8", "vlad:sift/k=8/side=640/max=2000", 1024),
         ("bow:orb/k=500", "bow:orb/k=500/side=640/max=2000", 500),
-        ("fisher:sift/k=16", "fisher:sift/k=16/side=640/max=2000/ldim=64/dim=512", 512),
+        ("fisher:sift/k=16", "fisher:sift/k=16/side=640/max=2000/ldim=64/dim=full", 2048),
         ("vlad:rootsift/dim=full", "vlad:rootsift/k=64/side=640/max=2000/dim=full", 8192),
+        ("vlad:rootsift/dim=512", "vlad:rootsift/k=64/side=640/max=2000/dim=512", 512),
+        ("vlad:rootsift/whiten", "vlad:rootsift/k=64/side=640/max=2000/dim=512/whiten", 512),
     ],
 )
 def test_codebook_specs(given: str, canonical: str, dim: int) -> None:
@@ -133,13 +135,17 @@ def test_flat_images_never_outrank_real_matches(sample_descriptors, museum_sampl
 
 
 def test_a_whole_vlad_is_stored_whole_and_finds_the_painting(client, museum_sample: Path) -> None:  # noqa: ANN001
-    """``dim=full`` keeps every dimension (no PCA, whatever the sample's size); past what HNSW indexes
-    as ``vector`` the refusal names what does, and as ``halfvec`` it searches."""
-    spec = "vlad:rootsift/k=24/side=480/max=800/dim=full"
+    """The whole encoding is the default (no PCA, whatever the sample's size). Past what HNSW indexes
+    as ``vector``, an index asked for HNSW is refused with what does, and one created without
+    ``--ann`` gets a first stage that takes the length (IVF-PQ); as ``halfvec`` HNSW takes it."""
+    spec = "vlad:rootsift/k=24/side=480/max=800"
     with pytest.raises(ImgdbError, match="--storage halfvec"):
-        client.create_index("vlad_whole", spec)
+        client.create_index("vlad_whole", spec, ann="hnsw")
+    long = client.create_index("vlad_whole", spec)
+    assert (long.ann, long.ann_params["m"]) == ("ivfpq", 256)  # (3,072 = 256 sub-vectors of 12)
+    client.drop_index("vlad_whole")
     info = client.create_index("vlad_whole", spec, storage="halfvec")
-    assert info.dim == 24 * 128
+    assert (info.dim, info.ann, info.extractor) == (24 * 128, "hnsw", f"{spec}/dim=full")
     client.ingest([museum_sample / "images"], index="vlad_whole")
     extractor = client.catalog.extractor(client.index("vlad_whole"))
     assert extractor.reduced is None and not any(key.startswith("pca_") for key in extractor.state())

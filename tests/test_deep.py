@@ -123,12 +123,13 @@ def test_cnn_vlad_refuses_what_cannot_work(spec: str, reason: str) -> None:
         fresh(spec)
 
 
-def test_cnn_vlad_longer_than_pgvector_indexes_is_reduced_unless_kept_whole() -> None:
+def test_cnn_vlad_is_kept_whole_unless_dim_asks_for_a_reduction() -> None:
     default = fresh("cnnvlad:tf_efficientnet_lite2")
     assert (default.dim, default.spec) == (1920, "cnnvlad:tf_efficientnet_lite2@blocks.4/k=32/ldim=60/size=384")
-    assert fresh("cnnvlad:tf_efficientnet_lite2/k=64").dim == 512  # 3,840 dimensions: PCA to 512
-    whole = fresh("cnnvlad:tf_efficientnet_lite2/k=64/dim=full")
-    assert (whole.dim, whole.spec) == (3840, "cnnvlad:tf_efficientnet_lite2@blocks.4/k=64/ldim=60/size=384/dim=full")
+    assert fresh("cnnvlad:tf_efficientnet_lite2/k=64/dim=512").dim == 512  # 3,840 dimensions: PCA to 512
+    for spec in ("cnnvlad:tf_efficientnet_lite2/k=64", "cnnvlad:tf_efficientnet_lite2/k=64/dim=full"):
+        whole = fresh(spec)  # (longer than HNSW indexes: spelled dim=full, as before it was the default)
+        assert (whole.dim, whole.spec) == (3840, "cnnvlad:tf_efficientnet_lite2@blocks.4/k=64/ldim=60/size=384/dim=full")
 
 
 @pytest.mark.parametrize("spec", ["cnn:tf_efficientnet_lite2/" + p for p in ("gem", "max", "avg", "spoc", "rmac", "crow")]

@@ -13,6 +13,9 @@ from imgdb.errors import ExtractorSpecError
 from imgdb.features.base import l2_normalize
 from imgdb.features.pooling import average, gem, mac
 from imgdb.features.registry import DEFAULT_SPEC, canonical_spec, create_extractor, list_extractors
+
+#: A global CNN descriptor (the default before cnnvlad).
+GEM = "cnn:tf_efficientnet_lite2/gem"
 from imgdb.features.spec import parse_spec
 
 
@@ -27,7 +30,8 @@ def test_spec_grammar_round_trips() -> None:
     [
         ("color", "color:hsv/bins=8x12x3/size=256"),
         ("color:hsv/bins=4x4x4", "color:hsv/bins=4x4x4/size=256"),
-        (DEFAULT_SPEC, "cnn:tf_efficientnet_lite2/gem/p=3/size=260/whiten=auto"),
+        (DEFAULT_SPEC, "cnnvlad:tf_efficientnet_lite2@blocks.4/k=32/ldim=60/size=384"),
+        (GEM, "cnn:tf_efficientnet_lite2/gem/p=3/size=260/whiten=auto"),
         ("cnn:tf_efficientnet_lite2/max/size=300", "cnn:tf_efficientnet_lite2/max/size=300/whiten=auto"),
     ],
 )
@@ -93,7 +97,7 @@ def test_colour_histogram_on_real_images(museum: Path) -> None:
 
 
 def test_cnn_descriptor_keeps_aspect_and_is_unit_length(museum: Path) -> None:
-    extractor = create_extractor(DEFAULT_SPEC)
+    extractor = create_extractor(GEM)
     image = Image.open(museum / "images" / "bbdd_00004.jpg").convert("RGB")
     prepared = extractor.prepare(image)
     assert len(prepared) == 1  # one scale

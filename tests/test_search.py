@@ -94,10 +94,21 @@ def test_unknown_id_and_index_are_clear(client, sample_ids: list[int]) -> None: 
         client.search(f"id:{sample_ids[0]}", index="nope")
 
 
+def test_a_photo_query_before_the_codebook_is_learned_says_what_to_do(client, museum_sample: Path) -> None:  # noqa: ANN001
+    """The default extractor learns from an index's first load: until then a photo cannot be encoded."""
+    client.create_index("unlearned")
+    try:
+        for call in (client.search, client.embed):
+            with pytest.raises(ImgdbError, match="'unlearned' has not learned its codebook yet: ingest images into it"):
+                call(museum_sample / "images" / "bbdd_00002.jpg", index="unlearned")
+    finally:
+        client.drop_index("unlearned")
+
+
 def test_embed_matches_the_stored_vector(client, sample_ids: list[int], museum_sample: Path) -> None:  # noqa: ANN001
     path = museum_sample / "images" / "bbdd_00002.jpg"
     stored = client.embed(f"id:{sample_ids[2]}")
     fresh = client.embed(path)
-    assert fresh.shape == stored.shape == (1280,)
+    assert fresh.shape == stored.shape == (client.index().dim,)
     assert abs(np.linalg.norm(fresh) - 1) < 1e-5
     np.testing.assert_allclose(fresh, stored, atol=1e-5)

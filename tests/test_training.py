@@ -229,11 +229,13 @@ def trained(tuned_index):  # noqa: ANN001, ANN201
     return report
 
 
-def test_train_makes_an_index_of_the_fine_tuned_network(client, trained, sample_ids: list[int]) -> None:  # noqa: ANN001
+def test_train_makes_an_index_of_the_fine_tuned_network(client, trained, sample_ids: list[int],  # noqa: ANN001
+                                                        museum: Path) -> None:
     assert trained.to_json()["index"] == "tuned" and trained.method == "triplet"
-    assert trained.extractor.endswith(f"/whiten=off/net={trained.network}")
+    # (the default index is a cnnvlad one: training tunes its backbone under GeM, into a cnn: index)
+    assert trained.extractor == f"cnn:tf_efficientnet_lite2/gem/p=3/size=260/whiten=off/net={trained.network}"
     target = client.index("tuned")
-    assert target.extractor == trained.extractor and target.dim == client.index("default").dim
+    assert target.extractor == trained.extractor and target.dim == 1280  # (EfficientNet-Lite2's channels)
     with client.database.connect() as conn:
         row = networks.record(conn, trained.network)
         # (every image the source held when it was trained: other tests may add some later)
@@ -243,8 +245,10 @@ def test_train_makes_an_index_of_the_fine_tuned_network(client, trained, sample_
     assert row.params["from"] == "default"
     hits = client.search(f"id:{sample_ids[3]}", index="tuned", k=1)
     assert hits[0].id == sample_ids[3]
-    before, after = client.embed(f"id:{sample_ids[3]}"), client.embed(f"id:{sample_ids[3]}", index="tuned")
-    assert not np.allclose(before, after)  # it did learn something
+    photo = museum / "images" / "bbdd_00004.jpg"
+    untuned = CnnExtractor(CnnConfig.parse(parse_spec(trained.extractor.rpartition("/net=")[0])))
+    before = untuned.embed([untuned.prepare(Image.open(photo).convert("RGB"))])[0]
+    assert not np.allclose(before, client.embed(photo, index="tuned"), atol=1e-3)  # it did learn something
 
 
 def test_a_trained_index_encodes_a_query_bit_for_bit_in_a_new_process(client, trained, museum: Path,  # noqa: ANN001

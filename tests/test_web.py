@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from imgdb.client import Imgdb
+from imgdb.features.registry import DEFAULT_SPEC, canonical_spec
 from imgdb.io import fetch as fetch_mod
 from imgdb.web.app import create_app
 from tests.conftest import copy_image
@@ -40,7 +41,7 @@ def queries(museum_sample: Path) -> list[dict]:
     return json.loads((museum_sample / "queries.json").read_text())
 
 
-def test_health_schema_and_page(api: TestClient) -> None:
+def test_health_schema_and_page(api: TestClient, client) -> None:  # noqa: ANN001
     assert api.get("/healthz").json() == {"status": "ok"}
     page = api.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -48,7 +49,8 @@ def test_health_schema_and_page(api: TestClient) -> None:
     paths = api.get("/openapi.json").json()["paths"]
     assert {"/search", "/images/{image_id}", "/images/{image_id}/thumbnail", "/healthz", "/indexes"} <= set(paths)
     default = next(ix for ix in api.get("/indexes").json() if ix["name"] == "default")
-    assert default["extractor"].startswith("cnn:") and default["images"] >= 40 and default["dim"] == 1280
+    assert default["extractor"] == canonical_spec(DEFAULT_SPEC) and default["images"] >= 40
+    assert default["dim"] == client.index().dim
 
 
 def test_upload_finds_the_painting_and_its_thumbnail(api: TestClient, museum_sample: Path, queries, client) -> None:  # noqa: ANN001

@@ -538,7 +538,7 @@ def train(
 def index_create(
     name: Annotated[str, typer.Argument(help="Index name: lower-case letters, digits, _.")],
     extractor: Annotated[Optional[str], typer.Option("--extractor", "-e", help="Extractor spec (see `imgdb extractors`).")] = None,
-    ann: Annotated[str, typer.Option("--ann", help=AnnHelp)] = "hnsw",
+    ann: Annotated[Optional[str], typer.Option("--ann", help="Default: hnsw where the vectors fit it, ivfpq where they are longer. " + AnnHelp)] = None,
     storage: Annotated[str, typer.Option("--storage", help="vector (float32) or halfvec (float16: half the bytes, indexable to 4000 dims).")] = "vector",
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Local state_dict for a CNN backbone.")] = None,
     as_json: Json = False, debug: Debug = False,

@@ -84,7 +84,7 @@ class AnnLayer:
                 state.lock_learning(conn, index)
                 learned = state.load(conn, index, STATE_OWNER)  # (another process may have learned meanwhile)
                 if relearn or not learned:
-                    _, sample = vectors.read(conn, index, sample=found.max_sample)
+                    _, sample = vectors.read(conn, index, sample=found.sample_rows(index.dim))
                     learned = found.learn(ann, index.dim, sample)
                     state.save(conn, index, learned, STATE_OWNER)
                     # What was built or encoded from the old state goes with it.
@@ -113,7 +113,7 @@ class AnnLayer:
                 state.lock_learning(conn, index)
                 learned = state.load(conn, index, STATE_OWNER)
                 if not learned:
-                    rows = np.sort(np.random.default_rng(0).permutation(len(incoming))[:found.max_sample])
+                    rows = np.sort(np.random.default_rng(0).permutation(len(incoming))[:found.sample_rows(index.dim)])
                     learned = found.learn(ann, index.dim, incoming[rows])
                     state.save(conn, index, learned, STATE_OWNER)
         return found.code_index(ann, index.dim, learned) if found.uses_codes else None

@@ -83,6 +83,10 @@ class CodeIndex(ABC):
         """A searcher over rows ``ids`` with their codes (or vectors, if it keeps no codes)."""
 
 
+#: The most float32 bytes a method learns from (:meth:`AnnMethod.sample_rows`).
+SAMPLE_BYTES = 2 * 2**30
+
+
 class AnnMethod(ABC):
     """One ANN method. Instances hold no state (one per process serves every index); what an index
     learned is handed in as ``state``, the arrays :meth:`learn` returned, kept in ``index_state``."""
@@ -103,7 +107,7 @@ class AnnMethod(ABC):
     #: Fewer vectors than this and it does not learn yet: queries stay exact until it has.
     min_vectors: ClassVar[int] = 16
     #: The most vectors it learns from (a fixed pseudo-random sample of a larger index): faiss's
-    #: k-means uses at most 256 points per centroid anyway.
+    #: k-means uses at most 256 points per centroid anyway. Fewer of long vectors: :meth:`sample_rows`.
     max_sample: ClassVar[int] = 262_144
     #: Keys of its learned state that its SQL reads with every query (binary quantization's centre),
     #: read with the index's registry row so that a query costs no extra round trip.
@@ -116,6 +120,12 @@ class AnnMethod(ABC):
         ``storage`` None, as a spec is parsed) and for vectors of ``dim`` in ``storage`` (as an index
         is created). Their being non-negative integers, and the dimension against :meth:`max_dim`,
         are checked already."""
+
+    def sample_rows(self, dim: int) -> int:
+        """The most vectors of ``dim`` dimensions it learns from: ``max_sample``, fewer where they
+        would hold more than SAMPLE_BYTES as float32 (a whole VLAD of 8,192 dimensions: 65,536
+        vectors, 2 GiB, not 262,144 and 8 GiB)."""
+        return max(self.min_vectors, min(self.max_sample, SAMPLE_BYTES // (4 * dim)))
 
     def max_dim(self, storage: str) -> int | None:
         """The most dimensions it indexes in ``storage`` (``vector`` or ``halfvec``); None: no limit."""

@@ -24,8 +24,16 @@ BUILTIN: dict[str, str] = {
     "kdtree": "imgdb.ann.kdtree:KdTree",
     "none": "imgdb.ann.none:NoIndex",
 }
-#: What an index gets when created without ``--ann``.
+#: What an index gets when created without ``--ann``, where its vectors fit it.
 DEFAULT = "hnsw"
+#: What it gets where they are longer than DEFAULT indexes (a whole VLAD or Fisher vector of 8,192
+#: dimensions): codes of any length, searched in imgdb, the candidates re-ranked from the stored vectors.
+DEFAULT_LONG = "ivfpq"
+#: ... with at most this many sub-quantizers (PQ's own default, dim/4, is 2,048 for 8,192 dimensions:
+#: learning from 4,096 such vectors took 177 s on this project's 2-core machine, 26 s at m=512 and
+#: 5.7 s at m=256, codes of 256 bytes; 40 s from 16,384 vectors, 244 s from 65,536, the most a
+#: method learns from at that length: AnnMethod.sample_rows).
+LONG_SUBQUANTIZERS = 256
 #: Namespace of the index layer's arrays in ``index_state`` (the extractor's keys have no dot).
 STATE_OWNER = "ann."
 
@@ -85,6 +93,14 @@ def check(ann: AnnSpec, dim: int, storage: str) -> None:
     hint = "--storage halfvec, " if storage == "vector" and _fits(found, dim, "halfvec") else ""
     raise ImgdbError(f"{ann.method} indexes {storage} columns of at most {limit} dimensions, these vectors have "
                      f"{dim}: use {hint}--ann {', '.join(fitting)}")
+
+
+def default_for(dim: int, storage: str) -> str:
+    """The first stage an index of ``dim`` dimensions in ``storage`` gets when none is asked."""
+    if _fits(method(DEFAULT), dim, storage):
+        return DEFAULT
+    m = next(m for m in range(min(LONG_SUBQUANTIZERS, dim), 0, -1) if dim % m == 0)
+    return f"{DEFAULT_LONG}/m={m}"
 
 
 def _fits(candidate: AnnMethod, dim: int, storage: str) -> bool:

@@ -117,8 +117,15 @@ class Extractor(ABC):
 
     @property
     def trained(self) -> bool:
-        """Whether :meth:`describe` can run (always, for extractors that learn nothing)."""
+        """Whether it has learned what it learns from the collection (always, for extractors that
+        learn nothing)."""
         return not self.trainable
+
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`describe` can run now: a CNN whose whitening is still to be learned describes
+        without it; an encoding over a codebook cannot before the codebook is learned."""
+        return True
 
     def fit(self, prepared: Sequence[Any]) -> None:
         """Learn from a sample of the collection (trainable extractors only)."""
@@ -148,6 +155,10 @@ class LearningExtractor(Extractor):
     @property
     def trained(self) -> bool:
         return bool(self._state)
+
+    @property
+    def ready(self) -> bool:
+        return self.trained
 
     def state(self) -> dict[str, np.ndarray]:
         return dict(self._state)

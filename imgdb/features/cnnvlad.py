@@ -10,8 +10,8 @@ prototype (EfficientNet-Lite2 at 384 px, k=32, museum / held-out copies mAP): ``
 0.950 / 0.935, ``@blocks.4`` 0.992 / 0.972, ``@blocks.3`` 0.977 / 0.989; GeM 0.943 / 0.928.
 
 Spec: ``cnnvlad:BACKBONE[@LAYER]/k=32/ldim=60/size=384[/dim=D|full][/whiten]``; the encoding has
-``k·ldim`` dimensions (1,920 by default: kept whole, and within the 2,000 pgvector's HNSW indexes),
-reduced by a PCA learned on the sample where it is longer than that or where ``dim`` asks. 32
+``k·ldim`` dimensions (1,920 by default: within the 2,000 pgvector's HNSW indexes), kept whole
+unless ``dim`` asks for a PCA learned on the sample. The default extractor of new indexes. 32
 words rather than 16: measured (benchmarks/codebook_sources.py), learned from another collection
 (scikit-image's samples) 16 words fell to museum / held-out copies mAP 0.846 / 0.909 and 32 kept
 0.978 / 0.921 (GeM, which learns nothing: 0.943 / 0.920).
@@ -94,7 +94,7 @@ class CnnVladExtractor(LearningExtractor):
         return aggregate.vlad(local, self._state["centres"])
 
     def describe(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
-        if not self.trained:
+        if not self.ready:
             raise RuntimeError(f"{self.spec}: codebook not trained yet")
         raw = np.stack([self._encode(p) for p in self._positions(prepared)])
         return project(raw, self._state, self.dim) if self.reduced else raw

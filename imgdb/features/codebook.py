@@ -4,9 +4,10 @@ bag of visual words (``bow``), VLAD (``vlad``) and Fisher vectors (``fisher``).
 Spec: ``FAMILY:LOCAL[/k=K][/side=S][/max=M][/ldim=L][/dim=D][/whiten]`` — the local feature
 (``sift``, ``rootsift``, ``surf``, ``orb``, ``kaze``, ``akaze``), codebook size, the longer image side
 for detection, the keypoint cap, an optional PCA of the local descriptors (Fisher vectors assume
-decorrelated dimensions, so it is on by default for them), and the stored dimension: encodings longer
-than pgvector's 2000 indexable dimensions are reduced by a PCA learned on the sample (``whiten`` to
-whiten it too).
+decorrelated dimensions, so it is on by default for them), and the stored dimension: the whole
+encoding by default (8,192 dimensions for RootSIFT-VLAD, searched through IVF-PQ when the index names
+no first stage), or ``dim=D`` for a PCA learned on the sample (``whiten`` to whiten it too; it keeps
+fewer components than the sample has images, and loses on photos it did not learn from).
 
 Training (:meth:`CodebookExtractor.fit`) runs on a sample of the collection's images; everything it
 learns comes back from :meth:`~CodebookExtractor.state` as arrays that the index keeps in PostgreSQL.
@@ -91,7 +92,7 @@ class CodebookExtractor(LearningExtractor):
         return describe_local(image, self.local, side=self.side, max_keypoints=self.max_keypoints)
 
     def describe(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
-        if not self.trained:
+        if not self.ready:
             raise RuntimeError(f"{self.spec}: codebook not trained yet")
         return np.stack([self._encode(descriptors) for descriptors in prepared])
 

@@ -9,8 +9,8 @@ Three levels, each one vector, concatenated:
 
 As in the paper the image is first resized (shorter side ``size`` = 256, aspect ratio kept here, so
 that wide images get more patches instead of being squashed), each level is L2-normalised before
-concatenation, and the result is reduced by a PCA learned on the sample when it is longer than
-pgvector's 2000 indexable dimensions.
+concatenation; the result is kept whole (3,328 dimensions by default) unless ``dim`` asks for a
+PCA learned on the sample (the figures in the README name ``dim=512``, the default before).
 
 Spec: ``mop:BACKBONE[/k=16][/ldim=64][/size=256][/dim=D][/whiten]``.
 """
@@ -103,7 +103,7 @@ class MopExtractor(LearningExtractor):
         return project(descriptors, self._state, self.ldim, prefix=f"level{level}_")
 
     def describe(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
-        if not self.trained:
+        if not self.ready:
             raise RuntimeError(f"{self.spec}: codebooks not trained yet")
         raw = self._raw(*self._levels(prepared))
         return project(raw, self._state, self.dim) if self.reduced else raw

@@ -26,8 +26,12 @@ BUILTIN: dict[str, str] = {
     "external": "imgdb.features.external:ExternalVectors",
 }
 
-#: What an index gets when created without ``--extractor``.
-DEFAULT_SPEC = "cnn:tf_efficientnet_lite2/gem"
+#: What an index gets when created without ``--extractor``: VLAD of an intermediate CNN map's
+#: positions (:mod:`imgdb.features.cnnvlad`). Chosen over GeM (``cnn:tf_efficientnet_lite2/gem``,
+#: the default before) on two sets of edited copies: mAP 0.973 and 0.985 against 0.920 and 0.901,
+#: at 59% of GeM's ingest rate (README, "The default extractor, chosen on sets it was not tuned
+#: on"). It learns a codebook from an index's first load; existing indexes keep their extractor.
+DEFAULT_SPEC = "cnnvlad:tf_efficientnet_lite2"
 
 
 def families() -> dict[str, str]:

@@ -17,15 +17,19 @@ from imgdb.features.spec import take_int
 
 #: Added to variances before whitening, so that near-empty directions are not blown up.
 EPSILON = 1e-6
-#: pgvector indexes ``vector`` columns of up to this many dimensions.
-MAX_INDEXED_DIM = 2000
-#: What encodings longer than MAX_INDEXED_DIM are reduced to when their spec does not say.
-DEFAULT_REDUCED_DIM = 512
-#: ``dim=full``: the encoding kept whole, no PCA. A PCA learned from a sample keeps fewer components
-#: than the sample has images, and on photos it did not learn from a reduced VLAD or Fisher vector
-#: loses to the whole one; the cost is room (4 bytes a dimension) and a first stage that takes any
-#: length (``--ann ivfpq``, ``pq``, ``none``; ``--storage halfvec`` indexes up to 4000).
+#: What ``whiten`` without ``dim`` reduces an encoding longer than MAX_INDEXED_DIM to (whitening is
+#: learned with a reduction; as before whole encodings were the default).
+DEFAULT_WHITENED_DIM = 512
+#: ``dim=full``: the encoding kept whole, no PCA; the default. A PCA learned from a sample keeps
+#: fewer components than the sample has images, and on photos it did not learn from a reduced VLAD
+#: or Fisher vector loses to the whole one (RootSIFT-VLAD's codebook learned from 21 other images:
+#: held-out copies mAP 0.623 at dim=512, 0.986 whole; benchmarks/codebook_sources.py). The cost is
+#: room (4 bytes a dimension) and a first stage that takes any length (an index created without
+#: ``--ann`` gets one: :func:`imgdb.ann.registry.default_for`).
 FULL = "full"
+#: An encoding this long or shorter is not spelled ``dim=full`` when whole (what pgvector's HNSW
+#: indexes; longer whole encodings spell it, as indexes created before it was the default do).
+MAX_INDEXED_DIM = 2000
 
 
 def take_dim(options: dict[str, str]) -> int | str | None:
@@ -43,7 +47,9 @@ def reduction(raw: int, requested: int | str | None, whiten: bool) -> tuple[int 
             raise ExtractorSpecError("whiten needs a reduction to learn: give dim=D, not dim=full")
         return None, [f"dim={FULL}"]
     if requested is None and raw > MAX_INDEXED_DIM:
-        requested = DEFAULT_REDUCED_DIM
+        if not whiten:
+            return None, [f"dim={FULL}"]
+        requested = DEFAULT_WHITENED_DIM
     if requested is not None and int(requested) > raw:
         raise ExtractorSpecError(f"dim={requested} is more than the {raw} dimensions of the encoding")
     dim = None if requested is None else int(requested)

@@ -126,6 +126,9 @@ def encode(catalog: Catalog, index: IndexRecord, query: Query) -> tuple[np.ndarr
     from imgdb.encoding import embed_image, embed_pixels  # (the decoding pipeline: photos only)
 
     extractor = catalog.extractor(index)
+    if not extractor.ready:  # (an index of the default extractor before its first ingest)
+        raise ImgdbError(f"index {index.name!r} has not learned its codebook yet: ingest images into it first "
+                         f"(or `imgdb index train {index.name} PATHS` to learn from other images)")
     if isinstance(query, Image.Image):
         pixels = rgb(query)
         return embed_pixels(extractor, pixels, catalog.model_gate), QueryImage(pixels)

@@ -1,4 +1,5 @@
-"""``imgdb train NAME --from INDEX``: fine-tune INDEX's network on its images into a new index NAME.
+"""``imgdb train NAME --from INDEX``: fine-tune INDEX's network on its images into a new index NAME
+(a ``cnnvlad:`` INDEX, the default, lends its backbone: :func:`starting_network`).
 
 The steps, each reusing what imgdb does elsewhere: read INDEX's images back as the re-encoder does
 (:func:`imgdb.jobs.reencode.read_back`: files, URLs or an attached table's bytes, refused if they
@@ -29,8 +30,10 @@ from imgdb.db import images, indexes, state
 from imgdb.db.images import StoredImage
 from imgdb.db.records import IndexRecord, StoredNetwork, check_name
 from imgdb.errors import ImgdbError, IndexExists
+from imgdb.features.base import Extractor
 from imgdb.features.cnn import CnnExtractor
 from imgdb.features.cnn_config import CnnConfig
+from imgdb.features.cnnvlad import CnnVladExtractor
 from imgdb.features.network import serialize
 from imgdb.features.spec import parse_spec
 from imgdb.features.torch_net import torch_device
@@ -105,6 +108,18 @@ def student_spec(student: str, teacher: CnnConfig) -> CnnConfig:
     return replace(config, whiten="off")
 
 
+def starting_network(source: IndexRecord, extractor: Extractor) -> CnnConfig:
+    """The network a training of ``source`` starts from: a ``cnn:`` index's own; for a ``cnnvlad:``
+    index (the default), its backbone under the default pooling: what training teaches is a global
+    descriptor, and the index it makes is a ``cnn:`` one. Other families have no network to tune."""
+    if isinstance(extractor, CnnExtractor):
+        return extractor.config
+    if isinstance(extractor, CnnVladExtractor):
+        return CnnConfig.parse(parse_spec(f"cnn:{extractor.cnn.config.backbone}"))
+    raise ImgdbError(f"index {source.name!r} ({source.extractor}) has no network to fine-tune: "
+                     "use a cnn: or cnnvlad: index")
+
+
 #: Kept with an index while a training fills it: an index so marked was left by a killed run, and
 #: the next training of that name replaces it.
 UNFINISHED = "train."
@@ -125,21 +140,19 @@ def train_network(catalog: Catalog, name: str, source_name: str, *, method: str 
         _unfinished_or_none(conn, name)
         held = images.of_index(conn, source)
         learned = state.load(conn, source)
-    teacher = catalog.extractor(source)
-    if not isinstance(teacher, CnnExtractor):
-        raise ImgdbError(f"index {source.name!r} ({source.extractor}) has no network to fine-tune: use a cnn: index")
+    own = catalog.extractor(source)
+    start = starting_network(source, own)
     if len(held) > MAX_TRAINING_IMAGES:
         held = sorted(random.Random(0).sample(held, MAX_TRAINING_IMAGES), key=lambda row: row.image_id)
-    trainee = CnnExtractor(student_spec(student, teacher.config) if student else teacher.config,
-                           replace(catalog.context, runtime="torch"))
-    if not student:
+    trainee = CnnExtractor(student_spec(student, start) if student else start, replace(catalog.context, runtime="torch"))
+    if not student and isinstance(own, CnnExtractor):
         trainee.load_state(learned)  # (a whitening the source learned is where training starts)
     device = torch_device(catalog.settings.device)
 
     if on_status:
         on_status(f"reading the {len(held)} images of {source.name!r}")
     read = IngestReport()
-    ingester = Ingester(catalog, source, teacher)
+    ingester = Ingester(catalog, source, own)
     pixels = {row.image_id: loaded.prepared for batch in read_back(
         ingester, held, read, on_progress, prepare=lambda image: trainee.resized(np.asarray(image)),
         outcome="left out of training") for row, loaded in batch}
@@ -147,10 +160,11 @@ def train_network(catalog: Catalog, name: str, source_name: str, *, method: str 
     if on_status:
         views = f"{options.views} synthetic photos of each"
         on_status(f"training {method} on {len(members)} images ({views}) on {device.type}")
+    teacher = (own if isinstance(own, CnnExtractor) else CnnExtractor(start, catalog.context)) if student else None
     net = trainee.net
     trained = train(net, lambda p: trainee.normalise(trainee.resized(p)), members, options, classes=classes,
                     device=device, teacher=(teacher.net, lambda p: teacher.normalise(teacher.resized(p)))
-                    if student else None, on_progress=on_progress, on_epoch=on_epoch)
+                    if teacher else None, on_progress=on_progress, on_epoch=on_epoch)
     sha, blob = serialize(net.trained_state())
     spec = str(replace(trainee.config, whiten="off", net=sha))
     catalog.store_network(StoredNetwork(
