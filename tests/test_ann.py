@@ -202,7 +202,8 @@ def test_bad_ann_specs_and_options_are_one_line_errors(client) -> None:  # noqa:
         with pytest.raises(ImgdbError, match=message):
             client.create_index("bad_ann", "color:hsv", ann=spec)
     with pytest.raises(ImgdbError, match="at most 2000 dimensions.*--storage halfvec, --ann bq, pq, ivfpq, lsh"):
-        client.create_index("too_wide", "external/dim=3000")
+        client.create_index("too_wide", "external/dim=3000", ann="hnsw")
+    assert client.create_index("too_wide", "external/dim=3000").ann == "ivfpq"  # (asked for nothing: what fits)
     with pytest.raises(ImgdbError, match="unknown storage"):
         client.create_index("bad_storage", "color:hsv", storage="float8")
     client.create_index("wide_half", "external/dim=3000", storage="halfvec")

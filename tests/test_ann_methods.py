@@ -163,5 +163,5 @@ def test_an_index_created_without_ann_gets_a_first_stage_that_takes_its_length(d
 
 def test_long_vectors_are_learned_from_a_sample_bounded_in_bytes() -> None:
     ivfpq = method("ivfpq")
-    assert ivfpq.sample_rows(1280) == ivfpq.max_sample  # (GeM's and cnnvlad's: as before)
+    assert ivfpq.sample_rows(1920) == ivfpq.max_sample  # (the default extractor's: as before)
     assert ivfpq.sample_rows(8192) * 8192 * 4 == SAMPLE_BYTES

@@ -98,7 +98,8 @@ class _Seen(Exception):
 
 
 def test_a_search_is_one_statement_each_shard_answers_with_its_own_index(on_cluster: Imgdb) -> None:
-    vector = on_cluster.embed("id:" + str(on_cluster.search(np.full(1280, 0.03, np.float32), k=1)[0].id))
+    somewhere = np.full(on_cluster.index().dim, 0.03, np.float32)
+    vector = on_cluster.embed("id:" + str(on_cluster.search(somewhere, k=1)[0].id))
     sql, params = _statement(on_cluster, vector, 5, 40)
     index = on_cluster.index()
     # (The vector as a literal: Citus cannot send an EXPLAIN's untyped parameter on to the workers.)
