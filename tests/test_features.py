@@ -13,10 +13,10 @@ from imgdb.errors import ExtractorSpecError
 from imgdb.features.base import l2_normalize
 from imgdb.features.pooling import average, gem, mac
 from imgdb.features.registry import DEFAULT_SPEC, canonical_spec, create_extractor, list_extractors
+from imgdb.features.spec import parse_spec
 
 #: A global CNN descriptor (the default before cnnvlad).
 GEM = "cnn:tf_efficientnet_lite2/gem"
-from imgdb.features.spec import parse_spec
 
 
 def test_spec_grammar_round_trips() -> None:
