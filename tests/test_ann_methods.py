@@ -42,7 +42,8 @@ def test_every_method_finds_the_exact_top_hit_in_the_ordinary_flow(gallery_db: I
     assert report.added == len(list((museum / "images").glob("*.jpg"))) and not report.failed
     index = client.index(name)
     # (encoded by this index: the default extractor learns its codebook from each index's first load)
-    query_vectors = np.stack([client.embed(p, index=name) for p in sorted((museum / "queries").glob("*.jpg"))[:QUERIES]])
+    photos = sorted((museum / "queries").glob("*.jpg"))[:QUERIES]
+    query_vectors = np.stack([client.embed(photo, index=name) for photo in photos])
     with client.database.connect() as conn:
         ids, gallery = vectors.read(conn, index)
     exact = ids[np.argmin(np.linalg.norm(gallery[None, :, :] - query_vectors[:, None, :], axis=2), axis=1)]

@@ -94,7 +94,8 @@ def test_unknown_id_and_index_are_clear(client, sample_ids: list[int]) -> None: 
         client.search(f"id:{sample_ids[0]}", index="nope")
 
 
-def test_a_photo_query_before_the_codebook_is_learned_says_what_to_do(client, museum_sample: Path) -> None:  # noqa: ANN001
+def test_a_photo_query_before_the_codebook_is_learned_says_what_to_do(client,  # noqa: ANN001
+                                                                     museum_sample: Path) -> None:
     """The default extractor learns from an index's first load: until then a photo cannot be encoded."""
     client.create_index("unlearned")
     try:

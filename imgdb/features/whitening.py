@@ -18,7 +18,7 @@ from imgdb.features.spec import take_int
 #: Added to variances before whitening, so that near-empty directions are not blown up.
 EPSILON = 1e-6
 #: What ``whiten`` without ``dim`` reduces an encoding longer than MAX_INDEXED_DIM to (whitening is
-#: learned with a reduction; as before whole encodings were the default).
+#: learned with a reduction; 512 is what such a spec meant before whole encodings became the default).
 DEFAULT_WHITENED_DIM = 512
 #: ``dim=full``: the encoding kept whole, no PCA; the default. A PCA learned from a sample keeps
 #: fewer components than the sample has images, and on photos it did not learn from a reduced VLAD

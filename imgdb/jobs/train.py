@@ -144,7 +144,8 @@ def train_network(catalog: Catalog, name: str, source_name: str, *, method: str 
     start = starting_network(source, own)
     if len(held) > MAX_TRAINING_IMAGES:
         held = sorted(random.Random(0).sample(held, MAX_TRAINING_IMAGES), key=lambda row: row.image_id)
-    trainee = CnnExtractor(student_spec(student, start) if student else start, replace(catalog.context, runtime="torch"))
+    trainee = CnnExtractor(student_spec(student, start) if student else start,
+                           replace(catalog.context, runtime="torch"))
     if not student and isinstance(own, CnnExtractor):
         trainee.load_state(learned)  # (a whitening the source learned is where training starts)
     device = torch_device(catalog.settings.device)
